@@ -1,0 +1,3 @@
+from dermaops.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Reading a published dataset version (written by `ingest`).
+
+Layout under `s3://<bucket>/datasets/ham10000/<dataset_version>/`:
+
+    HAM10000_metadata.csv          canonical metadata (CSV, even when the source served Dataverse's .tab)
+    HAM10000_images_part_1.zip     the source archives, byte for byte
+    HAM10000_images_part_2.zip
+    manifest.json                  written last: sha256 + size per file, dataset_version, counts
+    cache/<size>/...               decoded uint8 arrays, written by the training stages
+
+Stages download the files they need into their scratch directory once; a file already there with
+the right sha256 is reused (a persistent DERMAOPS_SCRATCH_DIR makes repeated runs local).
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from dermaops.errors import StageError
+from dermaops.stage import read_manifest
+from dermaops.store import ArtifactStore, S3Uri, sha256_file
+
+METADATA = "HAM10000_metadata.csv"
+ARCHIVES = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
+REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+log = logging.getLogger(__name__)
+
+
+def image_id_of(member: str) -> str | None:
+    """`ISIC_0024306.jpg` (possibly inside a folder) -> `ISIC_0024306`; None for non-images."""
+    name = member.rsplit("/", 1)[-1]
+    if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    return name.rsplit(".", 1)[0]
+
+
+@dataclass
+class Dataset:
+    store: ArtifactStore
+    uri: S3Uri
+    manifest: dict
+    scratch: Path
+
+    @classmethod
+    def open(cls, store: ArtifactStore, uri: str | S3Uri, scratch: Path) -> Dataset:
+        uri = uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
+        manifest = read_manifest(store, uri, what="dataset version")
+        return cls(store, uri, manifest, scratch)
+
+    @property
+    def version(self) -> str:
+        return self.manifest["dataset_version"]
+
+    @property
+    def archives(self) -> list[str]:
+        return list(self.manifest.get("archives", ARCHIVES))
+
+    def local(self, name: str) -> Path:
+        """Download one dataset file into scratch (verified by sha256) and return its path."""
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            raise StageError(f"dataset {self.uri} has no file {name!r} (files: {sorted(self.manifest['files'])})")
+        path = self.scratch / "datasets" / self.version / name
+        if path.exists() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
+            return path
+        self.store.download(self.uri.join(name), path)
+        if sha256_file(path) != entry["sha256"]:
+            path.unlink()
+            raise StageError(f"checksum mismatch for {self.uri.join(name)}: the stored file differs from manifest.json")
+        return path
+
+    @cached_property
+    def metadata(self):
+        import pandas as pd
+
+        df = pd.read_csv(self.local(self.manifest.get("metadata", METADATA)))
+        missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+        if missing:
+            raise StageError(f"metadata of {self.uri} lacks columns {missing}")
+        return df
+
+    def iter_images(self) -> Iterator[tuple[str, str, bytes]]:
+        """Yield (image_id, archive name, file bytes) for every image in every archive."""
+        for archive in self.archives:
+            with zipfile.ZipFile(self.local(archive)) as zf:
+                for info in zf.infolist():
+                    if info.is_dir():
+                        continue
+                    image_id = image_id_of(info.filename)
+                    if image_id is not None:
+                        yield image_id, archive, zf.read(info)
