@@ -1,0 +1,192 @@
+"""Validate a dataset version with Great Expectations suites and write a data-quality report.
+
+Two GX suites are kept as JSON files in the expectations directory: ham10000_metadata checks
+HAM10000_metadata.csv (columns, ids, label and code sets, age, row count); ham10000_images checks a
+per-image facts table built by decoding every image in the archives (decodes, RGB, plausible size,
+no byte-identical files under two image_ids).
+
+Writes under --out (s3://<bucket>/runs/<run_id>/validation): results/<suite>.json (GX validation
+results), data_docs/ (GX Data Docs, open data_docs/index.html), dq_report.md (class distribution,
+imbalance ratio, missing values, image facts, every expectation's outcome), class_distribution.png,
+image_facts.csv, and manifest.json last, whose summary says "success".
+
+A failed critical expectation fails the stage (exit 2, one line naming the expectation, column,
+unexpected count and examples) AFTER those outputs are published with "success": false, so the
+report explains the failure. Re-running on the same inputs gives the same verdict without redoing
+the work; --force redoes it. Non-critical findings (e.g. missing ages) are reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import mimetypes
+import shutil
+from pathlib import Path
+
+from dermaops import quality_report
+from dermaops.dataset import Dataset
+from dermaops.errors import StageError
+from dermaops.gx_validation import build_suites, default_expectations_dir, outcomes, read_suite_files, run_suites
+from dermaops.image_facts import build_image_facts
+from dermaops.stage import fingerprint
+from dermaops.store import S3Uri
+
+HELP = "Great Expectations suites on metadata and per-image facts; data-quality report"
+REPORT = "dq_report.md"
+CHART = "class_distribution.png"
+FACTS = "image_facts.csv"
+DOCS = "data_docs"
+log = logging.getLogger(__name__)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text})")
+    return value
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", required=True, help="dataset version (s3://<b>/datasets/ham10000/<version>)")
+    parser.add_argument("--out", required=True, help="output prefix (s3://<b>/runs/<run_id>/validation)")
+    parser.add_argument(
+        "--expectations",
+        type=Path,
+        default=None,
+        help="directory of GX suite JSON files (default: $DERMAOPS_EXPECTATIONS_DIR, else the repository's "
+        "expectations/)",
+    )
+    parser.add_argument(
+        "--max-missing-age-fraction",
+        type=_fraction,
+        default=0.02,
+        help="fraction of rows allowed without an age before it is reported (HAM10000: 0.0057)",
+    )
+    parser.add_argument("--min-rows", type=int, default=1, help="fewest metadata rows accepted")
+    parser.add_argument("--max-rows", type=int, default=20000, help="most metadata rows accepted (HAM10000: 10,015)")
+    parser.add_argument("--min-image-side", type=int, default=8, help="smallest plausible image width/height (px)")
+    parser.add_argument("--max-image-side", type=int, default=10000, help="largest plausible image width/height (px)")
+
+
+def _parameters(args) -> dict:
+    """The suites' $PARAMETER values, after checking the flags they come from."""
+    if args.min_rows < 1 or args.max_rows < args.min_rows:
+        raise StageError(f"need 1 <= --min-rows <= --max-rows (got {args.min_rows} and {args.max_rows})")
+    if args.min_image_side < 1 or args.max_image_side < args.min_image_side:
+        raise StageError(
+            f"need 1 <= --min-image-side <= --max-image-side (got {args.min_image_side} and {args.max_image_side})"
+        )
+    return {
+        "min_rows": args.min_rows,
+        "max_rows": args.max_rows,
+        "min_age_present_fraction": round(1.0 - args.max_missing_age_fraction, 6),
+        "min_image_side": args.min_image_side,
+        "max_image_side": args.max_image_side,
+    }
+
+
+def _verdict(summary: dict) -> dict:
+    """The summary if the data passed, else the stage's one-line failure."""
+    if not summary["success"]:
+        raise StageError(
+            f"validation of {summary['dataset_uri']} failed {len(summary['critical_failures'])} critical "
+            f"expectation(s): {' | '.join(summary['critical_failures'])} (report: {summary['report_uri']})"
+        )
+    return summary
+
+
+def _upload_docs(out, docs_dir: Path) -> None:
+    for path in sorted(p for p in docs_dir.rglob("*") if p.is_file()):
+        content_type = mimetypes.guess_type(path.name)[0]
+        out.put_file(f"{DOCS}/{path.relative_to(docs_dir).as_posix()}", path, content_type=content_type)
+
+
+def run(args, ctx) -> dict:
+    parameters = _parameters(args)
+    expectations_dir = (args.expectations or default_expectations_dir()).resolve()
+    if not expectations_dir.is_dir():
+        raise StageError(f"expectations directory not found: {expectations_dir} (--expectations)")
+    out_uri = S3Uri.parse(args.out)
+    suite_configs = read_suite_files(expectations_dir, parameters)
+    dataset = Dataset.open(ctx.store, args.dataset, ctx.scratch)
+    out = ctx.output(
+        out_uri,
+        "validate",
+        fingerprint(
+            dataset=str(dataset.uri),
+            dataset_fingerprint=dataset.manifest.get("fingerprint"),
+            dataset_version=dataset.version,
+            suites=suite_configs,
+            parameters=parameters,
+        ),
+    )
+    finished = out.finished()
+    if finished and not args.force:
+        log.info("validation of %s already done at %s; skipping (--force to redo)", dataset.uri, out_uri)
+        return {**_verdict(finished["summary"]), "status": "skipped"}
+
+    # Everything else that can be wrong with the inputs is found before the first write.
+    suites = build_suites(suite_configs, expectations_dir)
+    metadata = dataset.metadata
+    log.info("decoding every image of %s (%d metadata rows)", dataset.uri, len(metadata))
+    lesion_of = dict(zip(metadata["image_id"].astype(str), metadata["lesion_id"], strict=True))
+    facts = build_image_facts(dataset.iter_images(), lesion_of)
+
+    docs_dir = ctx.scratch / "validate" / DOCS
+    shutil.rmtree(docs_dir, ignore_errors=True)  # a kept scratch dir must not leak an earlier run's pages
+    results = run_suites(suites, {"metadata": metadata, "image_facts": facts}, parameters, docs_dir)
+    found = outcomes(results)
+    figures = quality_report.compute_figures(metadata, facts)
+    results_files = [f"results/{name}.json" for name in results]
+    report = quality_report.render_markdown(
+        figures,
+        found,
+        dataset_uri=str(dataset.uri),
+        dataset_version=dataset.version,
+        chart_name=CHART,
+        data_docs_index=f"{DOCS}/index.html",
+        results_files=results_files,
+    )
+    chart = quality_report.render_chart(figures, ctx.scratch / "validate" / CHART)
+
+    out.unpublish()
+    for name, result in results.items():
+        out.put_json(f"results/{name}.json", result)
+    _upload_docs(out, docs_dir)
+    facts_csv = io.StringIO()
+    facts.to_csv(facts_csv, index=False)
+    out.put_text(FACTS, facts_csv.getvalue(), "text/csv")
+    out.put_file(CHART, chart, content_type="image/png")
+    report_uri = out.put_text(REPORT, report, "text/markdown; charset=utf-8")
+
+    critical = [o.describe() for o in found if o.critical and not o.success]
+    ratio = figures.imbalance_ratio
+    summary = {
+        "success": not critical,
+        "dataset_uri": str(dataset.uri),
+        "dataset_version": dataset.version,
+        "n_rows": figures.n_rows,
+        "n_images": figures.n_images,
+        "class_counts": figures.class_counts,
+        "imbalance_ratio": round(ratio, 2) if ratio is not None else None,
+        "missing_age": figures.missing_age,
+        "missing_age_percent": round(100.0 * figures.missing_age / figures.n_rows, 2) if figures.n_rows else None,
+        "failed_expectations": sum(not o.success for o in found),
+        "critical_failures": critical,
+        "findings": [o.describe() for o in found if not o.critical and not o.success],
+        "report_uri": str(report_uri),
+        "data_docs_uri": str(out.uri(f"{DOCS}/index.html")),
+        "results_uris": [str(out.uri(name)) for name in results_files],
+        "image_facts_uri": str(out.uri(FACTS)),
+        "chart_uri": str(out.uri(CHART)),
+    }
+    out.publish(summary)
+    for line in summary["findings"]:
+        log.warning("finding (not critical): %s", line)
+    log.info("report: %s", report_uri)
+    return _verdict(summary)
