@@ -1,0 +1,114 @@
+"""Where `ingest` reads the official HAM10000 release from.
+
+Four kinds of source offer the same files under the same names (`HAM10000_metadata.csv` or
+Dataverse's tab-separated `HAM10000_metadata.tab`, `HAM10000_images_part_1.zip`, `_part_2.zip`):
+
+    https://host/path                 a plain base URL: <base>/<file name>
+    https://host/dataset.xhtml?persistentId=doi:...  or  doi:...   a Dataverse dataset (native API)
+    s3://bucket/prefix                an S3 prefix: <prefix>/<file name>
+    /a/local/directory                a directory (file:// URLs too)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from dermaops.dataset import ARCHIVES
+from dermaops.errors import StageError
+from dermaops.sources.transfer import Checksum, Fetched, TransferSettings
+
+METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab")
+DEFAULT_DATAVERSE_URL = "https://dataverse.harvard.edu"
+HAM10000_DOI = "doi:10.7910/DVN/DBW86T"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    name: str  # the file's name in the release, and in the dataset version
+    location: str  # URL, s3:// URI or path: what messages name
+    size: int | None = None
+    checksum: Checksum | None = None  # what the source promises (Dataverse md5), verified after fetching
+    stamp: str | None = None  # a cheap change token (ETag, Last-Modified, size+mtime); None when unknown
+
+
+class Source(ABC):
+    kind: str
+
+    @property
+    @abstractmethod
+    def identity(self) -> str:
+        """A normalised description: the same source always gives the same string."""
+
+    @abstractmethod
+    def files(self) -> list[SourceFile]:
+        """The metadata file first, then the archives; a one-line StageError names what is missing."""
+
+    @abstractmethod
+    def fetch(self, file: SourceFile, workdir: Path) -> Fetched:
+        """Make the file available locally, verified against `file.checksum` when there is one."""
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.identity.encode()).hexdigest()[:16]
+
+    def fingerprint(self, files: list[SourceFile]) -> dict | None:
+        """Change tokens of every file, or None when any is unknown (then only the content decides)."""
+        if any(f.stamp is None for f in files):
+            return None
+        return {f.name: f.stamp for f in files}
+
+
+def release_files(
+    lookup: Callable[[str], SourceFile | None], locate: Callable[[str], str], why: str = ""
+) -> list[SourceFile]:
+    """Find the metadata (.csv preferred over .tab) and the archives with `lookup(name)`; a missing
+    file fails with its location (`locate(name)`) and the reason the source gives (`why`)."""
+    metadata = next((f for name in METADATA_NAMES if (f := lookup(name)) is not None), None)
+    if metadata is None:
+        raise StageError(f"no metadata file{why}: {' or '.join(locate(name) for name in METADATA_NAMES)}")
+    archives = []
+    for name in ARCHIVES:
+        found = lookup(name)
+        if found is None:
+            raise StageError(f"not found{why}: {locate(name)}")
+        archives.append(found)
+    return [metadata, *archives]
+
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def open_source(spec: str, settings: TransferSettings, dataverse_url: str = DEFAULT_DATAVERSE_URL) -> Source:
+    """Parse `--source` into a Source, or fail with one line listing what is accepted."""
+    from dermaops.sources.dataverse import DataverseSource
+    from dermaops.sources.http import HttpSource
+    from dermaops.sources.local import LocalSource
+    from dermaops.sources.s3 import S3Source
+
+    spec = spec.strip()
+    if spec.lower().startswith("doi:"):
+        return DataverseSource(dataverse_url, spec, settings)
+    match = _SCHEME.match(spec)
+    scheme = match.group(1).lower() if match else ""
+    if scheme in ("http", "https"):
+        parts = urlsplit(spec)
+        persistent_id = parse_qs(parts.query).get("persistentId")
+        if persistent_id:
+            return DataverseSource(f"{parts.scheme}://{parts.netloc}", persistent_id[0], settings)
+        return HttpSource(spec, settings)
+    if scheme == "s3":
+        return S3Source(spec, settings)
+    if scheme == "file":
+        return LocalSource(Path(urlsplit(spec).path), settings)
+    if scheme or not spec:
+        raise StageError(
+            f"unsupported --source {spec!r}: expected an http(s):// base URL, a Dataverse dataset URL or doi:..., "
+            "an s3://bucket/prefix or a local directory"
+        )
+    return LocalSource(Path(spec), settings)
