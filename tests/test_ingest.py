@@ -331,3 +331,10 @@ def test_bad_flags_fail_in_one_line_and_touch_nothing(
     assert_one_line_error(result, *fragments)
     assert snapshot(store, good) == before
     assert store.get_bytes(published.join("manifest.json")) == manifest
+
+
+def test_credentials_in_the_source_url_never_reach_the_summary(run_stage, bucket, http_source):
+    url = http_source.base_url("28px").replace("http://", "http://reader:s3cret@")
+    result = ingest(run_stage, url, bucket.join("ds"))
+    assert "s3cret" not in result.stdout and "s3cret" not in result.stderr
+    assert result.summary["source"].startswith("http://***@127.0.0.1:")
