@@ -1,0 +1,207 @@
+"""The evaluation report: confusion-matrix plots, CSV tables and report.md (markdown that links the
+plots by relative path, so it renders next to them in S3 browsers, on GitHub or after a download).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from dermaops.dataset import CLASSES
+
+COMPARISON_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_auc", "mel_recall")
+# Rare classes the seed report tracked against the baseline: where a majority-driven model fails.
+RECALL_CLASSES = ("mel", "df", "vasc")
+# The seed report (image-level split, ResNet50 at 224 px): a yardstick, not a like-for-like comparison.
+SEED_REPORT = {"accuracy": 0.7285, "weighted_f1": 0.7486, "macro_f1": 0.5891, "mel_recall": 0.55}
+# Row names of the model comparison, in the seed report's order.
+BASELINE, FROZEN, FINE_TUNED = "baseline (random forest)", "frozen (phase 1)", "fine-tuned (best)"
+
+
+def draw_confusion(path, matrix: np.ndarray, title: str, normalised: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1 if normalised else None)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = (1 if normalised else matrix.max() or 1) / 2
+    for (i, j), value in np.ndenumerate(matrix):
+        text = f"{value:.2f}" if normalised else str(int(value))
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if value > threshold else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_row(name: str, metrics: dict) -> dict:
+    row = {"model": name, **{k: metrics.get(k) for k in COMPARISON_COLUMNS if k != "mel_recall"}}
+    row["mel_recall"] = metrics["per_class"]["mel"]["recall"]
+    return row
+
+
+def to_csv(rows: list[dict]) -> str:
+    import pandas as pd
+
+    buffer = io.StringIO()
+    pd.DataFrame(rows).to_csv(buffer, index=False, float_format="%.4f")
+    return buffer.getvalue()
+
+
+def per_class_rows(metrics: dict) -> list[dict]:
+    return [{"class": cls, **values} for cls, values in metrics["per_class"].items()]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def recall_rows(models: dict[str, dict]) -> list[list]:
+    """[class, recall per model..., change vs baseline of the last (fine-tuned) model]."""
+    names = list(models)
+    rows = []
+    for cls in RECALL_CLASSES:
+        recalls = [models[name]["per_class"][cls]["recall"] for name in names]
+        change = None
+        if BASELINE in models and len(names) > 1:
+            change = recalls[-1] - models[BASELINE]["per_class"][cls]["recall"]
+        rows.append([cls, *recalls, f"{change:+.4f}" if change is not None else "n/a"])
+    return rows
+
+
+def render(
+    *,
+    run_id: str,
+    dataset_version: str,
+    split_uri: str,
+    split_strategy: str,
+    model_uri: str,
+    model_meta: dict,
+    models: dict[str, dict],
+    confusion: np.ndarray,
+    gradcam: dict | None,
+    promotion: dict | None,
+) -> str:
+    """report.md. `models` maps a display name to its test metrics, the evaluated model LAST."""
+    name, metrics = list(models.items())[-1]
+    out = [
+        f"# DermaOps evaluation: run `{run_id}`",
+        "",
+        f"- dataset version: `{dataset_version}`",
+        f"- test split: `{split_uri}` ({metrics['n']} images; strategy `{split_strategy}`)",
+        f"- evaluated model ({name}): `{model_uri}` ({model_meta.get('arch')} at {model_meta.get('image_size')} px, "
+        f"best validation macro F1 at epoch {model_meta.get('epoch')}, phase {model_meta.get('phase')})",
+        "",
+        "## Test metrics",
+        "",
+        _table(
+            ["metric", "value", "seed report (224 px, image-level split)"],
+            [
+                [k, metrics.get(k) if k != "mel_recall" else metrics["per_class"]["mel"]["recall"], SEED_REPORT.get(k)]
+                for k in COMPARISON_COLUMNS
+            ],
+        ),
+        "",
+        "## Model comparison",
+        "",
+        _table(
+            ["model", *COMPARISON_COLUMNS],
+            [
+                [r["model"], *(r[c] for c in COMPARISON_COLUMNS)]
+                for r in [comparison_row(n, m) for n, m in models.items()]
+            ],
+        ),
+        "",
+        "Recall on the rare classes the seed report tracked (change = evaluated model minus baseline):",
+        "",
+        _table(["class", *models, "change vs baseline"], recall_rows(models)),
+        "",
+        "## Per class",
+        "",
+        _table(
+            ["class", "precision", "recall", "f1", "auc (one-vs-rest)", "support"],
+            [
+                [c, v["precision"], v["recall"], v["f1"], v["auc"], v["support"]]
+                for c, v in metrics["per_class"].items()
+            ],
+        ),
+        "",
+        "## Confusion matrix",
+        "",
+        "Rows are the true class, columns the prediction.",
+        "",
+        _table(
+            ["true \\ predicted", *CLASSES], [[c, *row.tolist()] for c, row in zip(CLASSES, confusion, strict=True)]
+        ),
+        "",
+        "![confusion matrix, counts](confusion_matrix.png)",
+        "![confusion matrix, row-normalised](confusion_matrix_normalized.png)",
+        "",
+    ]
+    out += _gradcam_section(gradcam)
+    out += _promotion_section(promotion)
+    return "\n".join(out) + "\n"
+
+
+def _gradcam_section(gradcam: dict | None) -> list[str]:
+    if not gradcam:
+        return ["## Grad-CAM", "", "No melanoma image in the test split: no Grad-CAM grid.", ""]
+    return [
+        "## Grad-CAM (melanoma test images)",
+        "",
+        f"{len(gradcam['image_ids'])} melanoma test images, spread from the highest to the lowest predicted "
+        f"melanoma probability; each is shown beside the Grad-CAM map of the `mel` score over `{gradcam['layer']}` "
+        "(red = regions that raise the melanoma score).",
+        "",
+        "![Grad-CAM grid](gradcam_mel.png)",
+        "",
+    ]
+
+
+def _promotion_section(promotion: dict | None) -> list[str]:
+    if promotion is None:
+        return ["## Promotion", "", "No --registry given: the champion/challenger gate was not run.", ""]
+    lines = [
+        "## Promotion (champion/challenger)",
+        "",
+        f"- decision: **{promotion['decision']}**",
+        f"- reason: {promotion['reason']}",
+        f"- primary metric: `{promotion['primary_metric']}`, margin {promotion['promotion_margin']}, "
+        f"melanoma recall floor {promotion['mel_recall_floor']}",
+        f"- champion now: `{promotion['champion_uri']}`",
+        f"- decision record: `{promotion['history_uri']}`",
+    ]
+    before = promotion.get("champion_before")
+    if before and before.get("rescored"):
+        rescored = before["rescored"]
+        lines += [
+            "",
+            f"Champion before this run (run `{before['run_id']}`), re-scored on this test split:",
+            "",
+            _table(
+                ["metric", "champion", "challenger"],
+                [[k, rescored.get(k), promotion["challenger"]["metrics"].get(k)] for k in COMPARISON_COLUMNS],
+            ),
+        ]
+    elif before and before.get("problem"):
+        run = before.get("run_id", "unknown")
+        lines += ["", f"The registered champion (run `{run}`) could not be re-scored: {before['problem']}"]
+    return lines + [""]

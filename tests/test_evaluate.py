@@ -1,0 +1,177 @@
+"""The evaluate stage on real 28 px images: consistent metrics, plots, report, Grad-CAM, first promotion,
+idempotency and one-line errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+from dermaops.dataset import CLASSES, Dataset
+from dermaops.gradcam import gradcam
+from dermaops.imagecache import load_images
+from dermaops.models import load_checkpoint, target_layer
+from dermaops.stage import Context
+from dermaops.store import S3Uri, sha256_bytes
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FILES = {
+    "metrics.json",
+    "per_class.csv",
+    "confusion_matrix.png",
+    "confusion_matrix_normalized.png",
+    "gradcam_mel.png",
+    "model_comparison.csv",
+    "report.md",
+}
+
+
+def _csv(store, uri: S3Uri) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(store.get_bytes(uri)))
+
+
+def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
+    small_split, small_models, run_stage, bucket, store
+):
+    root = f"s3://{bucket.bucket}"
+    split = S3Uri.parse(small_split["split_uri"])
+    run_stage(
+        "train_baseline", "--split", str(split), "--out", f"{root}/runs/r1/models/baseline", "--n-estimators", "60"
+    )
+    argv = [
+        "evaluate",
+        "--split",
+        str(split),
+        "--model",
+        small_models["fitted"],
+        "--baseline",
+        f"{root}/runs/r1/models/baseline",
+        "--out",
+        f"{root}/runs/r1/evaluation",
+        "--registry",
+        f"{root}/registry/ham10000",
+        "--mel-recall-floor",
+        "0.2",
+    ]
+    summary = run_stage(*argv).summary
+    assert summary["status"] == "done" and summary["run_id"] == "r1"
+
+    out = S3Uri.parse(f"{root}/runs/r1/evaluation")
+    manifest = store.get_json(out.join("manifest.json"))
+    assert FILES <= set(manifest["files"])
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "gradcam_mel.png"):
+        assert store.get_bytes(out.join(name)).startswith(PNG)
+
+    # The figures agree with each other and with the test split.
+    test = _csv(store, split.join("test.csv"))
+    metrics = store.get_json(out.join("metrics.json"))
+    m = metrics["test"]
+    confusion = np.array(metrics["confusion_matrix"])
+    assert m["n"] == len(test) == confusion.sum() == summary["n_test"]
+    supports = [m["per_class"][c]["support"] for c in CLASSES]
+    assert sum(supports) == len(test)
+    assert confusion.sum(axis=1).tolist() == supports == np.bincount(test["label"], minlength=7).tolist()
+    assert np.isclose(m["accuracy"], np.trace(confusion) / confusion.sum())
+    recalls = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+    assert np.allclose(recalls, [m["per_class"][c]["recall"] for c in CLASSES])
+    assert np.isclose(m["balanced_accuracy"], recalls[confusion.sum(axis=1) > 0].mean())
+    assert np.allclose(np.array(metrics["confusion_matrix_normalized"]).sum(axis=1), 1, atol=1e-3)
+    assert 0.0 <= m["macro_auc"] <= 1.0 and summary["macro_auc"] == round(m["macro_auc"], 4)
+    assert summary["mel_recall"] == round(m["per_class"]["mel"]["recall"], 4)
+    per_class = _csv(store, out.join("per_class.csv"))
+    assert per_class["class"].tolist() == list(CLASSES) and per_class["support"].tolist() == supports
+
+    comparison = _csv(store, out.join("model_comparison.csv"))
+    assert comparison["model"].tolist() == ["baseline (random forest)", "frozen (phase 1)", "fine-tuned (best)"]
+    assert np.isclose(comparison["macro_f1"].iloc[-1], m["macro_f1"], atol=1e-4)
+
+    # Grad-CAM images are melanoma test images.
+    mel_ids = set(test.loc[test["dx"] == "mel", "image_id"])
+    assert len(metrics["gradcam"]["image_ids"]) == min(8, len(mel_ids))
+    assert set(metrics["gradcam"]["image_ids"]) <= mel_ids
+
+    report = store.get_bytes(out.join("report.md")).decode()
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "gradcam_mel.png"):
+        assert f"]({name})" in report  # relative links to files published next to the report
+    assert "| mel |" in report and "change vs baseline" in report and "promoted" in report
+
+    # A first model that clears the floor becomes champion; the registry holds its own copy.
+    assert summary["promoted"] is True and summary["decision"] == "promoted"
+    assert "no champion yet" in summary["promotion_reason"]
+    champion = store.get_json(f"{root}/registry/ham10000/champion.json")
+    assert champion["model_uri"] == summary["champion_uri"]
+    assert champion["model_uri"].startswith(f"{root}/registry/ham10000/models/r1-")
+    source = store.get_bytes(S3Uri.parse(small_models["fitted"]).join("cnn.pt"))
+    assert sha256_bytes(store.get_bytes(champion["model_uri"])) == champion["model_sha256"] == sha256_bytes(source)
+    assert champion["run_id"] == "r1" and champion["dataset_version"] == summary["dataset_version"]
+    history = list(store.list(f"{root}/registry/ham10000/history"))
+    assert len(history) == 1
+
+    # Same inputs: skipped, no new decision.
+    again = run_stage(*argv).summary
+    assert again["status"] == "skipped" and again["promoted"] is True
+    assert len(list(store.list(f"{root}/registry/ham10000/history"))) == 1
+
+    # Forced: re-evaluated; the checkpoint is already the champion, recorded as such, champion unchanged.
+    forced = run_stage(*argv, "--force").summary
+    assert forced["status"] == "done" and forced["decision"] == "already_champion" and forced["promoted"] is True
+    assert len(list(store.list(f"{root}/registry/ham10000/history"))) == 2
+    assert store.get_json(f"{root}/registry/ham10000/champion.json") == champion
+
+    # A bad flag on a re-run fails in one line and leaves the finished evaluation published.
+    published = store.get_json(out.join("manifest.json"))
+    bad = run_stage(*argv, "--force", "--promotion-margin", "-1", check=False)
+    assert bad.returncode == 2 and "--promotion-margin" in bad.error_line
+    assert store.get_json(out.join("manifest.json")) == published
+
+
+def test_gradcam_uses_real_gradients_and_maps_differ_inside_the_image(small_split, small_models, store, tmp_path):
+    test = _csv(store, S3Uri.parse(small_split["split_uri"]).join("test.csv"))
+    mel = test.loc[test["dx"] == "mel", "image_id"].tolist()
+    dataset = Dataset.open(store, small_split["dataset_uri"], tmp_path)
+    images = load_images(Context(store, tmp_path), dataset, 28).rows(mel)
+    checkpoint = store.download(S3Uri.parse(small_models["fitted"]).join("cnn.pt"), tmp_path / "cnn.pt")
+    model, meta = load_checkpoint(checkpoint)
+    target = CLASSES.index("mel")
+
+    cam = gradcam(model, target_layer(model), images, meta, target)
+
+    assert cam.heatmaps.shape == (len(mel), 28, 28)
+    assert cam.heatmaps.min() >= 0 and cam.heatmaps.max() <= 1
+    # ResNet ends in global average pooling + a linear layer, so d score / d activation is exactly
+    # fc.weight[target] / (h*w) at every position: the hooked gradient must equal it.
+    h, w = cam.raw.shape[1:]
+    expected = float(model.fc.weight[target].detach().norm()) / np.sqrt(h * w)
+    assert h * w > 1 and np.allclose(cam.gradient_norms, expected, rtol=1e-4) and expected > 0
+    with_evidence = [hm for hm, raw in zip(cam.heatmaps, cam.raw, strict=True) if raw.max() > 0]
+    assert len(with_evidence) >= 2
+    for heatmap in with_evidence:
+        hot = heatmap > 0.5
+        assert heatmap.std() > 0 and 0 < hot.mean() < 1  # a localised highlight, not a flat map
+        y, x = np.unravel_index(heatmap.argmax(), heatmap.shape)
+        assert 0 <= y < 28 and 0 <= x < 28
+    assert not np.allclose(with_evidence[0], with_evidence[1], atol=1e-3)
+    assert len({round(float(hm.mean()), 4) for hm in with_evidence}) > 1
+
+
+def test_bad_flags_fail_in_one_line_and_write_nothing(small_split, small_models, run_stage, bucket, store):
+    out = f"s3://{bucket.bucket}/runs/r2/evaluation"
+    common = ["--model", small_models["fitted"], "--out", out]
+    missing = run_stage("evaluate", "--split", f"s3://{bucket.bucket}/runs/none/split", *common, check=False)
+    assert missing.returncode == 2
+    assert "no finished split" in missing.error_line and "runs/none/split" in missing.error_line
+    assert len([line for line in missing.stderr.splitlines() if line.strip()]) == 1
+
+    metric = run_stage("evaluate", "--split", small_split["split_uri"], *common, "--primary-metric", "f2", check=False)
+    assert metric.returncode == 2 and "invalid choice: 'f2'" in metric.error_line
+
+    floor = run_stage(
+        "evaluate", "--split", small_split["split_uri"], *common, "--mel-recall-floor", "1.5", check=False
+    )
+    assert floor.returncode == 2 and "--mel-recall-floor" in floor.error_line
+
+    no_run = run_stage(
+        "evaluate", "--split", small_split["split_uri"], *common[:2], "--out", f"s3://{bucket.bucket}/x", check=False
+    )
+    assert no_run.returncode == 2 and "--run-id" in no_run.error_line
+    assert list(store.list(f"s3://{bucket.bucket}/")) == []
