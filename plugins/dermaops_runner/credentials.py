@@ -1,0 +1,100 @@
+"""Credentials a stage receives, resolved at EXECUTE time (never when the DAG file is parsed).
+
+Each set comes from an Airflow connection when one is defined, else from the worker's environment,
+so a compose deployment keeps secrets in connections (or `.env`) and a laptop run needs none:
+
+- "s3": connection `dermaops_s3` (type aws: login = access key id, password = secret key,
+  extra {"endpoint_url": ..., "region_name": ...}) or AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+  AWS_DEFAULT_REGION, DERMAOPS_S3_ENDPOINT_URL / AWS_ENDPOINT_URL(_S3).
+- "slack": connection `slack_api_default` (type slack: password = bot token, extra {"channel": ...,
+  "base_url": ...}) or SLACK_BOT_TOKEN, DERMAOPS_SLACK_CHANNEL, DERMAOPS_SLACK_API_URL.
+
+The result is a plain {NAME: value} dict for a subprocess environment or DockerOperator's
+`private_environment` (which Airflow does not render into the UI).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+S3_CONN_ID = "dermaops_s3"
+SLACK_CONN_ID = "slack_api_default"
+
+S3_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "DERMAOPS_S3_ENDPOINT_URL",
+)
+SLACK_ENV = ("SLACK_BOT_TOKEN", "DERMAOPS_SLACK_CHANNEL", "DERMAOPS_SLACK_API_URL")
+SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SLACK_BOT_TOKEN")
+
+log = logging.getLogger(__name__)
+
+
+def _connection(conn_id: str):
+    """The Airflow connection, or None when it is not defined anywhere (DB, env, secrets backend)."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+def _from_env(names: tuple[str, ...]) -> dict[str, str]:
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+def s3_env() -> dict[str, str]:
+    conn = _connection(S3_CONN_ID)
+    if conn is None:
+        return _from_env(S3_ENV)
+    extra = conn.extra_dejson
+    env = {
+        "AWS_ACCESS_KEY_ID": conn.login or "",
+        "AWS_SECRET_ACCESS_KEY": conn.password or "",
+        "AWS_DEFAULT_REGION": extra.get("region_name") or "us-east-1",
+        "DERMAOPS_S3_ENDPOINT_URL": extra.get("endpoint_url") or "",
+    }
+    log.info("S3 credentials from connection %s", S3_CONN_ID)
+    return {k: v for k, v in env.items() if v}
+
+
+def slack_env() -> dict[str, str]:
+    conn = _connection(SLACK_CONN_ID)
+    env = _from_env(SLACK_ENV)
+    if conn is None:
+        return env
+    extra = conn.extra_dejson
+    env["SLACK_BOT_TOKEN"] = conn.password or ""
+    if extra.get("channel"):
+        env["DERMAOPS_SLACK_CHANNEL"] = extra["channel"]
+    if extra.get("base_url"):
+        env["DERMAOPS_SLACK_API_URL"] = extra["base_url"]
+    log.info("Slack credentials from connection %s", SLACK_CONN_ID)
+    return {k: v for k, v in env.items() if v}
+
+
+RESOLVERS = {"s3": s3_env, "slack": slack_env}
+
+
+def resolve(sets: tuple[str, ...]) -> dict[str, str]:
+    """The environment for these credential sets; secret values are registered with Airflow's log
+    masker, so a stage that echoes one shows *** in the task log."""
+    from airflow.sdk.log import mask_secret
+
+    env: dict[str, str] = {}
+    for name in sets:
+        if name not in RESOLVERS:
+            raise ValueError(f"unknown secret set {name!r} (known: {', '.join(RESOLVERS)})")
+        env.update(RESOLVERS[name]())
+    for name, value in env.items():
+        if name in SECRET_NAMES:
+            mask_secret(value, name)
+    return env

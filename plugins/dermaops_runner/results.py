@@ -1,0 +1,72 @@
+"""What both execution modes do with a finished stage process: read its summary, or fail the task
+with the stage's own one-line reason.
+
+- Exit 0: the summary is the last stdout line that parses as a JSON object naming this stage; it
+  becomes the task's XCom, and its URIs and versions become the extra of the task's outlet Assets.
+- Exit 2 (StageError: bad input, failed check): the task fails at once, without retries, since
+  the same input fails the same way. Any other exit (3 = transient, a crash, an OOM kill) is retried.
+- The one-line reason is also pushed as XCom `error`, so `notify` can say why the run failed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+USER_ERROR_EXIT = 2
+ERROR_XCOM_KEY = "error"
+# Summary values copied into the outlet Assets' event extra: what the run produced, not its metrics.
+ASSET_EXTRA_KEYS = ("dataset_uri", "dataset_version", "n_images", "champion_uri", "model_uri", "promoted")
+
+
+def summary_from_lines(stage: str, lines: Iterable[str]) -> dict[str, Any]:
+    """The stage's JSON summary: the last line that is a JSON object for this stage.
+
+    Searching backwards (instead of taking the very last line) keeps the summary even when the
+    Docker log stream, which interleaves stdout and stderr, delivers a late stderr line after it.
+    """
+    for line in reversed(list(lines)):
+        text = line.strip()
+        if not text.startswith("{"):
+            continue
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and obj.get("stage") == stage:
+            return obj
+    raise ValueError(f"stage {stage} exited 0 but printed no JSON summary line on stdout")
+
+
+def error_line(lines: Iterable[str]) -> str:
+    """The stage's one-line reason: its last non-empty stderr line."""
+    for line in reversed(list(lines)):
+        if line.strip():
+            return line.strip()
+    return "(the stage printed nothing on stderr)"
+
+
+class StageResultMixin:
+    """Shared by the local and Docker operators (which differ only in how the process runs)."""
+
+    def stage_failed(self, context, stage: str, returncode: int | None, reason: str):
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+        context["ti"].xcom_push(key=ERROR_XCOM_KEY, value=reason)
+        message = f"stage {stage} failed (exit {returncode}): {reason}"
+        if returncode == USER_ERROR_EXIT:
+            raise AirflowFailException(message)
+        raise AirflowException(message)
+
+    def stage_succeeded(self, context, summary: dict[str, Any]) -> dict[str, Any]:
+        extra = {k: summary[k] for k in ASSET_EXTRA_KEYS if k in summary}
+        if extra:
+            for asset in getattr(self, "outlets", None) or []:
+                context["outlet_events"][asset].extra.update(extra)
+        return summary
+
+
+def drop_empty(argv: Iterable[str]) -> list[str]:
+    """Rendered argv without the items a conditional template turned into empty strings."""
+    return [str(a) for a in argv if str(a) != ""]

@@ -1,0 +1,175 @@
+"""Slack for DermaOps: Block Kit messages and posting them with slack-sdk's `chat.postMessage`.
+
+Configuration is environment only (the task runner fills it from an Airflow connection or the
+worker's environment): SLACK_BOT_TOKEN, DERMAOPS_SLACK_CHANNEL, and DERMAOPS_SLACK_API_URL (default
+https://slack.com/api/; tests point it at a loopback server). No token means Slack is not configured,
+and callers skip posting. The token never appears in logs, errors or reprs.
+
+Rate limits are retried after the server's Retry-After delay (slack-sdk's RateLimitErrorRetryHandler);
+any other Slack error (invalid_auth, channel_not_found, ...) is a StageError with one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dermaops.errors import StageError
+
+if TYPE_CHECKING:
+    from dermaops.stages.notify import RunReport
+
+TOKEN_ENV = "SLACK_BOT_TOKEN"
+CHANNEL_ENV = "DERMAOPS_SLACK_CHANNEL"
+API_URL_ENV = "DERMAOPS_SLACK_API_URL"
+DEFAULT_API_URL = "https://slack.com/api/"
+RATE_LIMIT_RETRIES = 3
+
+# What to do about the Slack errors a misconfigured deployment hits.
+ERROR_HINTS = {
+    "invalid_auth": f"the bot token is not valid; check {TOKEN_ENV} or the slack_api_default connection",
+    "not_authed": f"no bot token was sent; check {TOKEN_ENV}",
+    "account_inactive": "the bot token belongs to a deactivated app or user",
+    "token_revoked": "the bot token was revoked; issue a new one",
+    "channel_not_found": "the channel does not exist or the bot cannot see it; check " + CHANNEL_ENV,
+    "not_in_channel": "the bot is not a member of the channel; invite it",
+    "is_archived": "the channel is archived",
+    "ratelimited": f"still rate limited after {RATE_LIMIT_RETRIES} retries",
+}
+
+STATE_ICONS = {
+    "success": ":white_check_mark:",
+    "failed": ":x:",
+    "upstream_failed": ":no_entry_sign:",
+    "skipped": ":fast_forward:",
+    "removed": ":heavy_minus_sign:",
+}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlackTarget:
+    channel: str
+    api_url: str
+    token: str = field(repr=False)
+
+    @classmethod
+    def from_env(cls, channel: str | None = None, environ: Mapping[str, str] | None = None) -> SlackTarget | None:
+        """The configured target (from `environ`, default os.environ), or None when no token is set."""
+        environ = os.environ if environ is None else environ
+        token = environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            return None
+        channel = (channel or environ.get(CHANNEL_ENV, "")).strip()
+        if not channel:
+            raise StageError(f"{TOKEN_ENV} is set but no Slack channel is: set {CHANNEL_ENV} or --channel")
+        api_url = environ.get(API_URL_ENV, "").strip() or DEFAULT_API_URL
+        return cls(channel=channel, api_url=api_url.rstrip("/") + "/", token=token)
+
+
+def post_message(target: SlackTarget, text: str, blocks: list[dict[str, Any]]) -> dict[str, str]:
+    """Post one message; returns {"channel", "ts"}. Raises StageError with a one-line reason."""
+    from slack_sdk import WebClient
+    from slack_sdk.errors import SlackApiError
+    from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler
+
+    client = WebClient(
+        token=target.token,
+        base_url=target.api_url,
+        timeout=30,
+        retry_handlers=[
+            RateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
+            ConnectionErrorRetryHandler(max_retry_count=2),
+        ],
+    )
+    try:
+        response = client.chat_postMessage(channel=target.channel, text=text, blocks=blocks)
+    except SlackApiError as exc:
+        error = exc.response.get("error", "unknown_error") if exc.response is not None else "unknown_error"
+        hint = ERROR_HINTS.get(error, f"HTTP {exc.response.status_code}" if exc.response is not None else "")
+        raise StageError(f"Slack chat.postMessage to {target.channel} failed: {error} ({hint})") from None
+    except OSError as exc:  # connection refused, DNS, TLS: urllib's errors are OSErrors
+        raise StageError(f"cannot reach the Slack API at {target.api_url}: {exc}") from None
+    log.info("posted to Slack channel %s (ts %s)", response["channel"], response["ts"])
+    return {"channel": response["channel"], "ts": response["ts"]}
+
+
+# -- messages ---------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def run_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
+    """The notify stage's message: (fallback text, Block Kit blocks)."""
+    succeeded = report.outcome == "success"
+    title = f"{'✅' if succeeded else '❌'} DermaOps run {'succeeded' if succeeded else 'failed'}"
+    text = f"{title}: {report.dag_id} {report.run_id}"
+
+    if report.promoted is None:
+        promotion = "no decision (evaluation did not run)"
+    else:
+        promotion = f"{'*promoted*' if report.promoted else '*not promoted*'}: {report.promotion_reason or ''}".strip()
+    facts = [
+        f"*Run*\n`{report.run_id}`",
+        f"*Dataset*\n{report.dataset_version or 'n/a'}" + (f" ({report.n_images:,} images)" if report.n_images else ""),
+        f"*Duration*\n{format_duration(report.duration_s)}",
+        f"*Model*\n{promotion}",
+    ]
+    task_lines = []
+    for task, state in report.states:
+        line = f"{STATE_ICONS.get(state, ':grey_question:')} `{task}` {state}"
+        if task in report.errors:
+            line += f": {report.errors[task]}"
+        task_lines.append(line)
+
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": title}},
+        {"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in facts]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": "*Tasks*\n" + "\n".join(task_lines)}},
+    ]
+    if report.metrics:
+        metric_fields = [
+            {"type": "mrkdwn", "text": f"*{label}*\n{_fmt(report.metrics[key])}"}
+            for key, label in METRIC_LABELS
+            if key in report.metrics
+        ]
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Test metrics*"}})
+        blocks.append({"type": "section", "fields": metric_fields[:10]})  # Slack allows 10 fields
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"Report: {report.report_uri}"}]})
+    return text, blocks
+
+
+METRIC_LABELS = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("macro_f1", "Macro F1"),
+    ("weighted_f1", "Weighted F1"),
+    ("mel_recall", "Melanoma recall"),
+    ("macro_auc", "Macro AUC"),
+)
+
+
+def failure_alert(dag_id: str, run_id: str, reason: str, failed_tasks: list[str]) -> tuple[str, list[dict]]:
+    """The DAG failure callback's message: short, points at the failed tasks."""
+    tasks = ", ".join(f"`{t}`" for t in failed_tasks) or "none recorded"
+    text = f"🚨 DermaOps DAG {dag_id} failed: run {run_id}"
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": f"🚨 DermaOps DAG {dag_id} failed"}},
+        {
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": f"*Run* `{run_id}`\n*Failed tasks* {tasks}\n*Reason* {reason}"},
+        },
+    ]
+    return text, blocks

@@ -1,0 +1,232 @@
+"""The whole DAG end to end with `airflow dags test`: real stages on a small real pack, the loopback S3,
+the loopback Slack Web API, an isolated Airflow with SQLite.
+
+- local mode: every task a subprocess on the worker;
+- docker mode: every task a container from the images scripts/build-images makes;
+- failure path: data that fails validation stops the pipeline, notify reports it, the champion stays.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from dermaops.store import S3Uri
+from dermaops_runner.templating import run_key
+
+from tests.support.airflow_env import ROOT
+from tests.support.slack_api import CHANNEL, TOKEN
+
+STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate")
+# Tiny but real: resnet18 at 28 px, one epoch per phase on a subset, a small forest. The gate's floor
+# and margin are 0 so the first model of a fresh registry is promoted.
+QUICK_CONF = {
+    "arch": "resnet18",
+    "image_size": 28,
+    "epochs": 1,
+    "finetune_epochs": 1,
+    "batch_size": 64,
+    "max_train_images": 200,
+    "baseline_trees": 20,
+    "promotion_margin": 0.0,
+    "mel_recall_floor": 0.0,
+}
+
+
+def dags_test(airflow_env, conf: dict, env: dict) -> tuple[subprocess.CompletedProcess, str, float]:
+    started = time.monotonic()
+    proc = airflow_env.run("dags", "test", "dermaops_ham10000", "--conf", json.dumps(conf), env=env, check=False)
+    seconds = time.monotonic() - started
+    run_id = airflow_env.latest_run_id()
+    log = airflow_env.home / f"{run_key(run_id)}.log"
+    log.write_text(proc.stdout + proc.stderr)
+    print(f"airflow dags test: exit {proc.returncode} in {seconds:.1f} s, output in {log}")
+    return proc, run_id, seconds
+
+
+def task_seconds(airflow_env, run_id: str) -> dict[str, float]:
+    with airflow_env.db() as conn:
+        rows = conn.execute("SELECT task_id, duration FROM task_instance WHERE run_id = ?", (run_id,))
+        return {r["task_id"]: round(r["duration"] or 0.0, 1) for r in rows}
+
+
+def block_text(blocks: list[dict]) -> str:
+    parts = []
+    for block in blocks:
+        if "text" in block:
+            parts.append(block["text"]["text"])
+        parts += [f["text"] for f in block.get("fields", [])]
+        parts += [e["text"] for e in block.get("elements", [])]
+    return "\n".join(parts)
+
+
+def pack_rows(pack: Path) -> int:
+    with open(pack / "HAM10000_metadata.csv", newline="") as f:
+        return sum(1 for _ in csv.DictReader(f))
+
+
+@pytest.fixture
+def dag_env(s3_server, slack_api, bucket) -> dict[str, str]:
+    """What the Airflow process needs: the bucket, the loopback S3 and Slack (the worker's environment)."""
+    return {**s3_server.env, **slack_api.env(), "DERMAOPS_BUCKET": bucket.bucket}
+
+
+def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: str, n_images: int) -> None:
+    assert airflow_env.run_state(run_id) == "success"
+    assert airflow_env.task_states(run_id) == {t: "success" for t in (*STAGES, "notify")}
+    runs = bucket.join("runs", run_key(run_id))
+    xcom = airflow_env.xcoms(run_id)
+
+    ingest = xcom["ingest"]
+    assert ingest["dataset_uri"].startswith(f"s3://{bucket.bucket}/datasets/ham10000/")
+    assert ingest["n_images"] == n_images and ingest["n_rows"] == n_images
+    assert store.exists(S3Uri.parse(ingest["dataset_uri"]).join("manifest.json"))
+
+    assert xcom["validate"]["success"] is True and xcom["validate"]["n_images"] == n_images
+    assert xcom["split"]["split_uri"] == str(runs.join("split")) and xcom["split"]["lesion_overlap"] == 0
+    assert sum(xcom["split"]["counts"].values()) == n_images
+    assert xcom["train_baseline"]["model_uri"] == str(runs.join("models", "baseline", "baseline.joblib"))
+    train = xcom["train"]
+    assert (train["arch"], train["image_size"], train["model_uri"]) == (
+        "resnet18",
+        28,
+        str(runs.join("models", "cnn", "cnn.pt")),
+    )
+    evaluation = xcom["evaluate"]
+    for metric in ("accuracy", "macro_f1", "weighted_f1", "mel_recall"):
+        assert 0.0 <= evaluation[metric] <= 1.0, metric
+    assert evaluation["promoted"] is True  # a fresh registry and a floor of 0
+
+    for prefix in ("validation", "split", "models/baseline", "models/cnn", "evaluation", "notify"):
+        assert store.exists(runs.join(prefix, "manifest.json")), prefix
+    for name in ("metrics.json", "confusion_matrix.png", "gradcam_mel.png", "report.md"):
+        assert store.exists(runs.join("evaluation", name)), name
+
+    champion = store.get_json(bucket.join("registry", "ham10000", "champion.json"))
+    assert champion["run_id"] == run_id
+    assert champion["dataset_version"] == ingest["dataset_version"]
+
+    notify = xcom["notify"]
+    assert (notify["outcome"], notify["slack"]) == ("success", "posted")
+    report = store.get_bytes(runs.join("notify", "report.md")).decode()
+    assert "Outcome: **success**" in report and ingest["dataset_version"] in report
+
+    [message] = slack_api.messages  # no failure alert on success
+    assert "succeeded" in message["blocks"][0]["text"]["text"]
+    text = block_text(message["blocks"])
+    assert ingest["dataset_version"] in text and f"`{run_id}`" in text
+    assert f"{evaluation['macro_f1']:.4f}" in text and f"{evaluation['mel_recall']:.4f}" in text
+    assert "*promoted*" in text and str(runs.join("notify", "report.md")) in text
+    assert all(f"`{t}` success" in text for t in STAGES)
+
+    with airflow_env.db() as conn:
+        events = conn.execute(
+            "SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE e.source_run_id = ?",
+            (run_id,),
+        ).fetchall()
+    lineage = {name: json.loads(extra) for name, extra in events}
+    assert lineage[f"s3://{bucket.bucket}/datasets/ham10000"]["dataset_version"] == ingest["dataset_version"]
+    assert lineage[f"s3://{bucket.bucket}/registry/ham10000/champion.json"]["promoted"] is True
+
+
+@pytest.mark.slow
+def test_local_mode_runs_every_stage(airflow_env, small_pack, dag_env, store, bucket, slack_api):
+    proc, run_id, seconds = dags_test(
+        airflow_env, {**QUICK_CONF, "source": str(small_pack)}, {**dag_env, "DERMAOPS_RUNNER": "local"}
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    print("local mode task seconds:", task_seconds(airflow_env, run_id))
+    assert dag_env["SLACK_BOT_TOKEN"] not in proc.stdout + proc.stderr
+    assert_successful_run(airflow_env, store, bucket, slack_api, run_id, pack_rows(small_pack))
+
+
+@pytest.mark.slow
+def test_invalid_data_stops_before_training_and_is_reported(
+    airflow_env, invalid_pack, dag_env, store, bucket, slack_api
+):
+    champion_uri = bucket.join("registry", "ham10000", "champion.json")
+    earlier = json.dumps({"run_id": "an-earlier-run", "model_uri": "s3://x/cnn.pt", "model_sha256": "0" * 64}).encode()
+    store.put_bytes(champion_uri, earlier)
+
+    # Slack through an Airflow connection this time (the deployment's way), not the worker's environment.
+    slack_connection = {
+        "conn_type": "slack",
+        "password": TOKEN,
+        "extra": {"channel": CHANNEL, "base_url": slack_api.url},
+    }
+    env = {**dag_env, "SLACK_BOT_TOKEN": "", "DERMAOPS_SLACK_CHANNEL": "", "DERMAOPS_SLACK_API_URL": ""}
+    env |= {"AIRFLOW_CONN_SLACK_API_DEFAULT": json.dumps(slack_connection), "DERMAOPS_RUNNER": "local"}
+
+    proc, run_id, _ = dags_test(airflow_env, {**QUICK_CONF, "source": str(invalid_pack)}, env)
+
+    assert proc.returncode != 0 and "DagRun failed" in proc.stderr
+    assert airflow_env.run_state(run_id) == "failed"
+    assert airflow_env.task_states(run_id) == {
+        "ingest": "success",
+        "validate": "failed",
+        "split": "upstream_failed",
+        "train_baseline": "upstream_failed",
+        "train": "upstream_failed",
+        "evaluate": "upstream_failed",
+        "notify": "success",
+    }, proc.stdout[-8000:]
+    with airflow_env.db() as conn:
+        [tries] = conn.execute(
+            "SELECT try_number FROM task_instance WHERE run_id = ? AND task_id = 'validate'", (run_id,)
+        ).fetchone()
+    assert tries == 1  # a validation failure is not retried: the same data fails the same way
+    error = airflow_env.xcoms(run_id, key="error")["validate"]
+    assert error.startswith("dermaops validate: error:") and "dx" in error and "xyz" in error
+
+    runs = bucket.join("runs", run_key(run_id))
+    assert not store.exists(runs.join("split", "manifest.json"))
+    assert store.get_bytes(champion_uri) == earlier  # the champion is unchanged
+
+    report, alert = slack_api.messages  # notify's run report, then the DAG failure callback's alert
+    assert "failed" in report["blocks"][0]["text"]["text"]
+    text = block_text(report["blocks"])
+    assert f":x: `validate` failed: {error}" in text
+    assert ":no_entry_sign: `train` upstream_failed" in text
+    assert "no decision (evaluation did not run)" in text
+    assert "🚨" in alert["text"] and run_id in alert["text"]
+    assert "`validate`" in block_text(alert["blocks"])
+
+
+@pytest.fixture(scope="session")
+def dermaops_images() -> dict[str, str]:
+    """The data and torch images, built offline by the project's own scripts (cached by their inputs)."""
+    subprocess.run([str(ROOT / "scripts" / "docker-engine")], check=True, timeout=600)
+    built = subprocess.run(
+        [str(ROOT / "scripts" / "build-images"), "data", "torch"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+    )
+    tags = built.stdout.split()
+    data = next(t for t in tags if t.startswith("dermaops-data:"))
+    torch = next(t for t in tags if t.startswith("dermaops-torch:"))
+    return {"DERMAOPS_DATA_IMAGE": data, "DERMAOPS_TORCH_IMAGE": torch}
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_docker_mode_runs_every_stage_in_containers(
+    airflow_env, dermaops_images, small_pack, dag_env, store, bucket, slack_api
+):
+    # The containers see S3 (host network), not the host's files: the pack is served from S3.
+    source = bucket.join("sources", "small-pack")
+    for path in small_pack.iterdir():
+        store.put_file(source.join(path.name), path)
+    env = {**dag_env, **dermaops_images, "DERMAOPS_RUNNER": "docker", "DERMAOPS_DOCKER_NETWORK": "host"}
+
+    proc, run_id, seconds = dags_test(airflow_env, {**QUICK_CONF, "source": str(source)}, env)
+
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    print("docker mode task seconds:", task_seconds(airflow_env, run_id))
+    assert "Starting docker container from image dermaops-data:" in proc.stdout + proc.stderr
+    assert_successful_run(airflow_env, store, bucket, slack_api, run_id, pack_rows(small_pack))

@@ -1,0 +1,220 @@
+"""The DAG file parses cleanly and says what DESIGN.md's table says: tasks, order, retries, images,
+trigger rules, params. Parsing happens in this process with the network and every connection and
+Variable look-up made to fail, so a parse-time look-up would show up as an import error."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.support.airflow_env import ROOT, airflow_base_env
+
+STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate", "notify")
+DATA_STAGES = ("ingest", "validate", "split", "train_baseline", "notify")
+TORCH_STAGES = ("train", "evaluate")
+
+
+class ParseTimeLookup(AssertionError):
+    pass
+
+
+def _forbidden(what: str):
+    def fail(*args, **kwargs):
+        raise ParseTimeLookup(f"{what} called while parsing the DAG file")
+
+    return fail
+
+
+@pytest.fixture(scope="module")
+def airflow_config(tmp_path_factory):
+    """Airflow configured through the environment BEFORE airflow is first imported in this process."""
+    saved = dict(os.environ)
+    os.environ.update(airflow_base_env(tmp_path_factory.mktemp("airflow-parse")))
+    # A connection that would be used if anything looked it up at parse time: it points nowhere.
+    os.environ["AIRFLOW_CONN_DERMAOPS_S3"] = "aws://bogus:bogus@nonexistent.invalid:1"
+    os.environ["DERMAOPS_BUCKET"] = "lesions"
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def parse(monkeypatch, **env: str):
+    """A DagBag of dags/ parsed with no network and no connection/Variable look-ups allowed."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import BaseHook, Connection, Variable
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(socket.socket, "connect", _forbidden("socket.connect"))
+    monkeypatch.setattr(BaseHook, "get_connection", _forbidden("BaseHook.get_connection"))
+    monkeypatch.setattr(Connection, "get", _forbidden("Connection.get"))
+    monkeypatch.setattr(Variable, "get", _forbidden("Variable.get"))
+    bag = DagBag(dag_folder=ROOT / "dags")
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.dags["dermaops_ham10000"]
+
+
+@pytest.fixture
+def docker_dag(airflow_config, monkeypatch):
+    return parse(monkeypatch, DERMAOPS_RUNNER="docker")
+
+
+def test_dag_shape_schedule_and_docs(docker_dag):
+    dag = docker_dag
+    assert set(dag.task_ids) == set(STAGES)
+    downstream = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
+    assert downstream == {
+        "ingest": {"validate"},
+        "validate": {"split"},
+        "split": {"train_baseline", "train"},
+        "train_baseline": {"evaluate"},
+        "train": {"evaluate"},
+        "evaluate": {"notify"},
+        "notify": set(),
+    }
+    assert dag.schedule == "0 3 * * 1"
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert {"dermaops", "ham10000"} <= set(dag.tags)
+    assert "ingest → validate → split" in dag.doc_md
+    assert dag.on_failure_callback is not None
+
+
+def test_retries_and_delays_follow_the_design_table(docker_dag):
+    ingest = docker_dag.get_task("ingest")
+    assert ingest.retries == 3
+    assert ingest.retry_delay == dt.timedelta(seconds=30)
+    assert ingest.retry_exponential_backoff == 2.0  # Airflow 3: a multiplier; True would mean 1.0 (constant)
+    assert ingest.max_retry_delay == dt.timedelta(seconds=120)
+    for task_id in ("validate", "split", "train_baseline", "train", "evaluate"):
+        task = docker_dag.get_task(task_id)
+        assert (task.retries, task.retry_delay, task.retry_exponential_backoff) == (1, dt.timedelta(seconds=60), 0)
+    assert docker_dag.get_task("notify").retries == 0
+
+
+def test_notify_runs_whatever_happened_and_does_not_decide_the_run_state(docker_dag):
+    notify = docker_dag.get_task("notify")
+    assert notify.trigger_rule == "all_done"
+    assert notify.is_teardown and not notify.on_failure_fail_dagrun
+    assert notify.secrets == ("s3", "slack")
+    assert all(docker_dag.get_task(t).secrets == ("s3",) for t in STAGES if t != "notify")
+
+
+def test_docker_mode_images_and_container_settings(docker_dag):
+    from dermaops_runner.docker_mode import DockerStageOperator
+
+    for task_id in STAGES:
+        task = docker_dag.get_task(task_id)
+        assert isinstance(task, DockerStageOperator)
+        assert task.image.startswith("dermaops-torch:" if task_id in TORCH_STAGES else "dermaops-data:")
+        assert task.command[:4] == ["python", "-m", "dermaops", task_id]
+        assert task.auto_remove == "force" and task.mount_tmp_dir is False
+        assert task.container_name is None
+        assert task.network_mode == "host"
+        assert task.device_requests is None  # no GPU unless DERMAOPS_GPU=1
+        assert task._private_environment == {}  # secrets are resolved at execute time only
+        assert (task.shm_size is not None) == (task_id in TORCH_STAGES)
+
+
+def test_gpu_images_and_network_come_from_the_environment(airflow_config, monkeypatch):
+    dag = parse(
+        monkeypatch,
+        DERMAOPS_RUNNER="docker",
+        DERMAOPS_GPU="1",
+        DERMAOPS_DATA_IMAGE="registry.example/dermaops-data:7",
+        DERMAOPS_TORCH_IMAGE="registry.example/dermaops-torch:7",
+        DERMAOPS_DOCKER_NETWORK="dermaops_default",
+    )
+    for task_id in STAGES:
+        task = dag.get_task(task_id)
+        gpu = task_id in TORCH_STAGES
+        assert task.image == f"registry.example/dermaops-{'torch' if gpu else 'data'}:7"
+        assert task.network_mode == "dermaops_default"
+        if gpu:
+            [request] = task.device_requests
+            assert request.capabilities == [["gpu"]] and request.count == -1
+        else:
+            assert task.device_requests is None
+
+
+def test_local_mode_runs_the_same_argv(airflow_config, monkeypatch, docker_dag):
+    from dermaops_runner.local_mode import LocalStageOperator
+
+    local_dag = parse(monkeypatch, DERMAOPS_RUNNER="local")
+    for task_id in STAGES:
+        task = local_dag.get_task(task_id)
+        assert isinstance(task, LocalStageOperator)
+        assert ["python", "-m", "dermaops", task_id, *task.argv] == docker_dag.get_task(task_id).command
+
+
+def test_unknown_runner_mode_is_an_import_error_naming_it(airflow_config, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("DERMAOPS_RUNNER", "kubernetes")
+    bag = DagBag(dag_folder=ROOT / "dags")
+    [error] = bag.import_errors.values()
+    assert "DERMAOPS_RUNNER='kubernetes'" in error and "docker, local" in error
+
+
+def test_params_are_typed_described_and_bounded(docker_dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = docker_dag.params
+    expected = {"source", "epochs", "finetune_epochs", "batch_size", "lr", "finetune_lr", "image_size", "arch"}
+    expected |= {"pretrained", "force_ingest", "force_retrain", "seed", "promotion_margin", "mel_recall_floor"}
+    assert expected <= set(params.keys())
+    for name in params.keys():
+        param = params.get_param(name)
+        schema = param.schema
+        assert param.description, name
+        assert "type" in schema or "enum" in schema, name
+        if schema.get("type") in ("integer", "number"):
+            assert "maximum" in schema and ("minimum" in schema or "exclusiveMinimum" in schema), name
+    assert params.get_param("arch").schema["enum"] == ["resnet18", "resnet34", "resnet50"]
+    params.validate()  # the defaults are valid
+    for name, bad in (("epochs", 0), ("arch", "vgg16"), ("lr", 0), ("mel_recall_floor", 1.5)):
+        with pytest.raises(ParamValidationError):
+            params.get_param(name).resolve(bad)
+
+
+def test_dag_survives_serialization(docker_dag):
+    """The scheduler and API server only see the serialized DAG."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    restored = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(docker_dag))
+    assert set(restored.task_ids) == set(STAGES)
+    assert restored.get_task("notify").is_teardown
+    assert [a.uri for a in restored.get_task("ingest").outlets] == ["s3://lesions/datasets/ham10000"]
+    assert [a.uri for a in restored.get_task("evaluate").outlets] == ["s3://lesions/registry/ham10000/champion.json"]
+
+
+def test_summary_is_found_even_when_a_stderr_line_follows_it():
+    """Docker interleaves stdout and stderr: the summary is the last JSON line naming the stage."""
+    from dermaops_runner.results import summary_from_lines
+
+    lines = [
+        "INFO starting",
+        '{"stage": "split", "status": "done", "split_uri": "s3://b/runs/r/split"}',
+        "WARNING late",
+    ]
+    assert summary_from_lines("split", lines)["split_uri"] == "s3://b/runs/r/split"
+    with pytest.raises(ValueError, match="no JSON summary"):
+        summary_from_lines("split", ["INFO starting", '{"stage": "ingest"}'])
+
+
+def test_run_key_is_one_safe_s3_segment():
+    from dermaops_runner.templating import run_key
+
+    assert run_key("manual__2026-01-05T10:00:00.123+00:00") == "manual__2026-01-05T10-00-00.123-00-00"
+    assert run_key("scheduled__2026-01-05T03:00:00+00:00").count("/") == 0
+
+
+def test_plugins_folder_holds_no_module_that_shadows_a_library():
+    """Airflow's plugin loader imports plugin files as top-level modules unless .airflowignore'd."""
+    ignore = (ROOT / "plugins" / ".airflowignore").read_text()
+    assert "dermaops_runner/" in ignore.splitlines()
+    names = {p.stem for p in Path(ROOT / "plugins" / "dermaops_runner").glob("*.py")}
+    assert not names & {"docker", "secrets", "logging", "json", "local", "types"}

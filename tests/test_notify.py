@@ -1,0 +1,174 @@
+"""The notify stage against the loopback S3 and the loopback Slack Web API (tests/support/slack_api.py)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.support.slack_api import CHANNEL, TOKEN
+
+RUN_ID = "manual__2026-11-27T04-00-00-00-00"
+DATASET_URI = "s3://b/datasets/ham10000/3f9a0c1d2e4b"
+SUCCESS_STATES = {t: "success" for t in ("ingest", "validate", "split", "train_baseline", "train", "evaluate")}
+# Stage summaries as the stages print them (DESIGN.md stage contract; keys from MODEL_SEAMS.md).
+SUCCESS_RESULTS = {
+    "ingest": {
+        "summary": {
+            "stage": "ingest",
+            "dataset_uri": DATASET_URI,
+            "dataset_version": "3f9a0c1d2e4b",
+            "n_images": 10015,
+        },
+        "error": None,
+    },
+    "evaluate": {
+        "summary": {
+            "stage": "evaluate",
+            "accuracy": 0.7812,
+            "balanced_accuracy": 0.5521,
+            "macro_f1": 0.6034,
+            "weighted_f1": 0.7745,
+            "macro_auc": 0.9312,
+            "mel_recall": 0.5811,
+            "promoted": True,
+            "promotion_reason": "first model: mel recall 0.5811 clears the floor 0.5",
+            "champion_uri": "s3://b/registry/ham10000/champion.json",
+            "report_uri": f"s3://b/runs/{RUN_ID}/evaluation/report.md",
+        },
+        "error": None,
+    },
+}
+
+
+def notify_args(bucket, states=SUCCESS_STATES, results=SUCCESS_RESULTS) -> list[str]:
+    return [
+        "notify",
+        "--run-id",
+        RUN_ID,
+        "--states",
+        json.dumps(states),
+        "--results",
+        json.dumps(results),
+        "--started-at",
+        "2026-11-27T04:00:00+00:00",
+        "--report-out",
+        str(bucket.join("runs", RUN_ID, "notify")),
+    ]
+
+
+def block_text(blocks: list[dict]) -> str:
+    """All text of a Block Kit message, flattened."""
+    parts = []
+    for block in blocks:
+        if "text" in block:
+            parts.append(block["text"]["text"])
+        parts += [f["text"] for f in block.get("fields", [])]
+        parts += [e["text"] for e in block.get("elements", [])]
+    return "\n".join(parts)
+
+
+def test_success_posts_outcome_metrics_and_promotion(run_stage, slack_api, store, bucket):
+    result = run_stage(*notify_args(bucket), env=slack_api.env())
+
+    summary = result.summary
+    assert summary["outcome"] == "success" and summary["slack"] == "posted"
+    assert summary["slack_channel"] == CHANNEL
+    [message] = slack_api.messages
+    assert message["channel"] == CHANNEL
+    assert message["blocks"][0]["type"] == "header" and "succeeded" in message["blocks"][0]["text"]["text"]
+    text = block_text(message["blocks"])
+    for expected in ("3f9a0c1d2e4b", "10,015 images", "0.7812", "0.6034", "0.7745", "0.5811", "*promoted*"):
+        assert expected in text, expected
+    assert "first model: mel recall 0.5811 clears the floor 0.5" in text
+    assert all(f":white_check_mark: `{task}` success" in text for task in SUCCESS_STATES)
+    assert summary["report_uri"] in text
+    assert TOKEN not in result.stdout + result.stderr
+
+    report = store.get_bytes(summary["report_uri"]).decode()
+    assert "Outcome: **success**" in report
+    assert "| Macro F1 | 0.6034 |" in report and "| Melanoma recall | 0.5811 |" in report
+    assert "**promoted to champion**" in report
+    assert "evaluate.report_uri" in report and "ingest.dataset_uri" in report
+
+
+def test_failed_run_names_the_failed_task_and_its_error(run_stage, slack_api, store, bucket):
+    error = "dermaops validate: error: metadata: dx has values outside the 7 classes: 'xyz' (1 row)"
+    states = {
+        "ingest": "success",
+        "validate": "failed",
+        "split": "upstream_failed",
+        "train_baseline": "upstream_failed",
+    }
+    states |= {"train": "upstream_failed", "evaluate": "upstream_failed"}
+    results = {"ingest": SUCCESS_RESULTS["ingest"], "validate": {"summary": None, "error": error}}
+
+    summary = run_stage(*notify_args(bucket, states, results), env=slack_api.env()).summary
+
+    assert summary["outcome"] == "failed"
+    [message] = slack_api.messages
+    assert "failed" in message["blocks"][0]["text"]["text"]
+    text = block_text(message["blocks"])
+    assert f":x: `validate` failed: {error}" in text
+    assert ":no_entry_sign: `train` upstream_failed" in text
+    assert "no decision (evaluation did not run)" in text
+    report = store.get_bytes(summary["report_uri"]).decode()
+    assert f"| validate | failed | {error} |" in report and "No evaluation in this run." in report
+
+
+def test_rate_limit_is_retried_after_the_servers_delay(run_stage, slack_api, bucket):
+    slack_api.mode = "ratelimited"
+    summary = run_stage(*notify_args(bucket), env=slack_api.env()).summary
+
+    assert summary["slack"] == "posted"
+    first, second = slack_api.requests
+    assert second.at - first.at >= 1.0  # Retry-After: 1
+    assert len(slack_api.messages) == 1
+
+
+def test_invalid_token_fails_with_one_line_and_never_shows_the_token(run_stage, slack_api, store, bucket):
+    bad_token = "xoxb-not-the-right-one"
+    result = run_stage(*notify_args(bucket), env=slack_api.env(token=bad_token), check=False)
+
+    assert result.returncode == 2
+    assert "invalid_auth" in result.error_line and "SLACK_BOT_TOKEN" in result.error_line
+    assert result.error_line.startswith("dermaops notify: error: Slack chat.postMessage")
+    assert bad_token not in result.stdout + result.stderr
+    assert slack_api.messages == []
+    # The report is written before Slack is tried, so the run is still documented.
+    assert store.exists(bucket.join("runs", RUN_ID, "notify", "report.md"))
+    assert not store.exists(bucket.join("runs", RUN_ID, "notify", "manifest.json"))
+
+
+def test_unknown_channel_fails_with_one_line(run_stage, slack_api, bucket):
+    slack_api.mode = "channel_not_found"
+    result = run_stage(*notify_args(bucket), env=slack_api.env(channel="#nowhere"), check=False)
+
+    assert result.returncode == 2
+    assert "channel_not_found" in result.error_line and "#nowhere" in result.error_line
+
+
+def test_without_slack_the_report_is_still_written(run_stage, store, bucket):
+    result = run_stage(*notify_args(bucket), env={"SLACK_BOT_TOKEN": "", "DERMAOPS_SLACK_CHANNEL": ""})
+
+    assert result.summary["slack"] == "skipped"
+    assert "Slack skipped" in result.stderr
+    assert "Outcome: **success**" in store.get_bytes(result.summary["report_uri"]).decode()
+
+
+def test_rerun_with_same_inputs_skips_without_posting_twice(run_stage, slack_api, bucket):
+    run_stage(*notify_args(bucket), env=slack_api.env())
+    again = run_stage(*notify_args(bucket), env=slack_api.env())
+    forced = run_stage(*notify_args(bucket), "--force", env=slack_api.env())
+
+    assert again.summary["status"] == "skipped"
+    assert forced.summary["status"] == "done"
+    assert len(slack_api.messages) == 2
+
+
+def test_bad_states_flag_fails_before_writing(run_stage, store, bucket):
+    args = notify_args(bucket)
+    args[args.index("--states") + 1] = "[not json"
+    result = run_stage(*args, check=False)
+
+    assert result.returncode == 2
+    assert "--states" in result.error_line and "not valid JSON" in result.error_line
+    assert list(store.list(bucket)) == []
