@@ -49,6 +49,14 @@ class EmbeddedS3:
     def start(self) -> EmbeddedS3:
         from moto.server import ThreadedMotoServer
 
+        # moto binds inside its server thread and only logs a failure there; check the port here
+        # so a busy port fails the caller instead of leaving a process that serves nothing.
+        with socket.socket() as probe:
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise RuntimeError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
+
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
         self._server.start()
         return self
@@ -73,7 +81,11 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.update(DUMMY_ENV)
-    server = EmbeddedS3(port=args.port or None).start()
+    try:
+        server = EmbeddedS3(port=args.port or None).start()
+    except RuntimeError as exc:
+        print(f"embedded S3: error: {exc}", file=sys.stderr)
+        return 1
     os.environ["DERMAOPS_S3_ENDPOINT_URL"] = server.url
     from dermaops.store import ArtifactStore
 

@@ -11,7 +11,6 @@ import sys
 import uuid
 
 import pytest
-
 from dermaops.store import ArtifactStore
 
 
