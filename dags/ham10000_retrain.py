@@ -160,6 +160,9 @@ with DAG(
             f"{RUN}/models/baseline",
             "--n-estimators",
             "{{ params.baseline_trees }}",
+            # Same size as the CNN, so both read one shared decoded-image cache.
+            "--image-size",
+            "{{ params.image_size }}",
             "--seed",
             "{{ params.seed }}",
             flag_if("force_retrain"),

@@ -1,0 +1,90 @@
+"""Batch-wise augmentation for dermatoscopy, on tensors already in memory (on the GPU when there is one).
+
+Dermatoscopic images have no canonical orientation, so every flip and 90-degree rotation is a valid
+image of the same lesion; small free rotations with a little zoom mimic how the dermatoscope is
+held; colour jitter covers differences between cameras, lighting and skin tones. Everything runs on
+a whole batch of float images in [0, 1] (N, 3, H, W), each sample drawing its own parameters from
+`generator`, so no per-image Python loop and no JPEG decoding sits in the epoch loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    max_rotation_deg: float = 20.0
+    max_zoom: float = 0.10
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.03  # fraction of a full turn of the hue circle
+
+
+def _uniform(n: int, low: float, high: float, like, generator):
+    import torch
+
+    return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype) * (high - low) + low
+
+
+def geometric(x, cfg: AugmentConfig, generator):
+    """One resampling per batch: a random element of the square's symmetry group (flips and 90-degree
+    turns, exact on the pixel grid) composed with a small free rotation and zoom; reflection padding
+    so no black corners appear."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+    turns = torch.randint(0, 4, (n,), generator=generator, device=x.device).to(x.dtype) * (math.pi / 2)
+    mirror = torch.randint(0, 2, (n,), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+    angle = turns + _uniform(n, -cfg.max_rotation_deg, cfg.max_rotation_deg, x, generator) * (math.pi / 180.0)
+    scale = _uniform(n, 1.0 - cfg.max_zoom, 1.0 + cfg.max_zoom, x, generator)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zeros = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos * mirror, -sin, zeros], 1), torch.stack([sin * mirror, cos, zeros], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+# RGB -> luma weights (ITU-R 601), as torchvision's colour jitter uses.
+LUMA = (0.299, 0.587, 0.114)
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def colour_jitter(x, cfg: AugmentConfig, generator):
+    """Brightness, contrast, saturation and hue with per-sample factors.
+
+    All four are linear in RGB, so they compose into one 3x3 matrix plus an offset per sample and
+    cost a single pass over the pixels: brightness b*I; saturation s*I + (1-s)*1*luma^T; hue a
+    rotation of the chroma plane in YIQ space; contrast pulls every pixel towards the image's mean
+    grey level with factor c (offset (1-c)*mean grey after the other three).
+    """
+    import torch
+
+    n, dev, dt = x.shape[0], x.device, x.dtype
+    eye = torch.eye(3, device=dev, dtype=dt).expand(n, 3, 3)
+    luma = torch.tensor(LUMA, device=dev, dtype=dt)
+    grey = torch.ones(3, 1, device=dev, dtype=dt) @ luma.view(1, 3)
+    b = _uniform(n, 1 - cfg.brightness, 1 + cfg.brightness, x, generator).view(n, 1, 1)
+    s = _uniform(n, 1 - cfg.saturation, 1 + cfg.saturation, x, generator).view(n, 1, 1)
+    c = _uniform(n, 1 - cfg.contrast, 1 + cfg.contrast, x, generator).view(n, 1)
+    phi = _uniform(n, -cfg.hue, cfg.hue, x, generator) * (2 * math.pi)
+    to_yiq = torch.tensor(RGB_TO_YIQ, device=dev, dtype=dt)
+    rot = torch.zeros(n, 3, 3, device=dev, dtype=dt)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2] = torch.cos(phi), -torch.sin(phi)
+    rot[:, 2, 1], rot[:, 2, 2] = torch.sin(phi), torch.cos(phi)
+    hue = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+    colour = hue @ (s * eye + (1 - s) * grey) @ (b * eye)
+    mean_grey = (colour @ x.mean(dim=(2, 3)).unsqueeze(2)).squeeze(2) @ luma
+    matrix = c.view(n, 1, 1) * colour
+    offset = ((1 - c) * mean_grey.view(n, 1)).expand(n, 3)
+    out = torch.baddbmm(offset.unsqueeze(2), matrix, x.flatten(2))
+    return out.view_as(x).clamp_(0.0, 1.0)
+
+
+def augment_batch(x, generator, cfg: AugmentConfig = AugmentConfig()):
+    """Float images in [0, 1], (N, 3, H, W) -> augmented images, same shape and device."""
+    return colour_jitter(geometric(x, cfg, generator), cfg, generator)

@@ -1,0 +1,210 @@
+"""The CNN: torchvision ResNets, their checkpoints, and inference on cached uint8 images.
+
+Shared by `train` (builds and fits), `evaluate` (predicts, Grad-CAM) and anything that scores a
+checkpoint. Preprocessing lives here (uint8 NHWC -> normalised float NCHW) so that training and
+inference can never disagree about it.
+
+Small inputs: the ImageNet stem (7x7 stride-2 conv + max-pool) shrinks a 28 px image to 7 px before
+the first residual block, which throws away most of the lesion. Below SMALL_STEM_BELOW px the
+"small" stem (3x3 stride-1 conv, no max-pool), as CIFAR and MedMNIST ResNets use, is chosen instead.
+From 40 px up the ImageNet stem still leaves >= 10x10 px to layer1 and costs 16x less compute than
+the small stem at the same size, which decides it on CPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from dermaops.errors import StageError
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+STEMS = ("auto", "imagenet", "small")
+SMALL_STEM_BELOW = 40
+# ImageNet statistics: right for ImageNet weights and a reasonable fixed scale for training from scratch.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_stem(stem: str, image_size: int) -> str:
+    if stem not in STEMS:
+        raise StageError(f"unknown stem {stem!r} (allowed: {', '.join(STEMS)})")
+    if stem == "auto":
+        return "small" if image_size < SMALL_STEM_BELOW else "imagenet"
+    return stem
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of `arch`; a StageError if they are not there
+    (they are never downloaded: production images bake them into the torch hub cache)."""
+    import torch
+    from torchvision.models import get_model_weights
+
+    if arch not in ARCHS:
+        raise StageError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")
+    weights = get_model_weights(arch).DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.exists():
+        raise StageError(
+            f"ImageNet weights for {arch} are not in the torch hub cache ({path}); bake them into the image "
+            f"or pass --pretrained <local path or s3 uri to a state_dict>"
+        )
+    return path
+
+
+def _imagenet_state_dict(arch: str) -> dict:
+    import torch
+
+    return torch.load(imagenet_weights_path(arch), map_location="cpu", weights_only=True)
+
+
+def _file_state_dict(source: str) -> dict:
+    """A state_dict, or one of our checkpoints, from a local path or an s3:// URI."""
+    import tempfile
+
+    import torch
+
+    if source.startswith("s3://"):
+        from dermaops.store import ArtifactStore
+
+        with tempfile.TemporaryDirectory(prefix="dermaops-weights-") as tmp:
+            path = ArtifactStore().download(source, Path(tmp) / "weights.pt")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise StageError(f"pretrained weights not found: {source} (expected none, imagenet, a file or s3:// URI)")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and "model_state" in blob:
+        blob = blob["model_state"]
+    if not isinstance(blob, dict):
+        raise StageError(f"pretrained weights {source} hold no state_dict (got {type(blob).__name__})")
+    return blob
+
+
+def _load_compatible(model, state: dict, source: str) -> None:
+    """Copy every tensor whose name and shape match; the head (and a replaced stem) stay fresh."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(k for k in own if k not in usable)
+    if not any(k.startswith("layer") for k in usable):
+        raise StageError(f"pretrained weights {source} do not fit this architecture (no backbone tensor matches)")
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors from %s; kept fresh: %s", len(usable), source, ", ".join(skipped) or "none")
+
+
+def build_model(arch: str, num_classes: int, image_size: int, pretrained: str = "none", stem: str = "auto"):
+    """A torchvision ResNet with a `num_classes` head; `pretrained` is none, imagenet, or a path/s3 URI."""
+    import torch
+    import torchvision
+
+    if arch not in ARCHS:
+        raise StageError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")
+    model = getattr(torchvision.models, arch)(weights=None)
+    if pretrained == "imagenet":
+        model.load_state_dict(_imagenet_state_dict(arch))
+    elif pretrained and pretrained != "none":
+        state = _file_state_dict(pretrained)
+    if resolve_stem(stem, image_size) == "small":
+        model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    if pretrained and pretrained not in ("none", "imagenet"):
+        _load_compatible(model, state, pretrained)
+    return model
+
+
+def target_layer(model):
+    """The last convolutional block, where Grad-CAM looks."""
+    return model.layer4
+
+
+def model_meta(arch: str, classes, image_size: int, stem: str, pretrained: str) -> dict:
+    """The part of a checkpoint's meta that fixes how to rebuild the model and preprocess its input."""
+    return {
+        "arch": arch,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        "stem": resolve_stem(stem, image_size),
+        "pretrained": pretrained,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+
+
+def save_checkpoint(path, model, meta: dict) -> Path:
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"model_state": state, "meta": meta}, path)
+    return path
+
+
+def load_checkpoint(path, device: str = "cpu"):
+    """(model in eval mode on `device`, meta) from a file written by save_checkpoint."""
+    import torch
+
+    try:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        meta = blob["meta"]
+        state = blob["model_state"]
+    except (OSError, RuntimeError, KeyError, TypeError) as exc:
+        raise StageError(f"not a DermaOps model checkpoint: {path} ({type(exc).__name__}: {exc})") from exc
+    model = build_model(meta["arch"], len(meta["classes"]), meta["image_size"], "none", meta.get("stem", "auto"))
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def to_float(batch_uint8_nhwc):
+    """uint8 NHWC tensor -> float32 NCHW in [0, 1] (what augmentation works on)."""
+    return batch_uint8_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x, mean, std, channels_last: bool = False):
+    """Float NCHW in [0, 1] -> the model's input (standardised; channels_last on CUDA)."""
+    import torch
+
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def to_input(batch_uint8_nhwc, meta: dict, channels_last: bool = False):
+    """uint8 NHWC tensor (on any device) -> the model's input, exactly as in training minus augmentation."""
+    return normalize(to_float(batch_uint8_nhwc), meta["mean"], meta["std"], channels_last)
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise StageError("--device cuda requested but no CUDA device is available (use auto or cpu)")
+    return requested
+
+
+def predict_proba(model, images_uint8_nhwc: np.ndarray, meta: dict, batch_size: int = 256, device=None) -> np.ndarray:
+    """Softmax probabilities (N, C): eval mode, no augmentation, training's preprocessing."""
+    import torch
+
+    size = meta["image_size"]
+    if images_uint8_nhwc.ndim != 4 or images_uint8_nhwc.shape[1:] != (size, size, 3):
+        raise StageError(f"images have shape {images_uint8_nhwc.shape}, the model expects (N, {size}, {size}, 3)")
+    device = device or next(model.parameters()).device
+    cuda = torch.device(device).type == "cuda"
+    model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
+    out = []
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        for start in range(0, len(images_uint8_nhwc), batch_size):
+            batch = torch.from_numpy(images_uint8_nhwc[start : start + batch_size]).to(device)
+            logits = model(to_input(batch, meta, channels_last=cuda))
+            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), dtype=np.float32)

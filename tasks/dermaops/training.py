@@ -1,0 +1,414 @@
+"""The two-phase training loop: metrics, early stopping, best checkpoints, resumable state.
+
+Phase 1 trains the classifier head on a frozen backbone (with pretrained weights), or the whole
+network when there are no pretrained weights (a frozen random backbone would only give random
+features). Phase 2 starts from the best phase-1 weights, unfreezes the last `finetune_depth`
+residual stages (layer4 = 1) and fine-tunes them with the head at a lower learning rate.
+
+Epochs are numbered globally (phase 2 continues phase 1's numbering). After every epoch the whole
+state (model, optimizer, scheduler, RNG, history, best scores) goes to `last.pt` through the
+`on_saved` callback, before anything else can fail, so a killed run resumes at the next epoch with
+the same numbering and its full history. Shuffling and augmentation draw from generators seeded by
+(seed, epoch), so a resumed epoch sees the same batches as an uninterrupted one would.
+
+The data is a uint8 tensor already on the training device; each step gathers a batch, augments it
+there and feeds the model: no decoding, no DataLoader workers, nothing between batches but indexing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dermaops.augment import augment_batch
+from dermaops.models import model_meta, normalize, save_checkpoint, to_float
+
+BLOCKS = ("layer1", "layer2", "layer3", "layer4")
+PROGRESS_EVERY_S = 30.0
+EVAL_BATCH = 256
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str
+    image_size: int
+    stem: str
+    pretrained: str
+    epochs: int
+    finetune_epochs: int
+    finetune_depth: int
+    batch_size: int
+    lr: float
+    finetune_lr: float
+    weight_decay: float
+    label_smoothing: float
+    class_weights: bool
+    patience: int
+    seed: int
+    augment: bool = True
+    class_weight_power: float = 1.0
+
+    def phase_epochs(self, phase: int) -> int:
+        return self.epochs if phase == 1 else self.finetune_epochs
+
+    def phase_lr(self, phase: int) -> float:
+        return self.lr if phase == 1 else self.finetune_lr
+
+
+@dataclass
+class Split:
+    images: object  # uint8 tensor (N, H, W, 3) on the training device
+    labels: object  # int64 tensor (N,) on the training device
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    import torch
+
+    # numpy's state holds an ndarray; as a list the whole checkpoint loads with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> np.ndarray:
+    """Inverse class frequency to the `power` (1 = fully balanced, 0.5 = square root, milder), scaled so
+    the average sample weighs 1; classes absent from the labels weigh 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.zeros(num_classes)
+    present = counts > 0
+    weights[present] = (counts.sum() / (present.sum() * counts[present])) ** power
+    weights *= counts.sum() / (weights * counts).sum()
+    return weights
+
+
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict:
+    """Accuracy, support-weighted and macro F1 (a class never seen nor predicted scores F1 0, as in sklearn)."""
+    confusion = np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+    tp = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
+    total = max(1, support.sum())
+    return {
+        "acc": float(tp.sum() / total),
+        "weighted_f1": float((f1 * support).sum() / total),
+        "macro_f1": float(f1.mean()),
+    }
+
+
+def trainable_children(cfg: TrainConfig, phase: int) -> set[str] | None:
+    """Names of the model's top-level children that learn in `phase` (None = all of them)."""
+    if phase == 1:
+        return None if cfg.pretrained == "none" else {"fc"}
+    return {"fc", *BLOCKS[-cfg.finetune_depth :]}
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        classes: list[str],
+        train: Split,
+        val: Split,
+        device: str,
+        work_dir: Path,
+        extra_meta: dict,
+        on_saved: Callable[[str, Path], None],
+    ):
+        import torch
+
+        from dermaops.models import build_model
+
+        self.cfg, self.classes, self.train, self.val = cfg, list(classes), train, val
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.work_dir, self.on_saved = work_dir, on_saved
+        self.meta = {**model_meta(cfg.arch, classes, cfg.image_size, cfg.stem, cfg.pretrained), **extra_meta}
+        seed_everything(cfg.seed)
+        model = build_model(cfg.arch, len(classes), cfg.image_size, cfg.pretrained, cfg.stem)
+        memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        weights = None
+        if cfg.class_weights:
+            counts = class_weights(train.labels.cpu().numpy(), len(classes), cfg.class_weight_power)
+            weights = torch.tensor(counts, dtype=torch.float32, device=self.device)
+            log.info("class weights: %s", {c: round(float(w), 3) for c, w in zip(classes, counts, strict=True)})
+        self.criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        self.steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
+        self.state: dict = {
+            "phase": 1,
+            "phase_epoch": 0,
+            "phase_done": False,
+            "epoch": 0,
+            "history": [],
+            "best": None,
+            "best_phase1": None,
+            "phase_best": None,
+            "stale_epochs": 0,
+        }
+        self._resume_blob: dict | None = None
+
+    # -- state ------------------------------------------------------------------------------
+    def restore(self, checkpoint: dict) -> None:
+        """Continue from a `last.pt` written by an earlier, interrupted run."""
+        self.state = checkpoint["trainer"]
+        self._resume_blob = checkpoint
+        restore_rng(checkpoint["rng"])
+
+    def _save_last(self, optimizer, scheduler) -> None:
+        import torch
+
+        path = self.work_dir / "checkpoints" / "last.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "trainer": self.state,
+            "meta": self.meta,
+            "config": asdict(self.cfg),
+            "model_state": self.model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "scheduler_state": scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(path)
+        self.on_saved("checkpoints/last.pt", path)
+
+    def _save_best(self, name: str, row: dict) -> None:
+        meta = {**self.meta, "phase": row["phase"], "epoch": row["epoch"], "val": _val_metrics(row)}
+        path = save_checkpoint(self.work_dir / name, self.model, meta)
+        self.on_saved(name, path)
+
+    # -- phases -----------------------------------------------------------------------------
+    def configure(self, phase: int):
+        """Freeze what `phase` does not train; a fresh AdamW and one-cycle schedule for the phase."""
+        import torch
+
+        learn = trainable_children(self.cfg, phase)
+        for name, child in self.model.named_children():
+            for p in child.parameters():
+                p.requires_grad_(learn is None or name in learn)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = self.cfg.phase_lr(phase)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=self.steps_per_epoch * self.cfg.phase_epochs(phase), pct_start=0.2
+        )
+        return learn, optimizer, scheduler
+
+    def _train_mode(self, learn: set[str] | None) -> None:
+        # Frozen parts stay in eval mode, so their BatchNorm statistics stay those they were trained with.
+        self.model.train()
+        for name, child in self.model.named_children():
+            if learn is not None and name not in learn:
+                child.eval()
+
+    def run(self) -> dict:
+        blob, self._resume_blob = self._resume_blob, None
+        for phase in (1, 2):
+            n_epochs = self.cfg.phase_epochs(phase)
+            st = self.state
+            if n_epochs == 0 or st["phase"] > phase or (st["phase"] == phase and st["phase_done"]):
+                continue
+            learn, optimizer, scheduler = self.configure(phase)
+            if blob is not None and st["phase"] == phase:
+                self.model.load_state_dict(blob["model_state"])
+                optimizer.load_state_dict(blob["optimizer_state"])
+                scheduler.load_state_dict(blob["scheduler_state"])
+            else:
+                self._enter_phase(phase)
+            blob = None
+            while st["phase_epoch"] < n_epochs:
+                row = self._epoch(phase, learn, optimizer, scheduler)
+                if self._after_epoch(row, optimizer, scheduler):
+                    break
+        return self.state
+
+    def _enter_phase(self, phase: int) -> None:
+        st = self.state
+        if phase == 2:
+            best1 = self.work_dir / "cnn_phase1.pt"
+            if best1.exists():
+                from dermaops.models import load_checkpoint
+
+                best_model, _ = load_checkpoint(best1)
+                self.model.load_state_dict(best_model.state_dict())
+                log.info("phase 2 starts from the best phase-1 weights (epoch %s)", st["best_phase1"]["epoch"])
+        st.update(phase=phase, phase_epoch=0, phase_done=False, phase_best=None, stale_epochs=0)
+        learn = trainable_children(self.cfg, phase)
+        log.info(
+            "phase %d: %d epochs, lr %g, training %s",
+            phase,
+            self.cfg.phase_epochs(phase),
+            self.cfg.phase_lr(phase),
+            "the whole network" if learn is None else ", ".join(sorted(learn)),
+        )
+
+    def _after_epoch(self, row: dict, optimizer, scheduler) -> bool:
+        """Book-keeping after an epoch; True when early stopping ends the phase."""
+        st = self.state
+        st["history"].append(row)
+        st["epoch"] = row["epoch"]
+        st["phase_epoch"] += 1
+        score = row["val_macro_f1"]
+        best_entry = {"epoch": row["epoch"], "phase": row["phase"], "val_macro_f1": score}
+        if st["phase_best"] is None or score > st["phase_best"]["val_macro_f1"]:
+            st["phase_best"], st["stale_epochs"] = best_entry, 0
+        else:
+            st["stale_epochs"] += 1
+        if row["phase"] == 1 and (st["best_phase1"] is None or score > st["best_phase1"]["val_macro_f1"]):
+            st["best_phase1"] = best_entry
+            self._save_best("cnn_phase1.pt", row)
+        if st["best"] is None or score > st["best"]["val_macro_f1"]:
+            st["best"] = best_entry
+            self._save_best("cnn.pt", row)
+        stop = self.cfg.patience > 0 and st["stale_epochs"] >= self.cfg.patience
+        if stop:
+            log.info("early stopping phase %d after epoch %d: no better val macro F1 for %d epochs",
+                     row["phase"], row["epoch"], st["stale_epochs"])  # fmt: skip
+        st["phase_done"] = stop or st["phase_epoch"] >= self.cfg.phase_epochs(row["phase"])
+        self._save_last(optimizer, scheduler)
+        return stop
+
+    # -- one epoch ----------------------------------------------------------------------------
+    def _remaining_steps(self, phase: int) -> int:
+        left = self.cfg.phase_epochs(phase) - self.state["phase_epoch"]
+        if phase == 1:
+            left += self.cfg.finetune_epochs
+        return left * self.steps_per_epoch
+
+    def train_epoch(self, phase: int, epoch: int, learn, optimizer, scheduler) -> dict:
+        """One pass over the training split: train loss and metrics, images/s, seconds."""
+        import torch
+
+        cfg = self.cfg
+        n = len(self.train.labels)
+        shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=shuffle).to(self.device)
+        aug_rng = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_019 + epoch)
+        self._train_mode(learn)
+        loss_sum = torch.zeros((), device=self.device)
+        preds, targets = [], []
+        started = last_log = time.monotonic()
+        steps = self.steps_per_epoch
+        for step in range(steps):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x = to_float(self.train.images[idx])
+            if cfg.augment:
+                x = augment_batch(x, aug_rng)
+            x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=self.cuda)
+            y = self.train.labels[idx]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+                logits = self.model(x)
+            loss = self.criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(idx)
+            preds.append(logits.detach().argmax(1))
+            targets.append(y)
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_EVERY_S:
+                last_log = now
+                rate = (step + 1) * cfg.batch_size / (now - started)
+                eta = (now - started) / (step + 1) * (self._remaining_steps(phase) - step - 1)
+                log.info("epoch %d (phase %d) step %d/%d: %.0f images/s, ETA %s",
+                         epoch, phase, step + 1, steps, rate, _duration(eta))  # fmt: skip
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.monotonic() - started
+        seen = steps * cfg.batch_size if n >= cfg.batch_size else n
+        y_true, y_pred = torch.cat(targets).cpu().numpy(), torch.cat(preds).cpu().numpy()
+        train_m = metrics(y_true, y_pred, len(self.classes))
+        return {
+            "train_loss": float(loss_sum.item() / seen),
+            **{f"train_{k}": v for k, v in train_m.items()},
+            "images_per_s": round(seen / seconds, 1),
+            "train_seconds": seconds,
+        }
+
+    def _epoch(self, phase: int, learn, optimizer, scheduler) -> dict:
+        started, epoch = time.monotonic(), self.state["epoch"] + 1
+        trained = self.train_epoch(phase, epoch, learn, optimizer, scheduler)
+        train_seconds = trained.pop("train_seconds")
+        val_loss, val_m = self.evaluate(self.val)
+        row = {
+            "phase": phase,
+            "epoch": epoch,
+            **trained,
+            "val_loss": val_loss,
+            **{f"val_{k}": v for k, v in val_m.items()},
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        steps = self.steps_per_epoch
+        eta = train_seconds / steps * (self._remaining_steps(phase) - steps)
+        log.info(
+            "epoch %d (phase %d) done: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro F1 %.3f | "
+            "%.0f images/s, %.1f s, ETA %s",
+            epoch, phase, row["train_loss"], row["train_acc"], val_loss, row["val_acc"], row["val_macro_f1"],
+            row["images_per_s"], row["seconds"], _duration(max(0.0, eta)),
+        )  # fmt: skip
+        return row
+
+    def evaluate(self, split: Split) -> tuple[float, dict]:
+        """Plain (unweighted) cross-entropy and metrics of the current model on a split."""
+        import torch
+        import torch.nn.functional as F
+
+        self.model.eval()
+        loss_sum, preds = 0.0, []
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            for start in range(0, len(split.labels), EVAL_BATCH):
+                x = to_float(split.images[start : start + EVAL_BATCH])
+                x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=self.cuda)
+                y = split.labels[start : start + EVAL_BATCH]
+                logits = self.model(x).float()
+                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+                preds.append(logits.argmax(1))
+        y_pred = torch.cat(preds).cpu().numpy()
+        return loss_sum / len(split.labels), metrics(split.labels.cpu().numpy(), y_pred, len(self.classes))
+
+
+def _val_metrics(row: dict) -> dict:
+    return {k[len("val_") :]: v for k, v in row.items() if k.startswith("val_")}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -1,0 +1,198 @@
+"""The `train` stage on real 28 px images and the loopback S3: learning, outputs, resume, skip, errors.
+
+Configs are tiny (resnet18 at 32 px with the ImageNet stem, a few hundred training images, one
+torch thread) so the whole file stays around a minute or two on two shared cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from dermaops.augment import AugmentConfig, colour_jitter, geometric
+from dermaops.models import build_model, load_checkpoint, predict_proba, save_checkpoint, target_layer
+from dermaops.store import S3Uri
+
+TINY = [
+    "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--batch-size", "32",
+    "--max-train-images", "480", "--num-threads", "1", "--lr", "1e-3", "--finetune-lr", "1e-4",
+    "--no-class-weights", "--patience", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def split_uri(dataset_28px, tmp_path_factory) -> str:
+    """A lesion-grouped split of the real 28 px pack, made by the real split stage."""
+    out = f"{dataset_28px['dataset_uri'].rsplit('/datasets/', 1)[0]}/runs/train-tests/split"
+    env = {**os.environ, "DERMAOPS_SCRATCH_DIR": str(tmp_path_factory.mktemp("split"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dermaops", "split", "--dataset", dataset_28px["dataset_uri"], "--out", out],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_training_learns_writes_outputs_and_skips_when_finished(run_stage, split_uri, bucket, store, tmp_path):
+    out = f"s3://{bucket.bucket}/runs/r1/models/cnn"
+    argv = ["train", "--split", split_uri, "--out", out, *TINY, "--epochs", "3", "--finetune-epochs", "1"]
+    result = run_stage(*argv)
+    summary = result.summary
+    assert summary["status"] == "done" and summary["resumed"] is False
+    assert summary["epochs_run"] == 4 and summary["n_train"] == 480 and summary["device"] == "cpu"
+
+    history = store.get_json(summary["history_uri"])
+    assert [(row["phase"], row["epoch"]) for row in history] == [(1, 1), (1, 2), (1, 3), (2, 4)]
+    val_losses = [row["val_loss"] for row in history]
+    assert min(val_losses[1:]) < val_losses[0], f"validation loss did not improve: {val_losses}"
+    assert max(row["val_macro_f1"] for row in history) == pytest.approx(summary["best_val_macro_f1"], abs=1e-4)
+
+    manifest = store.get_json(S3Uri.parse(out).join("manifest.json"))
+    for name in ("cnn.pt", "cnn_phase1.pt", "history.json", "checkpoints/last.pt", *CURVES):
+        assert name in manifest["files"], name
+        assert store.exists(S3Uri.parse(out).join(name))
+
+    # The best checkpoint is a self-describing model: rebuilt, it predicts probabilities.
+    model, meta = load_checkpoint(store.download(summary["model_uri"], tmp_path / "cnn.pt"))
+    assert meta["arch"] == "resnet18" and meta["image_size"] == 32 and meta["epoch"] == summary["best_epoch"]
+    assert meta["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    proba = predict_proba(model, images, meta)
+    assert proba.shape == (5, 7) and np.allclose(proba.sum(1), 1.0, atol=1e-5)
+    _, phase1_meta = load_checkpoint(store.download(summary["phase1_model_uri"], tmp_path / "p1.pt"))
+    assert phase1_meta["phase"] == 1
+
+    again = run_stage(*argv)
+    assert again.summary["status"] == "skipped"
+    assert again.summary["model_uri"] == summary["model_uri"]
+    assert store.get_json(S3Uri.parse(out).join("manifest.json"))["created_at"] == manifest["created_at"]
+
+
+CURVES = ("curves_loss.png", "curves_accuracy.png", "curves_f1.png")
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(run_stage, stage_env, split_uri, bucket, store, tmp_path):
+    out = f"s3://{bucket.bucket}/runs/r2/models/cnn"
+    argv = ["train", "--split", split_uri, "--out", out, *TINY, "--epochs", "3", "--finetune-epochs", "1"]
+    checkpoint = S3Uri.parse(out).join("checkpoints/last.pt")
+    env = {**stage_env, "DERMAOPS_SCRATCH_DIR": str(tmp_path / "scratch")}
+    proc = subprocess.Popen([sys.executable, "-m", "dermaops", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not store.exists(checkpoint):
+        assert proc.poll() is None, f"train ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a crash: no cleanup, no chance to publish
+    first_log = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL
+    assert not store.exists(S3Uri.parse(out).join("manifest.json"))
+    epochs_before = first_log.count("done: train loss")
+    assert 1 <= epochs_before < 4
+
+    result = run_stage(*argv)
+    assert f"resuming from epoch {epochs_before + 1}" in result.stderr
+    assert result.stderr.count("done: train loss") == 4 - epochs_before
+    summary = result.summary
+    assert summary["resumed"] is True and summary["epochs_run"] == 4
+    history = store.get_json(summary["history_uri"])
+    assert [(row["phase"], row["epoch"]) for row in history] == [(1, 1), (1, 2), (1, 3), (2, 4)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "-1"], "--epochs must be >= 0, got -1"),
+        (["--arch", "resnet999"], "invalid choice: 'resnet999'"),
+        (["--finetune-depth", "7"], "--finetune-depth must be 1..4"),
+        (["--pretrained", "/nowhere/weights.pt"], "--pretrained '/nowhere/weights.pt': no such file"),
+        (["--pretrained", "imagenet"], "ImageNet weights for resnet50 are not in the torch hub cache"),
+    ],
+)
+def test_bad_flags_fail_with_one_line_and_write_nothing(run_stage, split_uri, bucket, store, tmp_path, flags, message):
+    out = f"s3://{bucket.bucket}/runs/bad/models/cnn"
+    # An empty torch hub cache, as in an image that did not bake the ImageNet weights in.
+    env = {"TORCH_HOME": str(tmp_path / "torch-home")}
+    result = run_stage("train", "--split", split_uri, "--out", out, *flags, check=False, env=env)
+    assert result.returncode == 2
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert message in result.error_line
+    assert list(store.list(S3Uri.parse(out))) == []
+
+
+def test_missing_split_is_named(run_stage, bucket, store):
+    missing = f"s3://{bucket.bucket}/runs/nothing/split"
+    result = run_stage("train", "--split", missing, "--out", f"s3://{bucket.bucket}/runs/x/cnn", check=False)
+    assert result.returncode == 2
+    assert result.error_line == (
+        f"dermaops train: error: no finished split at {missing}: manifest.json is missing "
+        "(did the producing stage finish?)"
+    )
+    assert list(store.list(bucket)) == []
+
+
+def test_small_inputs_get_the_small_stem_and_checkpoints_round_trip(tmp_path):
+    small = build_model("resnet18", 7, 28)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    large = build_model("resnet34", 7, 64)
+    assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, torch.nn.MaxPool2d)
+    assert target_layer(large) is large.layer4
+    meta = {"arch": "resnet18", "classes": list("abcdefg"), "image_size": 28, "stem": "small"}
+    meta.update(mean=[0.5] * 3, std=[0.25] * 3, phase=1, epoch=1, val={})
+    model, loaded_meta = load_checkpoint(save_checkpoint(tmp_path / "m.pt", small, meta))
+    assert loaded_meta == meta
+    x = torch.rand(2, 3, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(model(x), small.eval()(x))
+
+
+def test_pretrained_weights_from_a_checkpoint_file_are_loaded(tmp_path):
+    source = build_model("resnet18", 7, 64)
+    meta = {"arch": "resnet18", "classes": list("abcdefg"), "image_size": 64, "stem": "imagenet"}
+    path = save_checkpoint(tmp_path / "src.pt", source, meta)
+    # Different head size: the backbone is copied, the new head starts fresh.
+    target = build_model("resnet18", 3, 64, pretrained=str(path))
+    assert torch.equal(target.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert target.fc.out_features == 3
+
+
+def test_augmentation_keeps_lesions_intact():
+    x = torch.rand(64, 3, 9, 9)
+    rng = torch.Generator().manual_seed(1)
+    off = AugmentConfig(max_rotation_deg=0, max_zoom=0, brightness=0, contrast=0, saturation=0, hue=0)
+    # Without free rotation, each image becomes exactly one of the 8 symmetries of the square.
+    y = geometric(x, off, rng)
+    used = set()
+    for i in range(len(x)):
+        turns = [torch.rot90(x[i], k, (1, 2)) for k in range(4)]
+        candidates = [t for turn in turns for t in (turn, turn.flip(2))]
+        errors = [float((y[i] - c).abs().max()) for c in candidates]
+        assert min(errors) < 1e-5
+        used.add(errors.index(min(errors)))
+    assert used == set(range(8))
+    assert torch.allclose(colour_jitter(x, off, rng), x, atol=1e-6)
+    jittered = colour_jitter(x, AugmentConfig(), rng)
+    assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.allclose(jittered, x, atol=1e-3)
+
+
+def test_epoch_metrics_agree_with_scikit_learn():
+    from dermaops.training import metrics
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 6, 500)  # class 6 never occurs, and is predicted only sometimes
+    y_pred = np.where(rng.random(500) < 0.6, y_true, rng.integers(0, 7, 500))
+    ours = metrics(y_true, y_pred, 7)
+    kw = {"labels": list(range(7)), "zero_division": 0}
+    assert ours["acc"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert ours["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", **kw))
+    assert ours["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted", **kw))
