@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dermaops.augment import augment_batch
+from dermaops.metrics import classification_metrics
 from dermaops.models import model_meta, normalize, save_checkpoint, to_float
 
 BLOCKS = ("layer1", "layer2", "layer3", "layer4")
@@ -115,19 +116,10 @@ def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> n
     return weights
 
 
-def metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict:
-    """Accuracy, support-weighted and macro F1 (a class never seen nor predicted scores F1 0, as in sklearn)."""
-    confusion = np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
-    tp = np.diag(confusion).astype(np.float64)
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
-    total = max(1, support.sum())
-    return {
-        "acc": float(tp.sum() / total),
-        "weighted_f1": float((f1 * support).sum() / total),
-        "macro_f1": float(f1.mean()),
-    }
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """The per-epoch subset of the shared classification metrics (the same code scores the test split)."""
+    m = classification_metrics(y_true, y_pred, classes=classes)
+    return {"acc": m["accuracy"], "weighted_f1": m["weighted_f1"], "macro_f1": m["macro_f1"]}
 
 
 def trainable_children(cfg: TrainConfig, phase: int) -> set[str] | None:
@@ -354,7 +346,7 @@ class Trainer:
         seconds = time.monotonic() - started
         seen = steps * cfg.batch_size if n >= cfg.batch_size else n
         y_true, y_pred = torch.cat(targets).cpu().numpy(), torch.cat(preds).cpu().numpy()
-        train_m = metrics(y_true, y_pred, len(self.classes))
+        train_m = metrics(y_true, y_pred, self.classes)
         return {
             "train_loss": float(loss_sum.item() / seen),
             **{f"train_{k}": v for k, v in train_m.items()},
@@ -402,7 +394,7 @@ class Trainer:
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 preds.append(logits.argmax(1))
         y_pred = torch.cat(preds).cpu().numpy()
-        return loss_sum / len(split.labels), metrics(split.labels.cpu().numpy(), y_pred, len(self.classes))
+        return loss_sum / len(split.labels), metrics(split.labels.cpu().numpy(), y_pred, self.classes)
 
 
 def _val_metrics(row: dict) -> dict:
