@@ -69,6 +69,19 @@ PARAMS = {
     "batch_size": Param(128, type="integer", minimum=8, maximum=4096, description="Training batch size."),
     "lr": Param(2e-3, type="number", exclusiveMinimum=0, maximum=1, description="Phase 1 peak learning rate."),
     "finetune_lr": Param(1e-5, type="number", exclusiveMinimum=0, maximum=1, description="Phase 2 peak learning rate."),
+    "finetune_depth": Param(
+        1, type="integer", minimum=1, maximum=4, description="Residual stages unfrozen in phase 2 (1 = layer4)."
+    ),
+    "weight_decay": Param(5e-4, type="number", minimum=0, maximum=1, description="AdamW weight decay."),
+    "label_smoothing": Param(0.0, type="number", minimum=0, maximum=0.5, description="Label smoothing of the loss."),
+    "class_weight_power": Param(
+        1.0,
+        type="number",
+        minimum=0,
+        maximum=1,
+        description="Loss class weight = (inverse class frequency) ** power: 1 balances the classes fully, "
+        "0.5 is milder (better accuracy, slightly lower minority recall), 0 turns class weights off.",
+    ),
     "max_train_images": Param(
         None,
         type=["null", "integer"],
@@ -191,6 +204,14 @@ with DAG(
             "{{ params.lr }}",
             "--finetune-lr",
             "{{ params.finetune_lr }}",
+            "--finetune-depth",
+            "{{ params.finetune_depth }}",
+            "--weight-decay",
+            "{{ params.weight_decay }}",
+            "--label-smoothing",
+            "{{ params.label_smoothing }}",
+            "--class-weight-power",
+            "{{ params.class_weight_power }}",
             "--seed",
             "{{ params.seed }}",
             "{{ '--max-train-images=%d' % params.max_train_images if params.max_train_images else '' }}",
