@@ -19,7 +19,7 @@ from dermaops.store import S3Uri
 from dermaops_runner.templating import run_key
 
 from tests.support.airflow_env import ROOT
-from tests.support.slack_api import CHANNEL, TOKEN
+from tests.support.slack_api import CHANNEL, TOKEN, block_text
 
 STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate")
 # Tiny but real: resnet18 at 28 px, one epoch per phase on a subset, a small forest. The gate's floor
@@ -52,16 +52,6 @@ def task_seconds(airflow_env, run_id: str) -> dict[str, float]:
     with airflow_env.db() as conn:
         rows = conn.execute("SELECT task_id, duration FROM task_instance WHERE run_id = ?", (run_id,))
         return {r["task_id"]: round(r["duration"] or 0.0, 1) for r in rows}
-
-
-def block_text(blocks: list[dict]) -> str:
-    parts = []
-    for block in blocks:
-        if "text" in block:
-            parts.append(block["text"]["text"])
-        parts += [f["text"] for f in block.get("fields", [])]
-        parts += [e["text"] for e in block.get("elements", [])]
-    return "\n".join(parts)
 
 
 def pack_rows(pack: Path) -> int:

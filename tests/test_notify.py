@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.support.slack_api import CHANNEL, TOKEN
+from tests.support.slack_api import CHANNEL, TOKEN, block_text
 
 RUN_ID = "manual__2026-11-27T04-00-00-00-00"
 DATASET_URI = "s3://b/datasets/ham10000/3f9a0c1d2e4b"
@@ -53,17 +53,6 @@ def notify_args(bucket, states=SUCCESS_STATES, results=SUCCESS_RESULTS) -> list[
         "--report-out",
         str(bucket.join("runs", RUN_ID, "notify")),
     ]
-
-
-def block_text(blocks: list[dict]) -> str:
-    """All text of a Block Kit message, flattened."""
-    parts = []
-    for block in blocks:
-        if "text" in block:
-            parts.append(block["text"]["text"])
-        parts += [f["text"] for f in block.get("fields", [])]
-        parts += [e["text"] for e in block.get("elements", [])]
-    return "\n".join(parts)
 
 
 def test_success_posts_outcome_metrics_and_promotion(run_stage, slack_api, store, bucket):

@@ -105,6 +105,17 @@ class SlackApiServer:
         return 200, {}, {"ok": True, "channel": request.body.get("channel"), "ts": ts, "message": message}
 
 
+def block_text(blocks: list[dict]) -> str:
+    """All text of a Block Kit message, flattened."""
+    parts = []
+    for block in blocks:
+        if "text" in block:
+            parts.append(block["text"]["text"])
+        parts += [f["text"] for f in block.get("fields", [])]
+        parts += [e["text"] for e in block.get("elements", [])]
+    return "\n".join(parts)
+
+
 @pytest.fixture
 def slack_api():
     server = SlackApiServer().start()
