@@ -78,6 +78,9 @@ def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
     assert np.allclose(np.array(metrics["confusion_matrix_normalized"]).sum(axis=1), 1, atol=1e-3)
     assert 0.0 <= m["macro_auc"] <= 1.0 and summary["macro_auc"] == round(m["macro_auc"], 4)
     assert summary["mel_recall"] == round(m["per_class"]["mel"]["recall"], 4)
+    # Scored with test-time augmentation (the default); the ablation re-scores the same model without it.
+    assert summary["tta"] is True and metrics["inference"] == {"tta": True, "logit_adjustment": None}
+    assert set(summary["ablation"]) == {"tta_off"} and summary["ablation"] == metrics["ablation"]
     per_class = _csv(store, out.join("per_class.csv"))
     assert per_class["class"].tolist() == list(CLASSES) and per_class["support"].tolist() == supports
 

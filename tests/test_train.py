@@ -16,8 +16,17 @@ import numpy as np
 import pytest
 import torch
 from dermaops.augment import AugmentConfig, colour_jitter, geometric
-from dermaops.models import build_model, load_checkpoint, predict_proba, save_checkpoint, target_layer
+from dermaops.models import (
+    build_model,
+    dihedral_view,
+    load_checkpoint,
+    predict_proba,
+    save_checkpoint,
+    target_layer,
+    to_input,
+)
 from dermaops.store import S3Uri
+from dermaops.training import fit_logit_adjustment
 
 TINY = [
     "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--batch-size", "32",
@@ -182,3 +191,65 @@ def test_augmentation_keeps_lesions_intact():
     assert torch.allclose(colour_jitter(x, off, rng), x, atol=1e-6)
     jittered = colour_jitter(x, AugmentConfig(), rng)
     assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.allclose(jittered, x, atol=1e-3)
+
+
+def test_test_time_augmentation_is_the_mean_softmax_over_the_8_views_and_the_bias_is_applied():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 7, 16, stem="small").eval()
+    meta = {"classes": list("abcdefg"), "image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    x = to_input(torch.from_numpy(images), meta)
+    views = [dihedral_view(x, k) for k in range(8)]
+    assert len({v.numpy().tobytes() for v in views}) == 8 and torch.equal(views[0], x)
+    with torch.inference_mode():
+        per_view = torch.stack([torch.softmax(model(v), 1) for v in views]).numpy()
+    tta = predict_proba(model, images, meta, tta=True)
+    assert np.allclose(tta, per_view.mean(0), atol=1e-5)
+    assert np.allclose(predict_proba(model, images, meta), per_view[0], atol=1e-5)
+    assert not np.allclose(tta, per_view[0], atol=1e-4)
+
+    bias = np.linspace(-1, 1, 7)
+    adjusted = predict_proba(model, images, {**meta, "logit_bias": bias.tolist()}, tta=True)
+    expected = np.exp(np.log(per_view.mean(0)) + bias)
+    assert np.allclose(adjusted, expected / expected.sum(1, keepdims=True), atol=1e-5)
+    assert np.allclose(predict_proba(model, images, {**meta, "logit_bias": bias.tolist()}, tta=True, adjust=False), tta)
+
+
+def test_logit_adjustment_recovers_an_under_predicted_rare_class():
+    rng = np.random.default_rng(0)
+    classes = ["common", "rare"]
+    train_labels = np.array([0] * 900 + [1] * 100)
+    y = np.array([0] * 300 + [1] * 30)
+    # A prior-biased model: the rare class's probability is shrunk, so argmax almost never picks it.
+    p_rare = np.where(y == 1, rng.uniform(0.2, 0.45, len(y)), rng.uniform(0.0, 0.25, len(y)))
+    proba = np.stack([1 - p_rare, p_rare], 1)
+    fitted = fit_logit_adjustment(proba, y, train_labels, classes)
+    adj = fitted["logit_adjustment"]
+    assert adj["fitted_on"] == "val" and adj["tau"] > 0
+    assert adj["val_macro_f1_after"] > adj["val_macro_f1_before"] + 0.2
+    # An already balanced model keeps tau 0 (the tie-break prefers no adjustment).
+    perfect = np.eye(2)[y] * 0.8 + 0.1
+    assert fit_logit_adjustment(perfect, y, train_labels, classes)["logit_adjustment"]["tau"] == 0.0
+
+
+def test_calibrate_fits_the_adjustment_on_validation_predictions(run_stage, split_uri, bucket, store, tmp_path):
+    import pandas as pd
+
+    out = f"s3://{bucket.bucket}/runs/calibrated/models/cnn"
+    argv = ["train", "--split", split_uri, "--out", out, *TINY, "--epochs", "1", "--finetune-epochs", "0"]
+    summary = run_stage(*argv, "--calibrate").summary
+    model, meta = load_checkpoint(store.download(summary["model_uri"], tmp_path / "cnn.pt"))
+    assert meta["logit_adjustment"] == summary["logit_adjustment"] and meta["logit_adjustment"]["fitted_on"] == "val"
+
+    # Refitting from the unadjusted TTA predictions on val.csv gives the stored bias: val, not test, fixed it.
+    split = S3Uri.parse(split_uri)
+    frames = {n: pd.read_csv(store.download(split.join(f"{n}.csv"), tmp_path / f"{n}.csv")) for n in ("train", "val")}
+    train = frames["train"].sample(n=480, random_state=42)
+    cache = S3Uri.parse(meta["image_cache"])
+    ids = store.get_json(cache.join("image_ids.json"))
+    images = np.load(store.download(cache.join("images.npy"), tmp_path / "images.npy"))
+    val_images = images[[ids.index(i) for i in frames["val"]["image_id"]]]
+    raw = predict_proba(model, val_images, meta, tta=True, adjust=False)
+    refit = fit_logit_adjustment(raw, frames["val"]["label"].to_numpy(), train["label"].to_numpy(), meta["classes"])
+    assert np.allclose(refit["logit_bias"], meta["logit_bias"], atol=1e-6)
+    assert refit["logit_adjustment"]["val_macro_f1_after"] == meta["logit_adjustment"]["val_macro_f1_after"]

@@ -191,8 +191,44 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-def predict_proba(model, images_uint8_nhwc: np.ndarray, meta: dict, batch_size: int = 256, device=None) -> np.ndarray:
-    """Softmax probabilities (N, C): eval mode, no augmentation, training's preprocessing."""
+# The square's symmetry group: 4 quarter turns, each with and without a mirror. Every element is an
+# equally valid view of a dermatoscopic image (training augments with all of them), so test-time
+# augmentation averages the model's softmax over the 8 views.
+DIHEDRAL_VIEWS = 8
+
+
+def dihedral_view(x, k: int):
+    """View `k` (0..7) of NCHW images: k % 4 quarter turns, mirrored (left-right) when k >= 4; 0 = identity."""
+    import torch
+
+    x = torch.rot90(x, k % 4, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if k >= 4 else x
+
+
+def adjust_proba(proba: np.ndarray, meta: dict) -> np.ndarray:
+    """Apply the checkpoint's logit adjustment (meta["logit_bias"], fitted on the validation split by
+    `train --calibrate`): softmax(log p + bias). Probabilities of a model without one pass unchanged."""
+    bias = meta.get("logit_bias")
+    if bias is None:
+        return proba
+    logits = np.log(np.clip(proba, 1e-12, None)) + np.asarray(bias, dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def predict_proba(
+    model,
+    images_uint8_nhwc: np.ndarray,
+    meta: dict,
+    batch_size: int = 256,
+    device=None,
+    tta: bool = False,
+    adjust: bool = True,
+) -> np.ndarray:
+    """Softmax probabilities (N, C): eval mode, training's preprocessing, no random augmentation.
+    `tta`: the mean softmax over the 8 dihedral views; `adjust`: apply the checkpoint's logit
+    adjustment, if it has one (every scoring path leaves it on; off only to measure its effect)."""
     import torch
 
     size = meta["image_size"]
@@ -201,10 +237,13 @@ def predict_proba(model, images_uint8_nhwc: np.ndarray, meta: dict, batch_size: 
     device = device or next(model.parameters()).device
     cuda = torch.device(device).type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
+    views = range(DIHEDRAL_VIEWS) if tta else range(1)
     out = []
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         for start in range(0, len(images_uint8_nhwc), batch_size):
             batch = torch.from_numpy(images_uint8_nhwc[start : start + batch_size]).to(device)
-            logits = model(to_input(batch, meta, channels_last=cuda))
-            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), dtype=np.float32)
+            x = to_input(batch, meta, channels_last=cuda)
+            proba = sum(torch.softmax(model(dihedral_view(x, k)).float(), dim=1) for k in views) / len(views)
+            out.append(proba.cpu().numpy())
+    proba = np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), dtype=np.float32)
+    return adjust_proba(proba, meta) if adjust else proba

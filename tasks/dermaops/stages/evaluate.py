@@ -20,6 +20,7 @@ With --registry, the gate of dermaops.promotion decides whether this model repla
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from dermaops.store import S3Uri
 
 HELP = "test-split metrics, confusion matrices, Grad-CAM, model comparison, champion/challenger promotion"
 # Bump when what evaluate computes changes: part of the fingerprint, so a re-run recomputes.
-EVALUATION_VERSION = 1
+EVALUATION_VERSION = 2
 log = logging.getLogger(__name__)
 
 
@@ -66,6 +67,14 @@ def add_arguments(parser) -> None:
         "below 0.5 the model misses most melanomas)",
     )
     parser.add_argument("--gradcam-images", type=int, default=8, help="melanoma test images in the Grad-CAM grid")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="test-time augmentation: average the softmax over the 8 flips/quarter turns of each image (every "
+        "one is a valid view of a dermatoscopic image and training augments with them); applied alike to the "
+        "challenger, the frozen model and the re-scored champion",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="inference batch size")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
     parser.add_argument(
@@ -132,6 +141,7 @@ def run(args, ctx) -> dict:
             floor=args.mel_recall_floor,
             gradcam_images=args.gradcam_images,
             run_id=run_id,
+            tta=args.tta,
         ),
     )
     if (manifest := out.finished()) and not args.force:
@@ -146,7 +156,7 @@ def run(args, ctx) -> dict:
     device = pick_device(args.device)
     test = read_split_csv(ctx.store, split_uri, "test")
     dataset = Dataset.open(ctx.store, dataset_uri, ctx.scratch)
-    scorer = SplitScorer(ctx, dataset, test, args.batch_size, device)
+    scorer = SplitScorer(ctx, dataset, test, args.batch_size, device, args.tta)
 
     local = ctx.scratch / "evaluate"
     cnn_path = ctx.store.download(cnn_uri, local / "cnn.pt")
@@ -159,6 +169,7 @@ def run(args, ctx) -> dict:
         models[FROZEN] = scorer.metrics(phase1_proba)
     metrics = scorer.metrics(proba)
     models[FINE_TUNED] = metrics
+    ablation = scorer.ablation(model, meta)
     log.info(
         "test: accuracy %.4f, balanced %.4f, macro F1 %.4f, weighted F1 %.4f, macro AUC %s, mel recall %.4f",
         metrics["accuracy"],
@@ -236,6 +247,8 @@ def run(args, ctx) -> dict:
             "comparison": models,
             "gradcam": gradcam,
             "promotion": promotion,
+            "inference": {"tta": args.tta, "logit_adjustment": meta.get("logit_adjustment")},
+            "ablation": ablation,
         },
     )
     report_uri = out.put_text("report.md", report, "text/markdown; charset=utf-8")
@@ -247,6 +260,8 @@ def run(args, ctx) -> dict:
         "macro_auc": round(metrics["macro_auc"], 4) if metrics["macro_auc"] is not None else None,
         "mel_recall": round(metrics["per_class"]["mel"]["recall"], 4),
         "n_test": metrics["n"],
+        "tta": args.tta,
+        "ablation": ablation,
         "run_id": run_id,
         "dataset_version": dataset.version,
         "promoted": bool(promotion and promotion["promoted"]),
@@ -264,11 +279,11 @@ class SplitScorer:
     """Scores models on one test split; images are loaded once per image size (the champion or the
     baseline may use another size than the challenger)."""
 
-    def __init__(self, ctx, dataset, test, batch_size: int, device: str):
+    def __init__(self, ctx, dataset, test, batch_size: int, device: str, tta: bool = True):
         from dermaops.dataset import CLASSES
 
         self.ctx, self.dataset, self.test = ctx, dataset, test
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.tta = batch_size, device, tta
         self.classes = CLASSES
         self.labels = test["label"].to_numpy()
         self.image_ids = test["image_id"].tolist()
@@ -298,9 +313,29 @@ class SplitScorer:
         started = time.monotonic()
         # One log line per model scored keeps the container's log alive (Docker log streaming).
         log.info("scoring %s (%s, %d px) on %d test images", what, meta["arch"], meta["image_size"], len(images))
-        proba = predict_proba(model, images, meta, self.batch_size, self.device)
+        proba = predict_proba(model, images, meta, self.batch_size, self.device, tta=self.tta)
         log.info("scored %s in %.1f s", what, time.monotonic() - started)
         return model, meta, proba
+
+    def ablation(self, model, meta) -> dict:
+        """Headline test metrics of the model with each inference-time component switched off in turn
+        (test-time augmentation; the logit adjustment, when the checkpoint has one): what each contributes."""
+        from dermaops.models import predict_proba
+
+        images = self.images(meta["image_size"])
+        variants = {"tta_on" if not self.tta else "tta_off": {"tta": not self.tta}}
+        if meta.get("logit_bias") is not None:
+            variants["logit_adjustment_off"] = {"tta": self.tta, "adjust": False}
+        out = {}
+        for name, kwargs in variants.items():
+            m = self.metrics(predict_proba(model, images, meta, self.batch_size, self.device, **kwargs))
+            out[name] = {
+                "accuracy": round(m["accuracy"], 4),
+                "macro_f1": round(m["macro_f1"], 4),
+                "macro_auc": round(m["macro_auc"], 4) if m["macro_auc"] is not None else None,
+                "mel_recall": round(m["per_class"]["mel"]["recall"], 4),
+            }
+        return out
 
     def score_champion(self, path: Path) -> dict:
         """Test metrics of the registered champion. Any failure to rebuild it (architecture or tensor

@@ -11,6 +11,10 @@ augmented batch-wise in memory (flips, 90-degree and small rotations, zoom, colo
 GPU when there is one. CUDA runs use bf16 autocast and channels_last; CPU runs the same code.
 At small sizes (< 40 px, --stem auto) the ResNet stem becomes a 3x3 stride-1 conv without max-pool.
 
+With --calibrate, a post-hoc logit adjustment (bias = -tau * log training prior, the one tau that
+maximises val macro F1 on test-time-augmented val predictions) goes into cnn.pt's meta; predict_proba
+applies it wherever the checkpoint is scored. The test split is never looked at.
+
 Outputs: cnn.pt (best validation macro F1 overall), cnn_phase1.pt (best of phase 1), history.json,
 curves_{loss,accuracy,f1}.png, checkpoints/last.pt (written every epoch), manifest.json last.
 A re-run after a crash resumes from checkpoints/last.pt ("resuming from epoch N"), with or without
@@ -78,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--patience", type=int, default=5, help="early stopping: epochs without a better val macro F1 (0 = off)"
+    )
+    parser.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="after training, fit a logit adjustment (bias = -tau * log train prior, one tau maximising val "
+        "macro F1 on test-time-augmented val predictions) and store it in cnn.pt's meta; every predict_proba "
+        "of that checkpoint applies it",
     )
     parser.add_argument("--seed", type=int, default=42, help="random seed (init, shuffling, augmentation)")
     parser.add_argument("--num-threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
@@ -155,7 +167,8 @@ def _fingerprint(args, split_manifest: dict) -> str:
         k: getattr(args, k)
         for k in (
             "arch pretrained image_size stem epochs finetune_epochs finetune_depth batch_size lr finetune_lr "
-            "weight_decay label_smoothing class_weights class_weight_power augment patience seed max_train_images"
+            "weight_decay label_smoothing class_weights class_weight_power augment patience seed max_train_images "
+            "calibrate"
         ).split()
     }
     return fingerprint(split=args.split, split_fingerprint=split_manifest.get("fingerprint"), **params)
@@ -187,6 +200,22 @@ def _resume(ctx, out, trainer, work) -> bool:
         st["epoch"] + 1, st["epoch"], st["phase"], len(st["history"]),
     )  # fmt: skip
     return True
+
+
+def _calibrate(path, val_images, val_df, train_df, device) -> dict:
+    """Fit the logit adjustment of the best checkpoint on the validation split and rewrite the checkpoint with
+    it in its meta. Fitted on raw (unadjusted) probabilities, so a resumed run that refits gets the same result."""
+    from dermaops.models import load_checkpoint, predict_proba, save_checkpoint
+    from dermaops.training import fit_logit_adjustment
+
+    model, meta = load_checkpoint(path, device=device)
+    # Test-time augmentation on, as evaluate scores by default: the bias is fitted to the probabilities it adjusts.
+    proba = predict_proba(model, val_images, meta, device=device, tta=True, adjust=False)
+    fitted = fit_logit_adjustment(proba, val_df["label"].to_numpy(), train_df["label"].to_numpy(), list(CLASSES))
+    fitted["logit_adjustment"]["tta"] = True
+    save_checkpoint(path, model, {**meta, **fitted})
+    log.info("logit adjustment fitted on val: %s", fitted["logit_adjustment"])
+    return fitted["logit_adjustment"]
 
 
 def run(args, ctx) -> dict:
@@ -276,6 +305,10 @@ def run(args, ctx) -> dict:
     )  # fmt: skip
     state = trainer.run()
 
+    adjustment = None
+    if args.calibrate:
+        adjustment = _calibrate(work / "cnn.pt", cache.rows(val_df["image_id"].tolist()), val_df, train_df, device)
+        upload("cnn.pt", work / "cnn.pt")
     history = state["history"]
     out.put_json("history.json", history)
     for name, path in plot_history(history, work / "curves").items():
@@ -298,6 +331,7 @@ def run(args, ctx) -> dict:
         "device": device,
         "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
         "resumed": resumed,
+        "logit_adjustment": adjustment,
         "n_train": len(train_df),
         "n_val": len(val_df),
         "dataset_version": dataset.version,
