@@ -60,6 +60,15 @@ class Dataset:
         return self.manifest["dataset_version"]
 
     @property
+    def identity(self) -> dict:
+        """What a stage's input fingerprint needs to know about this dataset version."""
+        return {
+            "dataset": str(self.uri),
+            "dataset_fingerprint": self.manifest.get("fingerprint"),
+            "dataset_version": self.version,
+        }
+
+    @property
     def archives(self) -> list[str]:
         return list(self.manifest.get("archives", ARCHIVES))
 

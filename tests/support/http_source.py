@@ -33,8 +33,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.support.data import PACK_28PX, PACK_SAMPLE
-
 METADATA_CSV = "HAM10000_metadata.csv"
 METADATA_TAB = "HAM10000_metadata.tab"
 DOI_PREFIX = "doi:10.5072/FK2/"
@@ -306,12 +304,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def http_source():
+def http_source(pack_28px, pack_sample):
     """A fresh PackServer (faults and request log per test) serving "28px" and "sample"."""
     server = PackServer()
-    for name, directory in (("28px", PACK_28PX), ("sample", PACK_SAMPLE)):
-        if not (directory / METADATA_CSV).exists():
-            pytest.skip(f"real data pack missing: {directory}")
+    for name, directory in (("28px", pack_28px), ("sample", pack_sample)):
         server.add_pack(name, directory)
     server.start()
     yield server

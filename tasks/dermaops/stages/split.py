@@ -101,9 +101,7 @@ def run(args, ctx) -> dict:
         out_uri,
         "split",
         fingerprint(
-            dataset=str(dataset.uri),
-            dataset_fingerprint=dataset.manifest.get("fingerprint"),
-            dataset_version=dataset.version,
+            **dataset.identity,
             **params,
         ),
     )

@@ -118,9 +118,7 @@ def run(args, ctx) -> dict:
         out_uri,
         "validate",
         fingerprint(
-            dataset=str(dataset.uri),
-            dataset_fingerprint=dataset.manifest.get("fingerprint"),
-            dataset_version=dataset.version,
+            **dataset.identity,
             suites=suite_configs,
             parameters=parameters,
         ),
