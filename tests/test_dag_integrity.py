@@ -153,10 +153,10 @@ def test_local_mode_runs_the_same_argv(airflow_config, monkeypatch, docker_dag):
 def test_unknown_runner_mode_is_an_import_error_naming_it(airflow_config, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
-    monkeypatch.setenv("DERMAOPS_RUNNER", "kubernetes")
+    monkeypatch.setenv("DERMAOPS_RUNNER", "nomad")
     bag = DagBag(dag_folder=ROOT / "dags")
     [error] = bag.import_errors.values()
-    assert "DERMAOPS_RUNNER='kubernetes'" in error and "docker, local" in error
+    assert "DERMAOPS_RUNNER='nomad'" in error and "docker, local, kubernetes" in error
 
 
 def test_params_are_typed_described_and_bounded(docker_dag):

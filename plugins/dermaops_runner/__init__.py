@@ -3,11 +3,14 @@
 Every stage is the same command line in every mode, `python -m dermaops <stage> [flags]`:
 
 - `docker` (default): a container from the stage's image (DockerOperator);
-- `local`: a subprocess on the worker, for machines without Docker and for fast tests.
+- `local`: a subprocess on the worker, for machines without Docker and for fast tests;
+- `kubernetes`: a pod per stage (KubernetesPodOperator), secrets from Kubernetes Secrets, GPUs as
+  `nvidia.com/gpu` limits; configured by DERMAOPS_K8S_* variables (kubernetes_mode.py). Not yet run
+  on a cluster.
 
 The mode comes from the environment variable DERMAOPS_RUNNER, read when the DAG file is parsed (an
 environment variable, not an Airflow Variable: parsing must not touch the metadata database). Stage
-code never learns which mode runs it. A Kubernetes pod operator would plug in here as a third mode.
+code never learns which mode runs it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 
 from dermaops_runner.stages import StageSpec, spec_for
 
-RUNNER_MODES = ("docker", "local")
+RUNNER_MODES = ("docker", "local", "kubernetes")
 
 
 def runner_mode() -> str:
@@ -35,7 +38,12 @@ def stage_task(stage: str, argv: list[str], *, secrets: tuple[str, ...] = ("s3",
     The operator returns the stage's JSON summary (its last stdout line) as a dict: that is the XCom.
     """
     spec = spec_for(stage)
-    if runner_mode() == "local":
+    mode = runner_mode()
+    if mode == "kubernetes":
+        from dermaops_runner.kubernetes_mode import KubernetesStageOperator
+
+        return KubernetesStageOperator(spec=spec, argv=argv, secrets=secrets, task_id=stage, **task_kwargs)
+    if mode == "local":
         from dermaops_runner.local_mode import LocalStageOperator
 
         return LocalStageOperator(spec=spec, argv=argv, secrets=secrets, task_id=stage, **task_kwargs)

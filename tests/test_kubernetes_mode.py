@@ -1,0 +1,114 @@
+"""The `kubernetes` runner mode without a cluster: the DAG parses in it, and the provider's own pod builder
+(KubernetesPodOperator.build_pod_request_obj) yields the pod we mean: the stage's image and argv, secrets
+only as Kubernetes Secret references, GPU limits and scheduling from configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_dag_integrity import STAGES, TORCH_STAGES, airflow_config, docker_dag, parse  # noqa: F401
+
+SECRET_VALUES = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-aws-value", "SLACK_BOT_TOKEN": "xoxb-s3cr3t-slack-value"}
+K8S_ENV = {
+    "DERMAOPS_RUNNER": "kubernetes",
+    "DERMAOPS_GPU": "1",
+    "DERMAOPS_K8S_GPUS": "2",
+    "DERMAOPS_K8S_NAMESPACE": "dermaops-jobs",
+    "DERMAOPS_K8S_NODE_SELECTOR": json.dumps({"pool": "batch"}),
+    "DERMAOPS_K8S_GPU_NODE_SELECTOR": json.dumps({"pool": "gpu", "gpu-type": "h100"}),
+    "DERMAOPS_K8S_TOLERATIONS": json.dumps([{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}]),
+    "DERMAOPS_K8S_SLACK_SECRET": "team-slack",
+    "DERMAOPS_DATA_IMAGE": "registry.example/dermaops-data:7",
+    "DERMAOPS_TORCH_IMAGE": "registry.example/dermaops-torch:7",
+    **SECRET_VALUES,
+}
+
+
+@pytest.fixture
+def k8s_dag(airflow_config, monkeypatch):  # noqa: F811
+    return parse(monkeypatch, **K8S_ENV)
+
+
+def _pod(task) -> dict:
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(task.build_pod_request_obj(dry_run=True))
+
+
+def test_dag_parses_in_kubernetes_mode_with_the_same_argv(k8s_dag, docker_dag):  # noqa: F811
+    from dermaops_runner.kubernetes_mode import KubernetesStageOperator
+
+    for task_id in STAGES:
+        task = k8s_dag.get_task(task_id)
+        assert isinstance(task, KubernetesStageOperator)
+        assert task.arguments == docker_dag.get_task(task_id).command
+        assert task.image == docker_dag.get_task(task_id).image
+
+
+def test_the_provider_builds_the_expected_pods(k8s_dag):
+    for task_id in STAGES:
+        task = k8s_dag.get_task(task_id)
+        pod = _pod(task)
+        assert pod["metadata"]["namespace"] == "dermaops-jobs"
+        assert pod["metadata"]["labels"]["dermaops/stage"] == task_id
+        spec = pod["spec"]
+        assert spec["restartPolicy"] == "Never"
+        [container] = spec["containers"]  # no XCom sidecar: the summary comes from the log
+        assert container["image"] == f"registry.example/dermaops-{'torch' if task_id in TORCH_STAGES else 'data'}:7"
+        assert not container.get("command")  # empty = the image's entrypoint, as in docker mode
+        assert container["args"][:4] == ["python", "-m", "dermaops", task_id]
+
+        # Secrets: whole Kubernetes Secrets through envFrom; the plain env holds nothing secret.
+        refs = [source["secretRef"]["name"] for source in container["envFrom"]]
+        assert refs == (["dermaops-s3", "team-slack"] if task_id == "notify" else ["dermaops-s3"])
+        assert container["env"] == [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+        text = json.dumps(pod)
+        for name, value in SECRET_VALUES.items():
+            assert value not in text and name not in text
+
+        tolerations = [t["key"] for t in spec["tolerations"]]
+        if task_id in TORCH_STAGES:
+            assert container["resources"] == {"limits": {"nvidia.com/gpu": "2"}}
+            assert spec["nodeSelector"] == {"pool": "gpu", "gpu-type": "h100"}
+            assert tolerations == ["spot", "nvidia.com/gpu"]
+            [shm] = spec["volumes"]
+            assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": str(2 * 1024**3)}
+            assert container["volumeMounts"] == [{"mountPath": "/dev/shm", "name": shm["name"]}]
+        else:
+            assert "resources" not in container
+            assert spec["nodeSelector"] == {"pool": "batch"}
+            assert tolerations == ["spot"]
+            assert not spec.get("volumes")
+
+
+def test_without_gpus_no_stage_asks_for_one(airflow_config, monkeypatch):  # noqa: F811
+    dag = parse(monkeypatch, **{**K8S_ENV, "DERMAOPS_GPU": "0"})
+    for task_id in TORCH_STAGES:
+        spec = _pod(dag.get_task(task_id))["spec"]
+        assert "resources" not in spec["containers"][0] and spec["nodeSelector"] == {"pool": "batch"}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("DERMAOPS_K8S_NODE_SELECTOR", "pool=gpu", "DERMAOPS_K8S_NODE_SELECTOR must be a JSON object, got 'pool=gpu'"),
+        (
+            "DERMAOPS_K8S_TOLERATIONS",
+            '[{"taint": "x"}]',
+            "DERMAOPS_K8S_TOLERATIONS: {'taint': 'x'} is not a toleration",
+        ),
+        ("DERMAOPS_K8S_GPUS", "all", "DERMAOPS_K8S_GPUS must be a positive integer, got 'all'"),
+    ],
+)
+def test_bad_configuration_is_an_import_error_naming_it(airflow_config, monkeypatch, name, value, message):  # noqa: F811
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.support.airflow_env import ROOT
+
+    for key, val in {**K8S_ENV, name: value}.items():
+        monkeypatch.setenv(key, val)
+    bag = DagBag(dag_folder=ROOT / "dags")
+    [error] = bag.import_errors.values()
+    assert message in error
