@@ -112,3 +112,25 @@ def test_bad_configuration_is_an_import_error_naming_it(airflow_config, monkeypa
     bag = DagBag(dag_folder=ROOT / "dags")
     [error] = bag.import_errors.values()
     assert message in error
+
+
+def test_the_helm_values_configure_this_mode(airflow_config, monkeypatch):  # noqa: F811
+    import yaml
+    from dermaops_runner.kubernetes_mode import pod_settings
+    from dermaops_runner.stages import spec_for
+
+    from tests.support.airflow_env import ROOT
+
+    values = yaml.safe_load((ROOT / "docs" / "kubernetes" / "values.yaml").read_text())
+    assert values["executor"] == "KubernetesExecutor" and values["airflowVersion"] == "3.3.2"
+    assert values["allowPodLaunching"] is True
+    env = {item["name"]: item["value"] for item in values["env"]}
+    assert env["DERMAOPS_RUNNER"] == "kubernetes"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    train = pod_settings(spec_for("train"))
+    assert train["namespace"] == "dermaops"
+    assert train["container_resources"].limits == {"nvidia.com/gpu": "1"}
+    assert train["node_selector"] == {"kubernetes.io/os": "linux", "nvidia.com/gpu.present": "true"}
+    assert [t.key for t in train["tolerations"]] == ["nvidia.com/gpu"]
+    assert pod_settings(spec_for("split"))["container_resources"] is None
