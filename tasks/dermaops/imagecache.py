@@ -341,11 +341,15 @@ class CachedImages:
         return positions
 
     def _ensure_local(self, positions: np.ndarray) -> None:
-        if self._fetch is None:
-            return
+        # Fetched (and so verified) here, in the process that builds DataLoaders: forked workers inherit the
+        # check instead of each hashing every shard again.
         for index in np.unique(positions // self.per_shard).tolist():
             if index not in self._fetched:
-                self._fetch(index)
+                if self._fetch is not None:
+                    self._fetch(index)
+                else:
+                    shard = self._shards.files[index]
+                    verify_shard(shard.path, shard.sha256)
                 self._fetched.add(index)
 
     def rows(self, image_ids) -> np.ndarray:
