@@ -247,7 +247,8 @@ def test_calibrate_fits_the_adjustment_on_validation_predictions(run_stage, spli
     train = frames["train"].sample(n=480, random_state=42)
     cache = S3Uri.parse(meta["image_cache"])
     ids = store.get_json(cache.join("image_ids.json"))
-    images = np.load(store.download(cache.join("images.npy"), tmp_path / "images.npy"))
+    shards = store.get_json(cache.join("manifest.json"))["summary"]["shards"]
+    images = np.concatenate([np.load(store.download(cache.join(name), tmp_path / name)) for name, _ in shards])
     val_images = images[[ids.index(i) for i in frames["val"]["image_id"]]]
     raw = predict_proba(model, val_images, meta, tta=True, adjust=False)
     refit = fit_logit_adjustment(raw, frames["val"]["label"].to_numpy(), train["label"].to_numpy(), meta["classes"])
