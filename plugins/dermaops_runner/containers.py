@@ -6,7 +6,7 @@ into the run's prefix while the task's retry starts a second copy. So each stage
 labels naming the worker and the task instance, and:
 
 - the worker's wrapper (docker-compose.yaml) runs `containers.py stop-mine` when the worker is
-  stopped: the stages fail now, their tasks record the failure and are retried (training resumes
+  stopped (SIGTERM): the stages fail now, their tasks record the failure and are retried (training resumes
   from its last epoch checkpoint), instead of waiting on the scheduler's heartbeat timeout;
 - it runs `containers.py remove-orphans` before the worker takes tasks: what a killed predecessor
   with the same hostname left behind;
@@ -25,7 +25,6 @@ import sys
 LABEL_STAGE = "dermaops.stage"
 LABEL_WORKER = "dermaops.worker"
 LABEL_TASK_INSTANCE = "dermaops.task-instance"
-STOP_TIMEOUT_S = 5
 DOCKER_URL = "unix://var/run/docker.sock"
 
 
@@ -56,10 +55,13 @@ def remove_task_instance_containers(client, ti_key: str) -> list[str]:
 
 
 def stop_mine(client) -> list[str]:
-    """Stop this worker's running stage containers (their operators then fail and remove them)."""
+    """Kill this worker's running stage containers; their operators then fail the tasks and remove
+    them. A kill, not a stop: the stage is PID 1 without a SIGTERM handler, so a stop would only
+    wait out its timeout, and every stage's outputs are written atomically (an epoch checkpoint is
+    either whole in S3 or absent)."""
     ids = _ids(client, LABEL_WORKER, worker_name(), running_only=True)
     for cid in ids:
-        client.stop(cid, timeout=STOP_TIMEOUT_S)
+        client.kill(cid)
     return ids
 
 
