@@ -18,14 +18,17 @@ from dermaops import __version__
 from tests.support.docker_engine import ROOT, run_script
 
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
+OFFLINE_FILE = ROOT / "docker-compose.offline.yaml"
+WORKER_FILE = ROOT / "docker-compose.worker.yaml"
 AIRFLOW_SERVICES = (
     "airflow-init",
     "airflow-apiserver",
     "airflow-scheduler",
     "airflow-dag-processor",
     "airflow-triggerer",
+    "airflow-worker",
 )
-SERVICES = {"postgres", "minio", "minio-init", *AIRFLOW_SERVICES}
+SERVICES = {"postgres", "redis", "minio", "minio-init", *AIRFLOW_SERVICES}
 # Every secret the deployment needs, and nothing else: these must come from .env.
 SECRET_VARS = (
     "_AIRFLOW_WWW_USER_PASSWORD",
@@ -45,9 +48,9 @@ def compose():
     # Only the env file may feed the interpolation: none of the caller's variables leak in.
     env = {name: os.environ[name] for name in ("PATH", "HOME", "DOCKER_CONFIG") if name in os.environ}
 
-    def run(env_file, *args: str) -> subprocess.CompletedProcess:
+    def run(env_file, *args: str, files=(COMPOSE_FILE,)) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["docker", "compose", "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT)]
+            ["docker", "compose", *(a for f in files for a in ("-f", str(f))), "--project-directory", str(ROOT)]
             + ["--env-file", str(env_file), *args, "config", "--format", "json"],
             capture_output=True,
             text=True,
@@ -58,8 +61,8 @@ def compose():
     return run
 
 
-def resolved(compose, env_file, *args: str) -> dict:
-    proc = compose(env_file, *args)
+def resolved(compose, env_file, *args: str, files=(COMPOSE_FILE,)) -> dict:
+    proc = compose(env_file, *args, files=files)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -89,13 +92,22 @@ def test_env_example_validates_and_defines_the_deployment(compose):
         assert spec["image"] == f"dermaops-airflow:{__version__}"
         assert spec["build"]["dockerfile"] == "images/Dockerfile.airflow"
         env = env_of(config, service)
-        assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://:@redis:6379/0"
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://airflow:")
+        assert (env["DERMAOPS_DEFAULT_QUEUE"], env["DERMAOPS_GPU_QUEUE"]) == ("default", "gpu")
         assert env["DERMAOPS_RUNNER"] == "docker"
         assert env["DERMAOPS_DATA_IMAGE"] == f"dermaops-data:{__version__}"
         assert env["DERMAOPS_TORCH_IMAGE"] == f"dermaops-torch:{__version__}"
         assert env["DERMAOPS_BUCKET"] == "dermaops"
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:")
-    commands = {s: config["services"][s]["command"] for s in AIRFLOW_SERVICES if s != "airflow-init"}
+    worker = " ".join(config["services"]["airflow-worker"]["command"])
+    # `config` prints the command with compose's own $$ escaping.
+    assert 'airflow celery worker --queues "$$queues"' in worker
+    assert "$${DERMAOPS_WORKER_QUEUES:-$${DERMAOPS_DEFAULT_QUEUE},$${DERMAOPS_GPU_QUEUE}}" in worker
+    commands = {
+        s: config["services"][s]["command"] for s in AIRFLOW_SERVICES if s not in ("airflow-init", "airflow-worker")
+    }
     assert commands == {
         "airflow-apiserver": ["airflow", "api-server"],
         "airflow-scheduler": ["airflow", "scheduler"],
@@ -105,8 +117,10 @@ def test_env_example_validates_and_defines_the_deployment(compose):
 
 
 def test_every_service_has_a_healthcheck(compose):
-    config = resolved(compose, ROOT / ".env.example", "--profile", "gpu")
-    assert "gpu-check" in config["services"]
+    config = resolved(
+        compose, ROOT / ".env.example", "--profile", "gpu", "--profile", "gpu-worker", "--profile", "flower"
+    )
+    assert {"gpu-check", "airflow-worker-gpu", "flower"} <= set(config["services"])
     for name, spec in config["services"].items():
         check = spec.get("healthcheck") or {}
         assert check.get("test") and not check.get("disable"), f"service {name} has no healthcheck"
@@ -183,3 +197,76 @@ def test_gpu_profile_reserves_nvidia_devices(compose):
     devices = check["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]
     assert env_of(resolved(compose, ROOT / ".env.example"), "airflow-scheduler")["DERMAOPS_GPU"] == "0"
+
+
+def published(spec: dict) -> list[tuple[str, str]]:
+    return [(p.get("host_ip", ""), str(p["target"])) for p in spec.get("ports") or []]
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_only_loopback_ports_are_published(compose, offline):
+    files = (COMPOSE_FILE, OFFLINE_FILE) if offline else (COMPOSE_FILE,)
+    profiles = ("--profile", "gpu-worker", "--profile", "flower", "--profile", "gpu")
+    config = resolved(compose, ROOT / ".env.example", *profiles, files=files)
+    ports = {name: published(spec) for name, spec in config["services"].items() if spec.get("ports")}
+    # The UI/API, S3 (and MinIO's console online) and flower; never the database, the broker, the
+    # workers' log servers (8793) or the scheduler's health server (8974).
+    expected = {"airflow-apiserver", "minio", "flower"}
+    assert set(ports) == expected, ports
+    for name, bindings in ports.items():
+        for host_ip, target in bindings:
+            assert host_ip == "127.0.0.1", (name, host_ip, target)
+            assert target not in ("5432", "6379", "8793", "8974"), (name, target)
+
+
+def test_gpu_worker_serves_only_the_gpu_queue_and_scales(compose, tmp_path):
+    env = tmp_path / ".env"
+    env.write_text((ROOT / ".env.example").read_text() + "DERMAOPS_GPU_QUEUE=cuda\nDERMAOPS_WORKER_QUEUES=default\n")
+    config = resolved(compose, env, "--profile", "gpu-worker")
+    gpu = config["services"]["airflow-worker-gpu"]
+    assert env_of(config, "airflow-worker-gpu")["DERMAOPS_WORKER_QUEUES"] == "cuda"
+    assert env_of(config, "airflow-worker")["DERMAOPS_WORKER_QUEUES"] == "default"
+    assert env_of(config, "airflow-scheduler")["DERMAOPS_GPU_QUEUE"] == "cuda"
+    assert gpu["command"] == config["services"]["airflow-worker"]["command"]
+    # Scalable: no fixed container name or published port on the worker.
+    for name in ("airflow-worker", "airflow-worker-gpu"):
+        assert "container_name" not in config["services"][name] and not config["services"][name].get("ports")
+        check = " ".join(config["services"][name]["healthcheck"]["test"])
+        assert "celery_executor.app inspect ping" in check
+
+
+def test_offline_override_keeps_service_names_endpoint_and_credentials(compose, secret_env_file):
+    path, values = secret_env_file
+    online = resolved(compose, path)
+    config = resolved(compose, path, files=(COMPOSE_FILE, OFFLINE_FILE))
+    assert set(config["services"]) == set(online["services"])
+    assert online["services"]["postgres"]["image"] == "postgres:16"
+    assert config["services"]["postgres"]["image"] == f"dermaops-postgres:{__version__}"
+    assert config["services"]["redis"]["image"] == f"dermaops-redis:{__version__}"
+    assert config["services"]["minio"]["image"] == f"dermaops-s3:{__version__}"
+    assert "EmbeddedS3(port=9000" in " ".join(config["services"]["minio"]["command"])
+    init = config["services"]["minio-init"]
+    assert init["environment"]["AWS_SECRET_ACCESS_KEY"] == values["MINIO_ROOT_PASSWORD"]
+    assert init["environment"]["DERMAOPS_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "ensure_bucket" in " ".join(init["command"])
+    for service in AIRFLOW_SERVICES:
+        assert env_of(config, service) == env_of(online, service)
+
+
+def test_worker_on_another_host_joins_through_broker_and_database(compose, secret_env_file):
+    path, values = secret_env_file
+    with path.open("a") as f:
+        f.write("DERMAOPS_HUB=10.0.0.5\nDERMAOPS_WORKER_HOSTNAME=gpu-box\nDERMAOPS_WORKER_LOG_BIND=10.0.0.6\n")
+    config = resolved(compose, path, files=(WORKER_FILE,))
+    assert set(config["services"]) == {"airflow-worker"}
+    worker = config["services"]["airflow-worker"]
+    env = worker["environment"]
+    assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://:@10.0.0.5:6379/0"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith(f":{values['POSTGRES_PASSWORD']}@10.0.0.5/airflow")
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://10.0.0.5:8080/execution/"
+    assert env["DERMAOPS_S3_ENDPOINT_URL"] == "http://10.0.0.5:9000"
+    assert (env["DERMAOPS_WORKER_QUEUES"], env["DERMAOPS_GPU"]) == ("gpu", "1")
+    assert worker["hostname"] == "gpu-box"
+    assert published(worker) == [("10.0.0.6", "8793")]
+    sockets = [v for v in worker["volumes"] if v.get("target") == "/var/run/docker.sock"]
+    assert sockets, "the remote worker runs its stages on its own Docker engine"

@@ -170,3 +170,87 @@ def test_data_image_runs_ingest_against_loopback_s3(images, s3_server, store, bu
     manifest = store.get_json(f"{summary['dataset_uri']}/manifest.json")
     assert manifest["dataset_version"] == summary["dataset_version"]
     assert set(manifest["files"]) >= {"HAM10000_metadata.csv", "HAM10000_images_part_1.zip"}
+
+
+@pytest.fixture(scope="module")
+def service_images() -> dict[str, str]:
+    # Not through build_images (the stage/airflow fixture): these come from the services base.
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "build-images"), "postgres", "redis", "s3"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tags = proc.stdout.split()
+    assert tags == [f"dermaops-{n}:{__version__}" for n in ("postgres", "redis", "data", "s3")], tags
+    return dict(zip(("postgres", "redis", "data", "s3"), tags, strict=True))
+
+
+def wait_healthy_cmd(container: str, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = docker("exec", container, *cmd, check=False)
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            return proc
+        time.sleep(1)
+
+
+def test_postgres_image_from_debian_packages_keeps_the_official_interface(service_images):
+    tag = service_images["postgres"]
+    assert run_in(tag, "sh", "-c", "dpkg-query -W -f '${Status}' postgresql").stdout == "install ok installed"
+    name = f"dermaops-pg-{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-e",
+        "POSTGRES_USER=airflow",
+        "-e",
+        f"POSTGRES_PASSWORD={password}",
+        "-e",
+        "POSTGRES_DB=airflow",
+        tag,
+    )
+    try:
+        assert wait_healthy_cmd(name, "pg_isready", "-U", "airflow").returncode == 0
+        ip = docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name).stdout.strip()
+        # Over the network: the password is required (scram), and the database exists.
+        sql = ["psql", "-h", ip, "-U", "airflow", "-d", "airflow", "-tAc", "select current_database()"]
+        ok = docker("exec", "-e", f"PGPASSWORD={password}", name, *sql, check=False)
+        assert ok.stdout.strip() == "airflow", ok.stderr
+        refused = docker("exec", "-e", "PGPASSWORD=wrong", name, *sql, check=False)
+        assert refused.returncode != 0 and "password authentication failed" in refused.stderr
+        assert "initialised" in docker("logs", name).stdout
+    finally:
+        docker("rm", "-fv", name, check=False)
+
+
+def test_redis_image_from_debian_packages_answers_ping(service_images):
+    tag = service_images["redis"]
+    name = f"dermaops-redis-{uuid.uuid4().hex[:8]}"
+    docker("run", "-d", "--name", name, tag)
+    try:
+        assert wait_healthy_cmd(name, "redis-cli", "ping").stdout.strip() == "PONG"
+        assert docker("exec", name, "id", "-un").stdout.strip() == "redis"
+    finally:
+        docker("rm", "-fv", name, check=False)
+
+
+def test_s3_stand_in_image_serves_the_embedded_s3(service_images):
+    proc = run_in(
+        service_images["s3"],
+        "python",
+        "-c",
+        "from dermaops.embedded_s3 import EmbeddedS3\n"
+        "from dermaops.store import ArtifactStore\n"
+        "import os\n"
+        "s = EmbeddedS3(host='0.0.0.0').start()\n"
+        "os.environ.update(s.env)\n"
+        "ArtifactStore().ensure_bucket('dermaops')\n"
+        "print('ok')\n"
+        "s.stop()",
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "ok"

@@ -29,6 +29,15 @@ def runner_mode() -> str:
     return mode
 
 
+def queue_for(spec: StageSpec) -> str:
+    """The Celery queue of a stage: GPU stages (train, evaluate) on DERMAOPS_GPU_QUEUE ("gpu"), the
+    rest on DERMAOPS_DEFAULT_QUEUE ("default"), so a GPU host only needs a worker serving its queue.
+    Read at parse time, like DERMAOPS_RUNNER; executors without queues ignore it."""
+    if spec.gpu:
+        return os.environ.get("DERMAOPS_GPU_QUEUE", "").strip() or "gpu"
+    return os.environ.get("DERMAOPS_DEFAULT_QUEUE", "").strip() or "default"
+
+
 def stage_task(stage: str, argv: list[str], *, secrets: tuple[str, ...] = ("s3",), **task_kwargs):
     """An operator running `python -m dermaops <stage> <argv>`.
 
@@ -38,6 +47,7 @@ def stage_task(stage: str, argv: list[str], *, secrets: tuple[str, ...] = ("s3",
     The operator returns the stage's JSON summary (its last stdout line) as a dict: that is the XCom.
     """
     spec = spec_for(stage)
+    task_kwargs.setdefault("queue", queue_for(spec))
     mode = runner_mode()
     if mode == "kubernetes":
         from dermaops_runner.kubernetes_mode import KubernetesStageOperator
@@ -52,4 +62,4 @@ def stage_task(stage: str, argv: list[str], *, secrets: tuple[str, ...] = ("s3",
     return DockerStageOperator(spec=spec, argv=argv, secrets=secrets, task_id=stage, **task_kwargs)
 
 
-__all__ = ["RUNNER_MODES", "StageSpec", "runner_mode", "spec_for", "stage_task"]
+__all__ = ["RUNNER_MODES", "StageSpec", "queue_for", "runner_mode", "spec_for", "stage_task"]

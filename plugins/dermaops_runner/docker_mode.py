@@ -3,7 +3,8 @@
 Secrets go through `private_environment` (resolved at execute time, hidden from the UI); the GPU
 through `device_requests` for train/evaluate when DERMAOPS_GPU=1; the network is DERMAOPS_DOCKER_NETWORK
 ("host" by default, so a single-machine setup reaches an S3 endpoint on loopback; a compose
-deployment names its network instead).
+deployment names its network instead). Each container is labelled with its worker and task
+instance, so none outlives its task (containers.py).
 """
 
 from __future__ import annotations
@@ -15,13 +16,37 @@ from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from docker.types import DeviceRequest
 
+from dermaops_runner.containers import labels, remove_task_instance_containers, task_instance_key
 from dermaops_runner.credentials import resolve
-from dermaops_runner.results import StageResultMixin, drop_empty, error_line, summary_from_lines
+from dermaops_runner.results import (
+    RUNNER_LOG_ENV,
+    StageResultMixin,
+    drop_empty,
+    error_line,
+    relog,
+    summary_from_lines,
+)
 from dermaops_runner.stages import StageSpec
 
 
 def gpu_enabled() -> bool:
     return os.environ.get("DERMAOPS_GPU", "0").strip().lower() in ("1", "true", "yes")
+
+
+class _StageLineLog:
+    """The operator's logger as the provider's log pump sees it: it forwards each container line as
+    `log.info("%s", line)`; those lines are re-logged at the stage's own level (results.relog)."""
+
+    def __init__(self, log):
+        self._log = log
+
+    def info(self, msg, *args, **kwargs):
+        if msg == "%s" and len(args) == 1 and isinstance(args[0], str) and not kwargs:
+            return relog(self._log, args[0])
+        return self._log.info(msg, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._log, name)
 
 
 class DockerStageOperator(StageResultMixin, DockerOperator):
@@ -31,7 +56,7 @@ class DockerStageOperator(StageResultMixin, DockerOperator):
         super().__init__(
             image=spec.image,
             command=["python", "-m", "dermaops", spec.stage, *argv],
-            environment={"PYTHONUNBUFFERED": "1"},
+            environment={"PYTHONUNBUFFERED": "1", **RUNNER_LOG_ENV},
             auto_remove="force",
             mount_tmp_dir=False,
             network_mode=os.environ.get("DERMAOPS_DOCKER_NETWORK", "host"),
@@ -45,9 +70,19 @@ class DockerStageOperator(StageResultMixin, DockerOperator):
         self.spec = spec
         self.secrets = secrets
 
+    @property
+    def log(self):
+        return _StageLineLog(super().log)
+
     def execute(self, context):
         self._private_environment = resolve(self.secrets)
         self.command = drop_empty(self.command)
+        ti = context["ti"]
+        key = task_instance_key(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+        self.labels = labels(self.spec.stage, key)
+        stale = remove_task_instance_containers(self.cli, key)
+        if stale:
+            self.log.warning("removed %d container(s) left by an earlier try of this task: %s", len(stale), stale)
         try:
             lines = super().execute(context) or []
         except DockerContainerFailedException as exc:

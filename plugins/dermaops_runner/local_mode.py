@@ -16,7 +16,14 @@ import threading
 from airflow.sdk import BaseOperator
 
 from dermaops_runner.credentials import resolve
-from dermaops_runner.results import StageResultMixin, drop_empty, error_line, summary_from_lines
+from dermaops_runner.results import (
+    RUNNER_LOG_ENV,
+    StageResultMixin,
+    drop_empty,
+    error_line,
+    relog,
+    summary_from_lines,
+)
 from dermaops_runner.stages import StageSpec
 
 
@@ -41,7 +48,7 @@ class LocalStageOperator(StageResultMixin, BaseOperator):
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
-            env={**os.environ, **secret_env, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **secret_env, **RUNNER_LOG_ENV, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # its own process group, so on_kill stops the stage's children too
         )
         stderr_lines: list[str] = []
@@ -58,7 +65,7 @@ class LocalStageOperator(StageResultMixin, BaseOperator):
     def _forward(self, stream, sink: list[str]) -> None:
         for line in stream:
             line = line.rstrip("\n")
-            self.log.info("%s", line)
+            relog(self.log, line)
             sink.append(line)
 
     def on_kill(self) -> None:

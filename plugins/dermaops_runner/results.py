@@ -11,9 +11,15 @@ with the stage's own one-line reason.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
+# Tells the stage it runs under a runner, whose task log adds the timestamp: the stage's log lines
+# are then "LEVEL logger: message" (dermaops.cli), and relog() gives each its level back.
+RUNNER_LOG_ENV = {"DERMAOPS_LOG_FORMAT": "runner"}
+STAGE_LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+: .*)$")
+STAGE_ERROR_LINE = re.compile(r"^dermaops \S+: error: ")
 USER_ERROR_EXIT = 2
 ERROR_XCOM_KEY = "error"
 # Summary values copied into the outlet Assets' event extra: what the run produced, not its metrics.
@@ -65,6 +71,20 @@ class StageResultMixin:
             for asset in getattr(self, "outlets", None) or []:
                 context["outlet_events"][asset].extra.update(extra)
         return summary
+
+
+def relog(log, line: str) -> None:
+    """Forward one line of the stage's output to the task log at the level the stage logged it at.
+
+    Lines of the stage's logging carry their level; the one-line error of a failed stage is an
+    error; anything else (the JSON summary, a traceback, a library's print) is info."""
+    match = STAGE_LOG_LINE.match(line)
+    if match:
+        getattr(log, match.group(1).lower())("%s", match.group(2))
+    elif STAGE_ERROR_LINE.match(line):
+        log.error("%s", line)
+    else:
+        log.info("%s", line)
 
 
 def drop_empty(argv: Iterable[str]) -> list[str]:

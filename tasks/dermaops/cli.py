@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 
@@ -85,11 +86,16 @@ def emit(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser, mods = build_parser()
     args = parser.parse_args(argv)
+    # Under a runner (DERMAOPS_LOG_FORMAT=runner) the task log stamps each line itself: no second
+    # timestamp here, and the level first so the runner re-logs the line at it.
+    runner = os.environ.get("DERMAOPS_LOG_FORMAT") == "runner"
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(levelname)s %(name)s: %(message)s" if runner else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Library warnings (warnings.warn) become WARNING log lines instead of bare stderr text.
+    logging.captureWarnings(True)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stage = mods[args.stage]

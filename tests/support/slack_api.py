@@ -36,6 +36,9 @@ class SlackRequest:
 @dataclass
 class SlackApiServer:
     mode: str = "ok"
+    # Loopback by default; the deployment test binds the Docker bridge's address, which the stage
+    # containers reach and nothing outside this host does.
+    host: str = "127.0.0.1"
     requests: list[SlackRequest] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
 
@@ -81,7 +84,7 @@ class SlackApiServer:
             def log_message(self, *args):  # keep pytest output clean
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
