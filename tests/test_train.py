@@ -119,7 +119,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(run_stage, stage_env, 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--epochs", "-1"], "--epochs must be >= 0, got -1"),
+        (["--epochs", "-1"], "--epochs must be 0..500, got -1"),
         (["--arch", "resnet999"], "invalid choice: 'resnet999'"),
         (["--finetune-depth", "7"], "--finetune-depth must be 1..4"),
         (["--pretrained", "/nowhere/weights.pt"], "--pretrained '/nowhere/weights.pt': no such file"),
