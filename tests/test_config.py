@@ -84,7 +84,8 @@ def test_the_train_fingerprint_keeps_its_inputs_and_a_new_setting_at_its_default
         "arch pretrained image_size stem epochs finetune_epochs finetune_depth batch_size lr finetune_lr weight_decay "
         "label_smoothing class_weights class_weight_power augment patience seed max_train_images calibrate".split()
     )
-    assert set(TrainConfig().fingerprint_inputs()) == legacy  # no device, threads
+    assert set(TrainConfig().fingerprint_inputs()) == legacy  # no device, threads; no ema_decay while off
+    assert TrainConfig(ema_decay=0.999).fingerprint_inputs()["ema_decay"] == 0.999
     assert set(BaselineConfig().fingerprint_inputs()) == {
         "class_weight", "n_estimators", "max_depth", "min_samples_leaf", "image_size", "seed"
     }  # fmt: skip
@@ -98,6 +99,7 @@ BAD_FLOATS = [
     ("train", "--label-smoothing", "-inf", "--label-smoothing must be a finite number, got -inf"),
     ("train", "--lr", "0", "--lr must be > 0 and <= 1, got 0.0"),
     ("train", "--class-weight-power", "2.5", "--class-weight-power must be 0..2, got 2.5"),
+    ("train", "--ema-decay", "1", "--ema-decay must be >= 0 and < 1, got 1.0"),
     ("train", "--finetune-lr", "nan", "--finetune-lr must be a finite number, got nan"),
     ("evaluate", "--promotion-margin", "nan", "--promotion-margin must be a finite number, got nan"),
     ("evaluate", "--mel-recall-floor", "inf", "--mel-recall-floor must be a finite number, got inf"),

@@ -256,10 +256,10 @@ def test_trigger_params_reach_the_stages_as_their_typed_config(docker_dag):
     parser, mods = build_parser()
     defaults = {name: docker_dag.params.get_param(name).value for name in docker_dag.params.keys()}
     for recipe, values in RECIPES.items():
-        params = {**defaults, "recipe": recipe, "epochs": 7}
+        params = {**defaults, "recipe": recipe, "epochs": 7, "ema_decay": 0.99}
         args = parser.parse_args(["train", *_render_argv(docker_dag, "train", params)])
         cfg = mods["train"].CONFIG.from_args(args)
-        assert cfg.epochs == 7  # typed in: overrides the recipe
+        assert cfg.epochs == 7 and cfg.ema_decay == 0.99  # typed in: overrides the recipe
         for name in ("arch", "image_size", "finetune_epochs", "batch_size", "lr", "finetune_lr", "label_smoothing"):
             assert getattr(cfg, name) == values[name], (recipe, name)
         assert cfg.max_train_images is None and cfg.seed == 42

@@ -265,6 +265,17 @@ class TrainConfig(StageConfig):
         param=True,
         title="Max training images",
     )
+    ema_decay: float = setting(
+        0.0,
+        "exponential moving average of the weights, updated every step with this decay (e.g. 0.999); validation, "
+        "the best checkpoints and evaluation then use the averaged weights (0 = off)",
+        lo=0,
+        hi=1,
+        hi_open=True,
+        param=True,
+        title="EMA decay",
+        fingerprint="if-set",
+    )
 
     def check(self) -> None:
         if self.epochs + self.finetune_epochs == 0:

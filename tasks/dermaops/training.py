@@ -6,11 +6,14 @@ features). Phase 2 starts from the best phase-1 weights, unfreezes the last `fin
 residual stages (layer4 = 1) and fine-tunes them with the head at a lower learning rate.
 
 Epochs are numbered globally (phase 2 continues phase 1's numbering). After every epoch the whole
-state (model, optimizer, scheduler, RNG, `TrainState`) goes to `last.pt` through the
+state (model, optimizer, scheduler, weight average, RNG, `TrainState`) goes to `last.pt` through the
 `on_saved` callback, before anything else can fail, so a killed run resumes at the next epoch with
 the same numbering and its full history. `Trainer.resume` is the one place that reads it back.
 Shuffling and augmentation draw from generators seeded by (seed, epoch), so a resumed epoch sees the
 same batches as an uninterrupted one would.
+
+With `ema_decay` > 0 an exponential moving average of the weights is kept alongside the model; it is
+what validation scores and what the best checkpoints hold (so evaluate scores it too).
 
 The data is a uint8 tensor already on the training device; each step gathers a batch, augments it
 there and feeds the model: no decoding, no DataLoader workers, nothing between batches but indexing.
@@ -18,6 +21,7 @@ there and feeds the model: no decoding, no DataLoader workers, nothing between b
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -40,7 +44,7 @@ EVAL_BATCH = 256
 log = logging.getLogger(__name__)
 
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "fit_logit_adjustment"]  # TrainConfig: dermaops.config
+__all__ = ["TrainConfig", "TrainState", "Trainer", "WeightEMA", "fit_logit_adjustment"]  # TrainConfig: dermaops.config
 
 
 @dataclass
@@ -73,6 +77,42 @@ class TrainState:
     def from_dict(cls, blob: dict) -> TrainState:
         bests = {k: Best(**blob[k]) if blob.get(k) else None for k in ("best", "best_phase1", "phase_best")}
         return cls(**{**blob, **bests})
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights: parameters and floating-point buffers (BatchNorm
+    statistics), as torchvision's reference script averages them. The decay ramps up over the first
+    steps, (1 + n) / (10 + n), so that a short run's average is not dominated by its random start."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    def reset(self, model) -> None:
+        self.module.load_state_dict(model.state_dict())
+        self.updates = 0
+
+    def update(self, model) -> None:
+        import torch
+
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for averaged, current in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+                if averaged.dtype.is_floating_point:
+                    averaged.lerp_(current.detach(), 1.0 - decay)
+                else:
+                    averaged.copy_(current)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
 
 
 @dataclass
@@ -171,16 +211,22 @@ class Trainer:
             log.info("class weights: %s", {c: round(float(w), 3) for c, w in zip(classes, counts, strict=True)})
         self.criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
         self.steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.state = TrainState()
         self._resume_blob: dict | None = None
+
+    @property
+    def scored_model(self):
+        """The weights validation scores and the best checkpoints keep: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     # -- state ------------------------------------------------------------------------------
     def resume(self, last: Path, best_files: dict[str, Path]) -> bool:
         """Continue an interrupted training from its `last.pt`; False (and a fresh start) when it belongs to a
         training with other inputs. `best_files` ({"best" | "best_phase1": local copy of cnn.pt |
         cnn_phase1.pt}) may hold a better model than the checkpoint knows: saved by the crashed attempt in
-        the epoch it did not finish, it stays the one to beat. The model and RNG are restored here; the
-        optimizer and scheduler when run() rebuilds the phase they belong to."""
+        the epoch it did not finish, it stays the one to beat. The model, weight average and RNG are
+        restored here; the optimizer and scheduler when run() rebuilds the phase they belong to."""
         import torch
 
         blob = torch.load(last, map_location="cpu", weights_only=True)
@@ -189,6 +235,8 @@ class Trainer:
             return False
         st = self.state = TrainState.from_dict(blob["trainer"])
         self.model.load_state_dict(blob["model_state"])
+        if self.ema is not None:
+            self.ema.load_state_dict(blob["ema_state"])
         restore_rng(blob["rng"])
         self._resume_blob = {k: blob[k] for k in ("optimizer_state", "scheduler_state")}
         for key, path in best_files.items():
@@ -215,6 +263,8 @@ class Trainer:
             "scheduler_state": scheduler.state_dict(),
             "rng": rng_state(),
         }
+        if self.ema is not None:
+            blob["ema_state"] = self.ema.state_dict()
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)
         tmp.replace(path)
@@ -222,7 +272,7 @@ class Trainer:
 
     def _save_best(self, name: str, row: dict) -> None:
         meta = {**self.meta, "phase": row["phase"], "epoch": row["epoch"], "val": _val_metrics(row)}
-        path = save_checkpoint(self.work_dir / name, self.model, meta)
+        path = save_checkpoint(self.work_dir / name, self.scored_model, meta)
         self.on_saved(name, path)
 
     # -- phases -----------------------------------------------------------------------------
@@ -279,6 +329,8 @@ class Trainer:
                 best_model, _ = load_checkpoint(best1)
                 self.model.load_state_dict(best_model.state_dict())
                 log.info("phase 2 starts from the best phase-1 weights (epoch %s)", st.best_phase1.epoch)
+        if self.ema is not None:
+            self.ema.reset(self.model)  # a new phase averages from its own starting weights
         st.phase, st.phase_epoch, st.phase_done, st.phase_best, st.stale_epochs = phase, 0, False, None, 0
         learn = trainable_children(self.cfg, phase)
         log.info(
@@ -350,6 +402,8 @@ class Trainer:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             loss_sum += loss.detach() * len(idx)
             preds.append(logits.detach().argmax(1))
             targets.append(y)
@@ -377,7 +431,7 @@ class Trainer:
         started, epoch = time.monotonic(), self.state.epoch + 1
         trained = self.train_epoch(phase, epoch, learn, optimizer, scheduler)
         train_seconds = trained.pop("train_seconds")
-        val_loss, val_m = self.evaluate(self.val)
+        val_loss, val_m = self.evaluate(self.val, self.scored_model)
         row = {
             "phase": phase,
             "epoch": epoch,
