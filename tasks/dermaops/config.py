@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ def setting(default: Any, help: str, **spec: Any) -> Any:
     return field(default=default, metadata={"setting": Setting(help=help, **spec)})
 
 
-def _settings(cls) -> list[tuple[dataclasses.Field, Setting, type, bool]]:
+@functools.cache  # the classes never change; the DAG file asks for every param at parse time
+def _settings(cls) -> tuple[tuple[dataclasses.Field, Setting, type, bool], ...]:
     """(field, Setting, base type, nullable) of each setting field of a config class."""
     hints = typing.get_type_hints(cls)
     out = []
@@ -72,7 +74,7 @@ def _settings(cls) -> list[tuple[dataclasses.Field, Setting, type, bool]]:
         if type(None) in args:
             nullable, kind = True, next(a for a in args if a is not type(None))
         out.append((f, spec, kind, nullable))
-    return out
+    return tuple(out)
 
 
 def flag(name: str) -> str:
@@ -400,6 +402,7 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+@functools.cache
 def param_settings() -> dict[str, tuple[str, dataclasses.Field, Setting, type, bool]]:
     """param name -> (stage, field, Setting, base type, nullable) of the field that defines the param."""
     out: dict[str, tuple] = {}
