@@ -1,8 +1,10 @@
-"""DermaOps: weekly retraining of the HAM10000 skin-lesion classifier (DESIGN.md, "The DAG").
+"""DermaOps: weekly retraining of the HAM10000 skin-lesion classifier (docs/architecture.md, "The DAG").
 
 Thin on purpose: no heavy imports, no connection or Variable look-ups at parse time. Every task is a
 stage command (`python -m dermaops <stage> ...`) built by the runner factory in plugins/dermaops_runner,
 which runs it in a container (DERMAOPS_RUNNER=docker, default) or as a local subprocess (=local).
+The trigger form's params and the flags they become are derived from the stages' typed settings
+(dermaops.config); the stages, their images and secrets come from the stage registry (dermaops.pipeline).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import datetime as dt
 import os
 
 from airflow.sdk import DAG, Asset, Param, TriggerRule
+from dermaops.config import dag_argv, param_names, param_schema
+from dermaops.pipeline import PIPELINE
 from dermaops_runner import stage_task
 from dermaops_runner.alerts import alert_dag_failure
 from dermaops_runner.templating import MACROS
@@ -22,8 +26,6 @@ DATASETS = f"s3://{BUCKET}/datasets/ham10000"
 REGISTRY = f"s3://{BUCKET}/registry/ham10000"
 RUN = f"s3://{BUCKET}/runs/{{{{ dermaops_run_key(run_id) }}}}"
 DATASET_URI = "{{ ti.xcom_pull(task_ids='ingest')['dataset_uri'] }}"
-DATAVERSE_SOURCE = "https://dataverse.harvard.edu/dataset.xhtml?persistentId=doi:10.7910/DVN/DBW86T"
-STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate")
 
 # Lineage: named by their URIs, so deployments (buckets) sharing one Airflow never collide on a name.
 DATASET_ASSET = Asset(uri=DATASETS, group="dermaops")
@@ -35,76 +37,12 @@ def flag_if(param: str, flag: str = "--force") -> str:
     return f"{{{{ '{flag}' if params.{param} else '' }}}}"
 
 
-PARAMS = {
-    "source": Param(
-        DATAVERSE_SOURCE,
-        type="string",
-        minLength=1,
-        title="Data source",
-        description="Where HAM10000 comes from: an http(s) base URL, a Dataverse dataset URL or doi:..., "
-        "an s3:// prefix, or a directory on the worker, in the official layout (metadata CSV + two image zips).",
-    ),
-    "force_ingest": Param(
-        False, type="boolean", description="Re-download and re-verify the data even if this content is stored."
-    ),
-    "split_strategy": Param(
-        "lesion",
-        enum=["lesion", "image"],
-        description="lesion: stratified by dx and grouped by lesion_id (honest); "
-        "image: image-level split like the seed report (leaks lesions, for comparison only).",
-    ),
-    "seed": Param(42, type="integer", minimum=0, maximum=2**32 - 1, description="Random seed of split and training."),
-    "arch": Param("resnet50", enum=["resnet18", "resnet34", "resnet50"], description="torchvision ResNet backbone."),
-    "pretrained": Param(
-        "none",
-        type="string",
-        minLength=1,
-        description="Initial weights: none, imagenet (must be in the torch hub cache), or a path / s3:// URI.",
-    ),
-    "image_size": Param(64, type="integer", minimum=16, maximum=512, description="Square input size in pixels."),
-    "epochs": Param(20, type="integer", minimum=1, maximum=500, description="Phase 1 epochs (frozen backbone)."),
-    "finetune_epochs": Param(
-        5, type="integer", minimum=0, maximum=200, description="Phase 2 epochs (last block unfrozen)."
-    ),
-    "batch_size": Param(128, type="integer", minimum=8, maximum=4096, description="Training batch size."),
-    "lr": Param(2e-3, type="number", exclusiveMinimum=0, maximum=1, description="Phase 1 peak learning rate."),
-    "finetune_lr": Param(1e-5, type="number", exclusiveMinimum=0, maximum=1, description="Phase 2 peak learning rate."),
-    "finetune_depth": Param(
-        1, type="integer", minimum=1, maximum=4, description="Residual stages unfrozen in phase 2 (1 = layer4)."
-    ),
-    "weight_decay": Param(5e-4, type="number", minimum=0, maximum=1, description="AdamW weight decay."),
-    "label_smoothing": Param(0.0, type="number", minimum=0, maximum=0.5, description="Label smoothing of the loss."),
-    "class_weight_power": Param(
-        1.0,
-        type="number",
-        minimum=0,
-        maximum=1,
-        description="Loss class weight = (inverse class frequency) ** power: 1 balances the classes fully, "
-        "0.5 is milder (better accuracy, slightly lower minority recall), 0 turns class weights off.",
-    ),
-    "max_train_images": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        description="Train the CNN on a seeded random subset of at most this many images (empty: all). For quick runs.",
-    ),
-    "baseline_trees": Param(
-        300, type="integer", minimum=10, maximum=5000, description="Trees in the Random Forest baseline."
-    ),
-    "force_retrain": Param(
-        False, type="boolean", description="Retrain both models even if this run already has finished ones."
-    ),
-    "promotion_margin": Param(
-        0.005,
-        type="number",
-        minimum=0,
-        maximum=1,
-        description="The challenger must beat the champion's test macro F1 by more than this to be promoted.",
-    ),
-    "mel_recall_floor": Param(
-        0.5, type="number", minimum=0, maximum=1, description="Minimum melanoma recall for any promotion."
-    ),
-}
+def _param(name: str) -> Param:
+    schema = param_schema(name)
+    return Param(schema.pop("default"), description=schema.pop("description"), **schema)
+
+
+PARAMS = {name: _param(name) for name in param_names()}
 
 DOC = f"""
 # DermaOps: HAM10000 retraining
@@ -119,6 +57,13 @@ artifacts through S3 (bucket `{BUCKET}`):
 - this run: `s3://{BUCKET}/runs/<run_id>/{{validation,split,models,evaluation,notify}}/`
   (`<run_id>` with characters outside `A-Za-z0-9._-` replaced by `-`);
 - the production model: `{REGISTRY}/champion.json`, changed only when the challenger wins.
+
+**Recipe.** `quick-cpu` (the default) trains a ResNet18 at 48 px for 3 + 1 epochs: minutes on a CPU
+worker. `full-gpu` is the long recipe (ResNet50 at 64 px, 20 + 5 epochs) for a GPU worker. Every
+training param left blank takes the recipe's value; a value typed in overrides it.
+
+**Schedule.** Weekly, Monday 03:00 UTC, without catch-up: unpausing the DAG starts a run for the latest
+weekly interval at once, and then one run a week.
 
 `notify` runs whatever happened upstream: it writes the run report (`notify/report.md`) and posts
 it to Slack. It is a teardown task, so the run's state is the pipeline's, not the notification's.
@@ -151,72 +96,22 @@ with DAG(
         outlets=[DATASET_ASSET],
     )
     validate = stage_task("validate", ["--dataset", DATASET_URI, "--out", f"{RUN}/validation"])
-    split = stage_task(
-        "split",
-        [
-            "--dataset",
-            DATASET_URI,
-            "--out",
-            f"{RUN}/split",
-            "--strategy",
-            "{{ params.split_strategy }}",
-            "--seed",
-            "{{ params.seed }}",
-        ],
-    )
+    split = stage_task("split", ["--dataset", DATASET_URI, "--out", f"{RUN}/split", *dag_argv("split")])
     train_baseline = stage_task(
         "train_baseline",
+        # image_size is the CNN's, so both read one shared decoded-image cache.
         [
             "--split",
             f"{RUN}/split",
             "--out",
             f"{RUN}/models/baseline",
-            "--n-estimators",
-            "{{ params.baseline_trees }}",
-            # Same size as the CNN, so both read one shared decoded-image cache.
-            "--image-size",
-            "{{ params.image_size }}",
-            "--seed",
-            "{{ params.seed }}",
+            *dag_argv("train_baseline"),
             flag_if("force_retrain"),
         ],
     )
     train = stage_task(
         "train",
-        [
-            "--split",
-            f"{RUN}/split",
-            "--out",
-            f"{RUN}/models/cnn",
-            "--arch",
-            "{{ params.arch }}",
-            "--pretrained",
-            "{{ params.pretrained }}",
-            "--image-size",
-            "{{ params.image_size }}",
-            "--epochs",
-            "{{ params.epochs }}",
-            "--finetune-epochs",
-            "{{ params.finetune_epochs }}",
-            "--batch-size",
-            "{{ params.batch_size }}",
-            "--lr",
-            "{{ params.lr }}",
-            "--finetune-lr",
-            "{{ params.finetune_lr }}",
-            "--finetune-depth",
-            "{{ params.finetune_depth }}",
-            "--weight-decay",
-            "{{ params.weight_decay }}",
-            "--label-smoothing",
-            "{{ params.label_smoothing }}",
-            "--class-weight-power",
-            "{{ params.class_weight_power }}",
-            "--seed",
-            "{{ params.seed }}",
-            "{{ '--max-train-images=%d' % params.max_train_images if params.max_train_images else '' }}",
-            flag_if("force_retrain"),
-        ],
+        ["--split", f"{RUN}/split", "--out", f"{RUN}/models/cnn", *dag_argv("train"), flag_if("force_retrain")],
     )
     evaluate = stage_task(
         "evaluate",
@@ -233,10 +128,7 @@ with DAG(
             REGISTRY,
             "--run-id",
             "{{ run_id }}",
-            "--promotion-margin",
-            "{{ params.promotion_margin }}",
-            "--mel-recall-floor",
-            "{{ params.mel_recall_floor }}",
+            *dag_argv("evaluate"),
         ],
         outlets=[CHAMPION_ASSET],
     )
@@ -250,12 +142,11 @@ with DAG(
             "--states",
             "{{ dermaops_task_states(ti, dag_run) }}",
             "--results",
-            "{{ dermaops_stage_results(ti, " + repr(list(STAGES)) + ") }}",
+            "{{ dermaops_stage_results(ti, " + repr(list(PIPELINE)) + ") }}",
             "{{ '--started-at=' ~ dag_run.start_date.isoformat() if dag_run.start_date else '' }}",
             "--report-out",
             f"{RUN}/notify",
         ],
-        secrets=("s3", "slack"),
         retries=0,
         trigger_rule=TriggerRule.ALL_DONE,
     )

@@ -27,3 +27,24 @@ def pytest_runtest_makereport(item, call):
     if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true (CI must run every test): {report.longrepr}"
+
+
+# The fast tier (`scripts/test -m "not slow"`) is the unit tests. A test that runs a stage as a process,
+# ingests or splits the real data, trains, or starts Airflow or Docker is slow, by the fixtures it uses.
+SLOW_FIXTURES = {
+    "run_stage",
+    "dataset_28px",
+    "dataset_sample",
+    "small_split",
+    "small_models",
+    "split_uri",
+    "airflow_env",
+    "docker_engine",
+    "build_images",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -82,7 +82,7 @@ def test_baseline_bad_flags_fail_in_one_line(small_split, run_stage, bucket, sto
     trees = run_stage(
         "train_baseline", "--split", small_split["split_uri"], "--out", out, "--n-estimators", "0", check=False
     )
-    assert trees.returncode == 2 and "--n-estimators must be >= 1 (got 0)" in trees.error_line
+    assert trees.returncode == 2 and "--n-estimators must be 1..5000, got 0" in trees.error_line
 
     weight = run_stage(
         "train_baseline", "--split", small_split["split_uri"], "--out", out, "--class-weight", "auto", check=False

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from dermaops.store import S3Uri
 from dermaops_runner.templating import run_key
 
-from tests.support.airflow_env import ROOT
+from tests.support.airflow_env import AIRFLOW, ROOT
 from tests.support.slack_api import CHANNEL, TOKEN, block_text
 
 STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate")
@@ -132,6 +134,18 @@ def test_local_mode_runs_every_stage(airflow_env, small_pack, dag_env, store, bu
     print("local mode task seconds:", task_seconds(airflow_env, run_id))
     assert dag_env["SLACK_BOT_TOKEN"] not in proc.stdout + proc.stderr
     assert_successful_run(airflow_env, store, bucket, slack_api, run_id, pack_rows(small_pack))
+
+    # scripts/run's account of the run, read through Airflow's CLI (dermaops.devrun), says the same.
+    outcome = subprocess.run(
+        [sys.executable, "-m", "dermaops.devrun", "outcome", "dermaops_ham10000", str(airflow_env.home)],
+        capture_output=True,
+        text=True,
+        env={**airflow_env.env, **dag_env, "PATH": f"{Path(AIRFLOW).parent}:{airflow_env.env.get('PATH', '')}"},
+        cwd=airflow_env.home,
+        check=True,
+    ).stdout
+    assert f"run {run_id}: success" in outcome
+    assert all(re.search(rf"^  {task}\s+success\s", outcome, re.M) for task in (*STAGES, "notify")), outcome
 
 
 @pytest.mark.slow

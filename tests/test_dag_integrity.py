@@ -1,5 +1,5 @@
-"""The DAG file parses cleanly and says what DESIGN.md's table says: tasks, order, retries, images,
-trigger rules, params. Parsing happens in this process with the network and every connection and
+"""The DAG file parses cleanly and says what docs/architecture.md's table says: tasks, order, retries,
+images, trigger rules, params. Parsing happens in this process with the network and every connection and
 Variable look-up made to fail, so a parse-time look-up would show up as an import error."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import socket
 from pathlib import Path
 
 import pytest
+from dermaops.pipeline import STAGES as REGISTRY
 
 from tests.support.airflow_env import ROOT, airflow_base_env
 
-STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate", "notify")
-DATA_STAGES = ("ingest", "validate", "split", "train_baseline", "notify")
-TORCH_STAGES = ("train", "evaluate")
+STAGES = tuple(s.name for s in REGISTRY)
+TORCH_STAGES = tuple(s.name for s in REGISTRY if s.image == "torch")
 
 
 class ParseTimeLookup(AssertionError):
@@ -169,13 +169,22 @@ def test_params_are_typed_described_and_bounded(docker_dag):
     for name in params.keys():
         param = params.get_param(name)
         schema = param.schema
-        assert param.description, name
+        assert param.description and schema.get("title"), name
         assert "type" in schema or "enum" in schema, name
-        if schema.get("type") in ("integer", "number"):
-            assert "maximum" in schema and ("minimum" in schema or "exclusiveMinimum" in schema), name
-    assert params.get_param("arch").schema["enum"] == ["resnet18", "resnet34", "resnet50"]
+        types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+        if {"integer", "number"} & set(types):
+            # Bounds under allOf: a top-level minimum/maximum makes the form's number input clamp silently.
+            assert "minimum" not in schema and "maximum" not in schema, name
+            [bounds] = schema["allOf"]
+            assert "maximum" in bounds or "exclusiveMaximum" in bounds, name
+            assert "minimum" in bounds or "exclusiveMinimum" in bounds, name
+            assert "Allowed:" in param.description, name
+    # The form marks a param required unless its type includes null: never the on/off switches.
+    for switch in ("force_ingest", "force_retrain"):
+        assert "null" in params.get_param(switch).schema["type"]
+    assert params.get_param("arch").schema["enum"][:3] == ["resnet18", "resnet34", "resnet50"]
     params.validate()  # the defaults are valid
-    for name, bad in (("epochs", 0), ("arch", "vgg16"), ("lr", 0), ("mel_recall_floor", 1.5)):
+    for name, bad in (("epochs", -1), ("arch", "vgg16"), ("lr", 0), ("mel_recall_floor", 1.5), ("recipe", "x")):
         with pytest.raises(ParamValidationError):
             params.get_param(name).resolve(bad)
 
@@ -218,3 +227,52 @@ def test_plugins_folder_holds_no_module_that_shadows_a_library():
     assert "dermaops_runner/" in ignore.splitlines()
     names = {p.stem for p in Path(ROOT / "plugins" / "dermaops_runner").glob("*.py")}
     assert not names & {"docker", "secrets", "logging", "json", "local", "types"}
+
+
+def _render_argv(dag, task_id: str, params: dict) -> list[str]:
+    """A task's argv items rendered as the worker renders them (the DAG's macros, these params), the
+    run-time XCom/run-id items replaced by placeholders; empty items dropped as the runner drops them."""
+    from dermaops_runner.templating import MACROS
+
+    env = dag.get_template_env()
+    task = dag.get_task(task_id)
+    argv = task.command[4:] if hasattr(task, "command") else task.argv
+    out = []
+    for item in argv:
+        if "ti." in item or "run_id" in item or "dag_run" in item:
+            item = "s3://b/runs/r/x" if "s3://" in item or "xcom" in item else "run"
+        rendered = env.from_string(item).render(params=params, **MACROS)
+        if rendered:
+            out.append(rendered)
+    return out
+
+
+def test_trigger_params_reach_the_stages_as_their_typed_config(docker_dag):
+    """Form params -> rendered argv -> the stage's own parser and checks: a blank param takes the recipe's
+    value, a typed one overrides it, and the stage ends up with exactly those settings."""
+    from dermaops.cli import build_parser
+    from dermaops.config import RECIPES
+
+    parser, mods = build_parser()
+    defaults = {name: docker_dag.params.get_param(name).value for name in docker_dag.params.keys()}
+    for recipe, values in RECIPES.items():
+        params = {**defaults, "recipe": recipe, "epochs": 7, "ema_decay": 0.99}
+        args = parser.parse_args(["train", *_render_argv(docker_dag, "train", params)])
+        cfg = mods["train"].CONFIG.from_args(args)
+        assert cfg.epochs == 7 and cfg.ema_decay == 0.99  # typed in: overrides the recipe
+        for name in ("arch", "image_size", "finetune_epochs", "batch_size", "lr", "finetune_lr", "label_smoothing"):
+            assert getattr(cfg, name) == values[name], (recipe, name)
+        assert cfg.max_train_images is None and cfg.seed == 42
+        args = parser.parse_args(["train_baseline", *_render_argv(docker_dag, "train_baseline", params)])
+        baseline = mods["train_baseline"].CONFIG.from_args(args)
+        # One image size for both models, so they share one decoded-image cache.
+        assert (baseline.n_estimators, baseline.image_size) == (values["baseline_trees"], values["image_size"])
+    args = parser.parse_args(["evaluate", *_render_argv(docker_dag, "evaluate", {**defaults, "mel_recall_floor": 0.6})])
+    assert mods["evaluate"].CONFIG.from_args(args).mel_recall_floor == 0.6
+
+
+def test_unpausing_and_recipes_are_explained_where_the_user_triggers(docker_dag):
+    assert docker_dag.params.get_param("recipe").value == "quick-cpu"
+    assert "unpausing the DAG starts a run for the latest" in docker_dag.doc_md
+    epochs = docker_dag.params.get_param("epochs").description
+    assert "frozen backbone" in epochs and "whole network" in epochs  # both cases, not just one

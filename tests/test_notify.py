@@ -9,7 +9,7 @@ from tests.support.slack_api import CHANNEL, TOKEN, block_text
 RUN_ID = "manual__2026-11-27T04-00-00-00-00"
 DATASET_URI = "s3://b/datasets/ham10000/3f9a0c1d2e4b"
 SUCCESS_STATES = {t: "success" for t in ("ingest", "validate", "split", "train_baseline", "train", "evaluate")}
-# Stage summaries as the stages print them (DESIGN.md stage contract; keys from MODEL_SEAMS.md).
+# Stage summaries as the stages print them (docs/architecture.md, "The stage contract").
 SUCCESS_RESULTS = {
     "ingest": {
         "summary": {

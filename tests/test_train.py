@@ -119,7 +119,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(run_stage, stage_env, 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--epochs", "-1"], "--epochs must be >= 0, got -1"),
+        (["--epochs", "-1"], "--epochs must be 0..500, got -1"),
         (["--arch", "resnet999"], "invalid choice: 'resnet999'"),
         (["--finetune-depth", "7"], "--finetune-depth must be 1..4"),
         (["--pretrained", "/nowhere/weights.pt"], "--pretrained '/nowhere/weights.pt': no such file"),
@@ -254,3 +254,37 @@ def test_calibrate_fits_the_adjustment_on_validation_predictions(run_stage, spli
     refit = fit_logit_adjustment(raw, frames["val"]["label"].to_numpy(), train["label"].to_numpy(), meta["classes"])
     assert np.allclose(refit["logit_bias"], meta["logit_bias"], atol=1e-6)
     assert refit["logit_adjustment"]["val_macro_f1_after"] == meta["logit_adjustment"]["val_macro_f1_after"]
+
+
+def test_weight_ema_averages_float_weights_copies_counters_and_round_trips():
+    from dermaops.training import WeightEMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = WeightEMA(model, decay=0.9)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked += 5
+    ema.update(model)  # first step: the decay ramps up from 1/10, so the average moves 90 % of the way
+    assert torch.allclose(ema.module[0].weight, start["0.weight"] + 0.9)
+    assert ema.module[1].num_batches_tracked.item() == 5  # a counter is copied, not averaged
+    for _ in range(200):
+        ema.update(model)
+    assert torch.allclose(ema.module[0].weight, model[0].weight, atol=1e-4)
+    assert not ema.module[0].weight.requires_grad
+    restored = WeightEMA(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 201 and torch.equal(restored.module[0].weight, ema.module[0].weight)
+
+
+def test_ema_decay_validates_and_checkpoints_the_averaged_weights(run_stage, split_uri, bucket, store, tmp_path):
+    out = S3Uri.parse(f"s3://{bucket.bucket}/runs/ema/models/cnn")
+    argv = ["train", "--split", split_uri, "--out", str(out), *TINY, "--epochs", "1", "--finetune-epochs", "0"]
+    summary = run_stage(*argv, "--ema-decay", "0.9").summary
+    last = torch.load(store.download(out.join("checkpoints/last.pt"), tmp_path / "last.pt"), weights_only=True)
+    best = torch.load(store.download(summary["model_uri"], tmp_path / "cnn.pt"), weights_only=True)["model_state"]
+    averaged, trained = last["ema_state"]["module"], last["model_state"]
+    # The one epoch is the best: cnn.pt (what evaluate scores) holds the average, not the trained weights.
+    assert all(torch.equal(best[k], averaged[k].cpu()) for k in best)
+    assert any(not torch.equal(best[k], trained[k].cpu()) for k in best if best[k].is_floating_point())
+    assert last["config"]["ema_decay"] == 0.9

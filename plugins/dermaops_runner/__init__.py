@@ -1,4 +1,4 @@
-"""The DermaOps task-runner seam (DESIGN.md): one factory turns a stage spec into an Airflow operator.
+"""The DermaOps task-runner seam (docs/architecture.md): one factory turns a stage spec into an Airflow operator.
 
 Every stage is the same command line in every mode, `python -m dermaops <stage> [flags]`:
 
@@ -38,15 +38,17 @@ def queue_for(spec: StageSpec) -> str:
     return os.environ.get("DERMAOPS_DEFAULT_QUEUE", "").strip() or "default"
 
 
-def stage_task(stage: str, argv: list[str], *, secrets: tuple[str, ...] = ("s3",), **task_kwargs):
+def stage_task(stage: str, argv: list[str], *, secrets: tuple[str, ...] | None = None, **task_kwargs):
     """An operator running `python -m dermaops <stage> <argv>`.
 
     argv items are Jinja templates rendered at execute time (params, XComs, run id); items that
     render to an empty string are dropped, so `"{{ '--force' if params.force_ingest else '' }}"`
-    makes a flag conditional. `secrets` names the credential sets the stage receives ("s3", "slack").
+    makes a flag conditional. `secrets` names the credential sets the stage receives ("s3", "slack");
+    by default those of the stage registry (dermaops.pipeline).
     The operator returns the stage's JSON summary (its last stdout line) as a dict: that is the XCom.
     """
     spec = spec_for(stage)
+    secrets = spec.secrets if secrets is None else tuple(secrets)
     task_kwargs.setdefault("queue", queue_for(spec))
     mode = runner_mode()
     if mode == "kubernetes":

@@ -1,4 +1,5 @@
-"""What the runner knows about each stage: which image runs it and whether it can use a GPU."""
+"""What the runner knows about each stage: which image runs it, whether it can use a GPU, which secrets
+it gets. The stages themselves are listed once, in the stage package's registry (dermaops.pipeline)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 
-DATA_STAGES = ("ingest", "validate", "split", "train_baseline", "notify")
-TORCH_STAGES = ("train", "evaluate")
+from dermaops.pipeline import stage as registered_stage
+
+# The image of each kind: an explicit reference from the environment, else the locally built tag.
+IMAGE_ENV = {"data": "DERMAOPS_DATA_IMAGE", "torch": "DERMAOPS_TORCH_IMAGE"}
+# PyTorch stages get 2 GiB of /dev/shm; the data stages keep Docker's default.
+SHM_SIZE = {"data": None, "torch": 2 * 1024**3}
 
 
 def _image_tag() -> str:
@@ -25,13 +30,10 @@ class StageSpec:
     image: str
     gpu: bool  # wants the GPU when DERMAOPS_GPU=1 (train, evaluate)
     shm_size: int | None  # bytes of /dev/shm for PyTorch data loaders; None: Docker's default
+    secrets: tuple[str, ...] = ("s3",)  # credential sets resolved at execute time
 
 
 def spec_for(stage: str) -> StageSpec:
-    if stage in TORCH_STAGES:
-        image = os.environ.get("DERMAOPS_TORCH_IMAGE") or f"dermaops-torch:{_image_tag()}"
-        return StageSpec(stage, image, gpu=True, shm_size=2 * 1024**3)
-    if stage in DATA_STAGES:
-        image = os.environ.get("DERMAOPS_DATA_IMAGE") or f"dermaops-data:{_image_tag()}"
-        return StageSpec(stage, image, gpu=False, shm_size=None)
-    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(DATA_STAGES + TORCH_STAGES)})")
+    entry = registered_stage(stage)  # ValueError naming the known stages
+    image = os.environ.get(IMAGE_ENV[entry.image]) or f"dermaops-{entry.image}:{_image_tag()}"
+    return StageSpec(stage, image, gpu=entry.gpu, shm_size=SHM_SIZE[entry.image], secrets=entry.secrets)

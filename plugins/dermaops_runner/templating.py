@@ -7,15 +7,17 @@ notify stage then receives plain JSON flags and needs no Airflow.
 from __future__ import annotations
 
 import json
-import re
+
+from dermaops.config import argv_item, resolve
+from dermaops.pipeline import run_key
 
 from dermaops_runner.results import ERROR_XCOM_KEY
 
 
-def run_key(run_id: str) -> str:
-    """A run id safe as one S3 key segment: `manual__2026-01-05T10:00:00+00:00` ->
-    `manual__2026-01-05T10-00-00-00-00`."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")
+def stage_arg(params, name: str, flag: str) -> str:
+    """One argv item from a trigger-form param: `--flag=value`, the recipe's value when the param is
+    blank, or "" (dropped) when there is none, so the stage keeps its own default."""
+    return argv_item(flag, resolve(params, name))
 
 
 def task_states(ti, dag_run) -> str:
@@ -38,6 +40,7 @@ def stage_results(ti, task_ids: list[str]) -> str:
 
 MACROS = {
     "dermaops_run_key": run_key,
+    "dermaops_arg": stage_arg,
     "dermaops_task_states": task_states,
     "dermaops_stage_results": stage_results,
 }

@@ -1,8 +1,8 @@
 """`python -m dermaops <stage> [flags]`: the one command line every execution mode runs.
 
-Contract (DESIGN.md): logs go to stderr; the LAST stdout line is one JSON object summarising what
-the stage wrote (that line becomes the Airflow XCom); exit 0 on success, non-zero with ONE line on
-stderr naming the bad thing on a user error.
+Contract (docs/architecture.md, "The stage contract"): logs go to stderr; the LAST stdout line is one
+JSON object summarising what the stage wrote (that line becomes the Airflow XCom); exit 0 on success,
+non-zero with ONE line on stderr naming the bad thing on a user error.
 """
 
 from __future__ import annotations
@@ -17,20 +17,14 @@ import time
 
 from dermaops import __version__
 from dermaops.errors import StageError
+from dermaops.pipeline import STAGES as REGISTRY
 from dermaops.stage import Context, scratch_dir
 from dermaops.store import ArtifactStore
 
-# Stage name -> module. Modules keep heavy imports (torch, great_expectations) inside run(), so
-# building this parser (and `--help`) stays fast and works in the light image.
-STAGES = {
-    "ingest": "dermaops.stages.ingest",
-    "validate": "dermaops.stages.validate",
-    "split": "dermaops.stages.split",
-    "train_baseline": "dermaops.stages.train_baseline",
-    "train": "dermaops.stages.train",
-    "evaluate": "dermaops.stages.evaluate",
-    "notify": "dermaops.stages.notify",
-}
+# Stage name -> module, from the stage registry. Modules keep heavy imports (torch,
+# great_expectations) inside run(), so building this parser (and `--help`) stays fast and works in
+# the light image.
+STAGES = {s.name: s.module for s in REGISTRY}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -67,6 +61,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         mod.add_arguments(p)
+        if hasattr(mod, "CONFIG"):
+            mod.CONFIG.add_arguments(p)
         p.add_argument("--force", action="store_true", help="redo the work even if finished outputs exist")
         p.add_argument(
             "--scratch-dir",
@@ -101,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     stage = mods[args.stage]
     started = time.monotonic()
     try:
+        if hasattr(stage, "CONFIG"):
+            # Every setting finite and in bounds before the stage reads, writes or deletes anything.
+            args.config = stage.CONFIG.from_args(args)
         with scratch_dir(args.scratch_dir) as scratch:
             summary = stage.run(args, Context(store=ArtifactStore(), scratch=scratch))
     except StageError as exc:

@@ -78,3 +78,31 @@ def row_normalised(matrix: np.ndarray) -> np.ndarray:
     """Each row divided by its total (the per-class recall on the diagonal); empty rows stay 0."""
     totals = matrix.sum(axis=1, keepdims=True)
     return np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
+
+
+# The headline figures, in the order reports list them: what summaries, the run report, Slack, the
+# model comparison and the promotion record show of a classification_metrics dict.
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_auc", "mel_recall")
+DIGITS = 4
+
+
+def mel_recall(metrics: dict) -> float:
+    """Melanoma recall: the figure the promotion floor and every report single out."""
+    return metrics["per_class"]["mel"]["recall"]
+
+
+def headline(metrics: dict, keys: tuple[str, ...] = HEADLINE, digits: int | None = DIGITS) -> dict:
+    """The headline figures of a classification_metrics dict, rounded to `digits` (None: as computed);
+    macro AUC stays None where it is undefined."""
+    out = {}
+    for key in keys:
+        value = mel_recall(metrics) if key == "mel_recall" else metrics.get(key)
+        out[key] = round(value, digits) if digits is not None and value is not None else value
+    return out
+
+
+def format_number(value) -> str:
+    """A figure as reports print it: floats to 4 decimals, None as n/a."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{DIGITS}f}" if isinstance(value, float) else str(value)

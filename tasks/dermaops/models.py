@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dermaops.config import ARCHS, STEMS  # the settings' choices, defined once
 from dermaops.errors import StageError
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
-STEMS = ("auto", "imagenet", "small")
 SMALL_STEM_BELOW = 40
 # ImageNet statistics: right for ImageNet weights and a reasonable fixed scale for training from scratch.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dermaops.errors import StageError, TransientError
+from dermaops.metrics import headline as metrics_headline
+from dermaops.metrics import mel_recall
+from dermaops.pipeline import run_key
 from dermaops.store import ArtifactStore, S3Uri, sha256_file
 
-PRIMARY_METRICS = ("macro_f1", "weighted_f1", "balanced_accuracy", "accuracy", "macro_auc")
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_auc")
 CHAMPION = "champion.json"
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ log = logging.getLogger(__name__)
 
 def headline(metrics: dict) -> dict:
     """The figures a decision is made on and recorded with (no confusion matrices)."""
-    out = {k: metrics.get(k) for k in HEADLINE}
-    out["mel_recall"] = metrics["per_class"]["mel"]["recall"]
+    out = metrics_headline(metrics, digits=None)
     out["recall"] = {cls: m["recall"] for cls, m in metrics["per_class"].items()}
     return out
 
@@ -69,7 +68,7 @@ def decide(
     no_champion_because: str = "no champion yet",
 ) -> Decision:
     """The gate on two classification_metrics dicts (test split); pure, no I/O."""
-    mel = challenger["per_class"]["mel"]["recall"]
+    mel = mel_recall(challenger)
     if mel < mel_recall_floor:
         return Decision(False, "refused", f"melanoma recall {mel:.4f} is below the floor {mel_recall_floor:.4f}")
     value = challenger.get(primary_metric)
@@ -99,11 +98,6 @@ def decide(
         f"{primary_metric} {value:.4f} does not beat the champion's {incumbent:.4f} (re-scored on this test split) "
         f"by more than the margin {margin:.4f} (difference {gain:+.4f})",
     )
-
-
-def _key_safe(text: str) -> str:
-    """Airflow run ids carry ':' and '+'; keep S3 keys to a portable alphabet."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 @dataclass
@@ -155,14 +149,14 @@ class Registry:
         return dest, ""
 
     def store_model(self, challenger: Challenger, sha256: str) -> S3Uri:
-        uri = self.uri.join("models", f"{_key_safe(challenger.run_id)}-{sha256[:12]}", "cnn.pt")
+        uri = self.uri.join("models", f"{run_key(challenger.run_id)}-{sha256[:12]}", "cnn.pt")
         if not self.store.exists(uri):
             self.store.put_file(uri, challenger.checkpoint, content_type="application/octet-stream")
         return uri
 
     def append_history(self, entry: dict) -> S3Uri:
         stamp = dt.datetime.fromisoformat(entry["decided_at"]).strftime("%Y%m%dT%H%M%S.%fZ")
-        uri = self.uri.join("history", f"{stamp}-{_key_safe(entry['run_id'])}.json")
+        uri = self.uri.join("history", f"{stamp}-{run_key(entry['run_id'])}.json")
         self.store.put_json(uri, entry)
         return uri
 

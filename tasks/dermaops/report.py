@@ -9,8 +9,9 @@ import io
 import numpy as np
 
 from dermaops.dataset import CLASSES
+from dermaops.metrics import HEADLINE, format_number, headline
 
-COMPARISON_COLUMNS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_auc", "mel_recall")
+COMPARISON_COLUMNS = HEADLINE
 # Rare classes the seed report tracked against the baseline: where a majority-driven model fails.
 RECALL_CLASSES = ("mel", "df", "vasc")
 # The seed report (image-level split, ResNet50 at 224 px): a yardstick, not a like-for-like comparison.
@@ -43,9 +44,7 @@ def draw_confusion(path, matrix: np.ndarray, title: str, normalised: bool) -> No
 
 
 def comparison_row(name: str, metrics: dict) -> dict:
-    row = {"model": name, **{k: metrics.get(k) for k in COMPARISON_COLUMNS if k != "mel_recall"}}
-    row["mel_recall"] = metrics["per_class"]["mel"]["recall"]
-    return row
+    return {"model": name, **headline(metrics, COMPARISON_COLUMNS, digits=None)}
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -60,17 +59,9 @@ def per_class_rows(metrics: dict) -> list[dict]:
     return [{"class": cls, **values} for cls, values in metrics["per_class"].items()]
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_number(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -114,10 +105,7 @@ def render(
         "",
         _table(
             ["metric", "value", "seed report (224 px, image-level split)"],
-            [
-                [k, metrics.get(k) if k != "mel_recall" else metrics["per_class"]["mel"]["recall"], SEED_REPORT.get(k)]
-                for k in COMPARISON_COLUMNS
-            ],
+            [[k, value, SEED_REPORT.get(k)] for k, value in headline(metrics, COMPARISON_COLUMNS, digits=None).items()],
         ),
         "",
         "## Model comparison",

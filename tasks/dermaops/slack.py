@@ -15,12 +15,9 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dermaops.errors import StageError
-
-if TYPE_CHECKING:
-    from dermaops.stages.notify import RunReport
 
 TOKEN_ENV = "SLACK_BOT_TOKEN"
 CHANNEL_ENV = "DERMAOPS_SLACK_CHANNEL"
@@ -38,14 +35,6 @@ ERROR_HINTS = {
     "not_in_channel": "the bot is not a member of the channel; invite it",
     "is_archived": "the channel is archived",
     "ratelimited": f"still rate limited after {RATE_LIMIT_RETRIES} retries",
-}
-
-STATE_ICONS = {
-    "success": ":white_check_mark:",
-    "failed": ":x:",
-    "upstream_failed": ":no_entry_sign:",
-    "skipped": ":fast_forward:",
-    "removed": ":heavy_minus_sign:",
 }
 
 log = logging.getLogger(__name__)
@@ -96,69 +85,6 @@ def post_message(target: SlackTarget, text: str, blocks: list[dict[str, Any]]) -
         raise StageError(f"cannot reach the Slack API at {target.api_url}: {exc}") from None
     log.info("posted to Slack channel %s (ts %s)", response["channel"], response["ts"])
     return {"channel": response["channel"], "ts": response["ts"]}
-
-
-# -- messages ---------------------------------------------------------------------------------
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
-
-
-def run_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
-    """The notify stage's message: (fallback text, Block Kit blocks)."""
-    succeeded = report.outcome == "success"
-    title = f"{'✅' if succeeded else '❌'} DermaOps run {'succeeded' if succeeded else 'failed'}"
-    text = f"{title}: {report.dag_id} {report.run_id}"
-
-    if report.promoted is None:
-        promotion = "no decision (evaluation did not run)"
-    else:
-        promotion = f"{'*promoted*' if report.promoted else '*not promoted*'}: {report.promotion_reason or ''}".strip()
-    facts = [
-        f"*Run*\n`{report.run_id}`",
-        f"*Dataset*\n{report.dataset_version or 'n/a'}" + (f" ({report.n_images:,} images)" if report.n_images else ""),
-        f"*Duration*\n{format_duration(report.duration_s)}",
-        f"*Model*\n{promotion}",
-    ]
-    task_lines = []
-    for task, state in report.states:
-        line = f"{STATE_ICONS.get(state, ':grey_question:')} `{task}` {state}"
-        if task in report.errors:
-            line += f": {report.errors[task]}"
-        task_lines.append(line)
-
-    blocks: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text", "text": title}},
-        {"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in facts]},
-        {"type": "section", "text": {"type": "mrkdwn", "text": "*Tasks*\n" + "\n".join(task_lines)}},
-    ]
-    if report.metrics:
-        metric_fields = [
-            {"type": "mrkdwn", "text": f"*{label}*\n{_fmt(report.metrics[key])}"}
-            for key, label in METRIC_LABELS
-            if key in report.metrics
-        ]
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Test metrics*"}})
-        blocks.append({"type": "section", "fields": metric_fields[:10]})  # Slack allows 10 fields
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"Report: {report.report_uri}"}]})
-    return text, blocks
-
-
-METRIC_LABELS = (
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("macro_f1", "Macro F1"),
-    ("weighted_f1", "Weighted F1"),
-    ("mel_recall", "Melanoma recall"),
-    ("macro_auc", "Macro AUC"),
-)
 
 
 def failure_alert(dag_id: str, run_id: str, reason: str, failed_tasks: list[str]) -> tuple[str, list[dict]]:

@@ -1,4 +1,4 @@
-"""The stage contract shared by every stage (see DESIGN.md, "Stage contract").
+"""The stage contract shared by every stage (docs/architecture.md, "The stage contract").
 
 - Outputs live under one S3 prefix. Files are written first; `manifest.json` is written LAST and is
   the only proof that the outputs are finished. Readers trust nothing without it.

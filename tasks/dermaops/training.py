@@ -6,10 +6,14 @@ features). Phase 2 starts from the best phase-1 weights, unfreezes the last `fin
 residual stages (layer4 = 1) and fine-tunes them with the head at a lower learning rate.
 
 Epochs are numbered globally (phase 2 continues phase 1's numbering). After every epoch the whole
-state (model, optimizer, scheduler, RNG, history, best scores) goes to `last.pt` through the
+state (model, optimizer, scheduler, weight average, RNG, `TrainState`) goes to `last.pt` through the
 `on_saved` callback, before anything else can fail, so a killed run resumes at the next epoch with
-the same numbering and its full history. Shuffling and augmentation draw from generators seeded by
-(seed, epoch), so a resumed epoch sees the same batches as an uninterrupted one would.
+the same numbering and its full history. `Trainer.resume` is the one place that reads it back.
+Shuffling and augmentation draw from generators seeded by (seed, epoch), so a resumed epoch sees the
+same batches as an uninterrupted one would.
+
+With `ema_decay` > 0 an exponential moving average of the weights is kept alongside the model; it is
+what validation scores and what the best checkpoints hold (so evaluate scores it too).
 
 The data is a uint8 tensor already on the training device; each step gathers a batch, augments it
 there and feeds the model: no decoding, no DataLoader workers, nothing between batches but indexing.
@@ -17,17 +21,19 @@ there and feeds the model: no decoding, no DataLoader workers, nothing between b
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dermaops.augment import augment_batch
+from dermaops.config import TrainConfig
 from dermaops.metrics import classification_metrics
 from dermaops.models import model_meta, normalize, save_checkpoint, to_float
 
@@ -38,31 +44,75 @@ EVAL_BATCH = 256
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    arch: str
-    image_size: int
-    stem: str
-    pretrained: str
-    epochs: int
-    finetune_epochs: int
-    finetune_depth: int
-    batch_size: int
-    lr: float
-    finetune_lr: float
-    weight_decay: float
-    label_smoothing: float
-    class_weights: bool
-    patience: int
-    seed: int
-    augment: bool = True
-    class_weight_power: float = 1.0
+__all__ = ["TrainConfig", "TrainState", "Trainer", "WeightEMA", "fit_logit_adjustment"]  # TrainConfig: dermaops.config
 
-    def phase_epochs(self, phase: int) -> int:
-        return self.epochs if phase == 1 else self.finetune_epochs
 
-    def phase_lr(self, phase: int) -> float:
-        return self.lr if phase == 1 else self.finetune_lr
+@dataclass
+class Best:
+    """Where a best validation macro F1 was reached."""
+
+    epoch: int
+    phase: int
+    val_macro_f1: float
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue after a crash; saved in last.pt as a plain dict."""
+
+    phase: int = 1
+    phase_epoch: int = 0  # epochs finished in the current phase
+    phase_done: bool = False  # the current phase ran all its epochs or stopped early
+    epoch: int = 0  # global number of the last finished epoch
+    history: list[dict] = field(default_factory=list)
+    best: Best | None = None  # overall (cnn.pt)
+    best_phase1: Best | None = None  # of phase 1 (cnn_phase1.pt)
+    phase_best: Best | None = None  # of the current phase (early stopping)
+    stale_epochs: int = 0  # epochs since phase_best improved
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, blob: dict) -> TrainState:
+        bests = {k: Best(**blob[k]) if blob.get(k) else None for k in ("best", "best_phase1", "phase_best")}
+        return cls(**{**blob, **bests})
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights: parameters and floating-point buffers (BatchNorm
+    statistics), as torchvision's reference script averages them. The decay ramps up over the first
+    steps, (1 + n) / (10 + n), so that a short run's average is not dominated by its random start."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    def reset(self, model) -> None:
+        self.module.load_state_dict(model.state_dict())
+        self.updates = 0
+
+    def update(self, model) -> None:
+        import torch
+
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for averaged, current in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+                if averaged.dtype.is_floating_point:
+                    averaged.lerp_(current.detach(), 1.0 - decay)
+                else:
+                    averaged.copy_(current)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
 
 
 @dataclass
@@ -161,25 +211,43 @@ class Trainer:
             log.info("class weights: %s", {c: round(float(w), 3) for c, w in zip(classes, counts, strict=True)})
         self.criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
         self.steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
-        self.state: dict = {
-            "phase": 1,
-            "phase_epoch": 0,
-            "phase_done": False,
-            "epoch": 0,
-            "history": [],
-            "best": None,
-            "best_phase1": None,
-            "phase_best": None,
-            "stale_epochs": 0,
-        }
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.state = TrainState()
         self._resume_blob: dict | None = None
 
+    @property
+    def scored_model(self):
+        """The weights validation scores and the best checkpoints keep: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     # -- state ------------------------------------------------------------------------------
-    def restore(self, checkpoint: dict) -> None:
-        """Continue from a `last.pt` written by an earlier, interrupted run."""
-        self.state = checkpoint["trainer"]
-        self._resume_blob = checkpoint
-        restore_rng(checkpoint["rng"])
+    def resume(self, last: Path, best_files: dict[str, Path]) -> bool:
+        """Continue an interrupted training from its `last.pt`; False (and a fresh start) when it belongs to a
+        training with other inputs. `best_files` ({"best" | "best_phase1": local copy of cnn.pt |
+        cnn_phase1.pt}) may hold a better model than the checkpoint knows: saved by the crashed attempt in
+        the epoch it did not finish, it stays the one to beat. The model, weight average and RNG are
+        restored here; the optimizer and scheduler when run() rebuilds the phase they belong to."""
+        import torch
+
+        blob = torch.load(last, map_location="cpu", weights_only=True)
+        if blob.get("meta", {}).get("fingerprint") != self.meta.get("fingerprint"):
+            log.info("ignoring %s: it belongs to a training with other inputs", last.name)
+            return False
+        st = self.state = TrainState.from_dict(blob["trainer"])
+        self.model.load_state_dict(blob["model_state"])
+        if self.ema is not None:
+            self.ema.load_state_dict(blob["ema_state"])
+        restore_rng(blob["rng"])
+        self._resume_blob = {k: blob[k] for k in ("optimizer_state", "scheduler_state")}
+        for key, path in best_files.items():
+            meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+            if meta["epoch"] > st.epoch:
+                setattr(st, key, Best(meta["epoch"], meta["phase"], meta["val"]["macro_f1"]))
+        log.info(
+            "resuming from epoch %d: checkpoint after epoch %d (phase %d), %d history rows kept",
+            st.epoch + 1, st.epoch, st.phase, len(st.history),
+        )  # fmt: skip
+        return True
 
     def _save_last(self, optimizer, scheduler) -> None:
         import torch
@@ -187,7 +255,7 @@ class Trainer:
         path = self.work_dir / "checkpoints" / "last.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {
-            "trainer": self.state,
+            "trainer": self.state.to_dict(),
             "meta": self.meta,
             "config": asdict(self.cfg),
             "model_state": self.model.state_dict(),
@@ -195,6 +263,8 @@ class Trainer:
             "scheduler_state": scheduler.state_dict(),
             "rng": rng_state(),
         }
+        if self.ema is not None:
+            blob["ema_state"] = self.ema.state_dict()
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)
         tmp.replace(path)
@@ -202,7 +272,7 @@ class Trainer:
 
     def _save_best(self, name: str, row: dict) -> None:
         meta = {**self.meta, "phase": row["phase"], "epoch": row["epoch"], "val": _val_metrics(row)}
-        path = save_checkpoint(self.work_dir / name, self.model, meta)
+        path = save_checkpoint(self.work_dir / name, self.scored_model, meta)
         self.on_saved(name, path)
 
     # -- phases -----------------------------------------------------------------------------
@@ -229,26 +299,25 @@ class Trainer:
             if learn is not None and name not in learn:
                 child.eval()
 
-    def run(self) -> dict:
+    def run(self) -> TrainState:
         blob, self._resume_blob = self._resume_blob, None
+        st = self.state
         for phase in (1, 2):
             n_epochs = self.cfg.phase_epochs(phase)
-            st = self.state
-            if n_epochs == 0 or st["phase"] > phase or (st["phase"] == phase and st["phase_done"]):
+            if n_epochs == 0 or st.phase > phase or (st.phase == phase and st.phase_done):
                 continue
             learn, optimizer, scheduler = self.configure(phase)
-            if blob is not None and st["phase"] == phase:
-                self.model.load_state_dict(blob["model_state"])
+            if blob is not None and st.phase == phase:
                 optimizer.load_state_dict(blob["optimizer_state"])
                 scheduler.load_state_dict(blob["scheduler_state"])
             else:
                 self._enter_phase(phase)
             blob = None
-            while st["phase_epoch"] < n_epochs:
+            while st.phase_epoch < n_epochs:
                 row = self._epoch(phase, learn, optimizer, scheduler)
                 if self._after_epoch(row, optimizer, scheduler):
                     break
-        return self.state
+        return st
 
     def _enter_phase(self, phase: int) -> None:
         st = self.state
@@ -259,8 +328,10 @@ class Trainer:
 
                 best_model, _ = load_checkpoint(best1)
                 self.model.load_state_dict(best_model.state_dict())
-                log.info("phase 2 starts from the best phase-1 weights (epoch %s)", st["best_phase1"]["epoch"])
-        st.update(phase=phase, phase_epoch=0, phase_done=False, phase_best=None, stale_epochs=0)
+                log.info("phase 2 starts from the best phase-1 weights (epoch %s)", st.best_phase1.epoch)
+        if self.ema is not None:
+            self.ema.reset(self.model)  # a new phase averages from its own starting weights
+        st.phase, st.phase_epoch, st.phase_done, st.phase_best, st.stale_epochs = phase, 0, False, None, 0
         learn = trainable_children(self.cfg, phase)
         log.info(
             "phase %d: %d epochs, lr %g, training %s",
@@ -273,32 +344,32 @@ class Trainer:
     def _after_epoch(self, row: dict, optimizer, scheduler) -> bool:
         """Book-keeping after an epoch; True when early stopping ends the phase."""
         st = self.state
-        st["history"].append(row)
-        st["epoch"] = row["epoch"]
-        st["phase_epoch"] += 1
+        st.history.append(row)
+        st.epoch = row["epoch"]
+        st.phase_epoch += 1
         score = row["val_macro_f1"]
-        best_entry = {"epoch": row["epoch"], "phase": row["phase"], "val_macro_f1": score}
-        if st["phase_best"] is None or score > st["phase_best"]["val_macro_f1"]:
-            st["phase_best"], st["stale_epochs"] = best_entry, 0
+        best_entry = Best(row["epoch"], row["phase"], score)
+        if st.phase_best is None or score > st.phase_best.val_macro_f1:
+            st.phase_best, st.stale_epochs = best_entry, 0
         else:
-            st["stale_epochs"] += 1
-        if row["phase"] == 1 and (st["best_phase1"] is None or score > st["best_phase1"]["val_macro_f1"]):
-            st["best_phase1"] = best_entry
+            st.stale_epochs += 1
+        if row["phase"] == 1 and (st.best_phase1 is None or score > st.best_phase1.val_macro_f1):
+            st.best_phase1 = best_entry
             self._save_best("cnn_phase1.pt", row)
-        if st["best"] is None or score > st["best"]["val_macro_f1"]:
-            st["best"] = best_entry
+        if st.best is None or score > st.best.val_macro_f1:
+            st.best = best_entry
             self._save_best("cnn.pt", row)
-        stop = self.cfg.patience > 0 and st["stale_epochs"] >= self.cfg.patience
+        stop = self.cfg.patience > 0 and st.stale_epochs >= self.cfg.patience
         if stop:
             log.info("early stopping phase %d after epoch %d: no better val macro F1 for %d epochs",
-                     row["phase"], row["epoch"], st["stale_epochs"])  # fmt: skip
-        st["phase_done"] = stop or st["phase_epoch"] >= self.cfg.phase_epochs(row["phase"])
+                     row["phase"], row["epoch"], st.stale_epochs)  # fmt: skip
+        st.phase_done = stop or st.phase_epoch >= self.cfg.phase_epochs(row["phase"])
         self._save_last(optimizer, scheduler)
         return stop
 
     # -- one epoch ----------------------------------------------------------------------------
     def _remaining_steps(self, phase: int) -> int:
-        left = self.cfg.phase_epochs(phase) - self.state["phase_epoch"]
+        left = self.cfg.phase_epochs(phase) - self.state.phase_epoch
         if phase == 1:
             left += self.cfg.finetune_epochs
         return left * self.steps_per_epoch
@@ -331,6 +402,8 @@ class Trainer:
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             loss_sum += loss.detach() * len(idx)
             preds.append(logits.detach().argmax(1))
             targets.append(y)
@@ -355,10 +428,10 @@ class Trainer:
         }
 
     def _epoch(self, phase: int, learn, optimizer, scheduler) -> dict:
-        started, epoch = time.monotonic(), self.state["epoch"] + 1
+        started, epoch = time.monotonic(), self.state.epoch + 1
         trained = self.train_epoch(phase, epoch, learn, optimizer, scheduler)
         train_seconds = trained.pop("train_seconds")
-        val_loss, val_m = self.evaluate(self.val)
+        val_loss, val_m = self.evaluate(self.val, self.scored_model)
         row = {
             "phase": phase,
             "epoch": epoch,
@@ -378,19 +451,20 @@ class Trainer:
         )  # fmt: skip
         return row
 
-    def evaluate(self, split: Split) -> tuple[float, dict]:
-        """Plain (unweighted) cross-entropy and metrics of the current model on a split."""
+    def evaluate(self, split: Split, model=None) -> tuple[float, dict]:
+        """Plain (unweighted) cross-entropy and metrics of a model (default: the one training) on a split."""
         import torch
         import torch.nn.functional as F
 
-        self.model.eval()
+        model = self.model if model is None else model
+        model.eval()
         loss_sum, preds = 0.0, []
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             for start in range(0, len(split.labels), EVAL_BATCH):
                 x = to_float(split.images[start : start + EVAL_BATCH])
                 x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=self.cuda)
                 y = split.labels[start : start + EVAL_BATCH]
-                logits = self.model(x).float()
+                logits = model(x).float()
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 preds.append(logits.argmax(1))
         y_pred = torch.cat(preds).cpu().numpy()

@@ -20,23 +20,26 @@ With --registry, the gate of dermaops.promotion decides whether this model repla
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from dermaops.config import EvaluateConfig
 from dermaops.errors import StageError
-from dermaops.promotion import PRIMARY_METRICS
-from dermaops.stage import fingerprint, read_manifest, skipped
+from dermaops.stage import Output, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
 
 HELP = "test-split metrics, confusion matrices, Grad-CAM, model comparison, champion/challenger promotion"
+CONFIG = EvaluateConfig
 # Bump when what evaluate computes changes: part of the fingerprint, so a re-run recomputes.
 EVALUATION_VERSION = 2
+ABLATION_KEYS = ("accuracy", "macro_f1", "macro_auc", "mel_recall")
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
+    """The input and output locations; the settings come from CONFIG (dermaops.config.EvaluateConfig)."""
     parser.add_argument("--split", required=True, help="split output prefix (s3://<b>/runs/<run_id>/split)")
     parser.add_argument("--model", required=True, help="train output prefix (s3://<b>/runs/<run_id>/models/cnn)")
     parser.add_argument(
@@ -48,35 +51,6 @@ def add_arguments(parser) -> None:
         default=None,
         help="model registry prefix (s3://<b>/registry/ham10000); without it the promotion gate is not run",
     )
-    parser.add_argument(
-        "--primary-metric", choices=PRIMARY_METRICS, default="macro_f1", help="metric the challenger must improve"
-    )
-    parser.add_argument(
-        "--promotion-margin",
-        type=float,
-        default=0.005,
-        help="the challenger must beat the re-scored champion's primary metric by more than this; on the 1,000-image "
-        "lesion-grouped test split one more correct df image (of 11) moves macro F1 by about 0.004, so 0.005 asks "
-        "for more than a single rare-image flip",
-    )
-    parser.add_argument(
-        "--mel-recall-floor",
-        type=float,
-        default=0.5,
-        help="minimum melanoma recall on the test split for any promotion (the seed model reached 0.55; "
-        "below 0.5 the model misses most melanomas)",
-    )
-    parser.add_argument("--gradcam-images", type=int, default=8, help="melanoma test images in the Grad-CAM grid")
-    parser.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="test-time augmentation: average the softmax over the 8 flips/quarter turns of each image (every "
-        "one is a valid view of a dermatoscopic image and training augments with them); applied alike to the "
-        "challenger, the frozen model and the re-scored champion",
-    )
-    parser.add_argument("--batch-size", type=int, default=256, help="inference batch size")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
     parser.add_argument(
         "--run-id",
         default=None,
@@ -91,17 +65,6 @@ def run_id_from(out: S3Uri) -> str:
     raise StageError(f"cannot derive a run id from --out {out} (not under runs/<run_id>/); pass --run-id")
 
 
-def _validate(args) -> None:
-    if args.promotion_margin < 0:
-        raise StageError(f"--promotion-margin must be >= 0 (got {args.promotion_margin})")
-    if not 0 <= args.mel_recall_floor <= 1:
-        raise StageError(f"--mel-recall-floor must be between 0 and 1 (got {args.mel_recall_floor})")
-    if not 1 <= args.gradcam_images <= 64:
-        raise StageError(f"--gradcam-images must be between 1 and 64 (got {args.gradcam_images})")
-    if args.batch_size < 1:
-        raise StageError(f"--batch-size must be >= 1 (got {args.batch_size})")
-
-
 def _model_file(manifest: dict, prefix: S3Uri, name: str, required: bool = True) -> S3Uri | None:
     if name in manifest.get("files", {}):
         return prefix.join(name)
@@ -110,124 +73,185 @@ def _model_file(manifest: dict, prefix: S3Uri, name: str, required: bool = True)
     return None
 
 
+@dataclass
+class Inputs:
+    """What evaluate reads, located and checked before anything is computed."""
+
+    run_id: str
+    split_uri: S3Uri
+    split_manifest: dict
+    dataset_uri: str
+    model_prefix: S3Uri
+    model_manifest: dict
+    cnn_uri: S3Uri
+    phase1_uri: S3Uri | None
+    baseline_prefix: S3Uri | None
+    baseline_manifest: dict | None
+    baseline_uri: S3Uri | None
+    registry_uri: S3Uri | None
+
+
+@dataclass
+class Scores:
+    """Test-split results of the challenger and the models it is compared with."""
+
+    scorer: SplitScorer
+    model: object  # the challenger, loaded
+    meta: dict  # its checkpoint meta
+    checkpoint: Path  # its local copy
+    proba: object  # its test probabilities
+    metrics: dict  # its classification_metrics
+    models: dict  # comparison row name -> metrics (baseline, frozen, fine-tuned)
+    ablation: dict  # headline metrics with each inference-time component switched off
+
+
 def run(args, ctx) -> dict:
-    _validate(args)
-    split_uri, model_prefix, out_uri = S3Uri.parse(args.split), S3Uri.parse(args.model), S3Uri.parse(args.out)
-    baseline_prefix = S3Uri.parse(args.baseline) if args.baseline else None
-    registry_uri = S3Uri.parse(args.registry) if args.registry else None
-    run_id = args.run_id or run_id_from(out_uri)
-
-    split_manifest = read_manifest(ctx.store, split_uri, "split")
-    model_manifest = read_manifest(ctx.store, model_prefix, "train output")
-    baseline_manifest = read_manifest(ctx.store, baseline_prefix, "baseline") if baseline_prefix else None
-    cnn_uri = _model_file(model_manifest, model_prefix, "cnn.pt")
-    phase1_uri = _model_file(model_manifest, model_prefix, "cnn_phase1.pt", required=False)
-    baseline_uri = _model_file(baseline_manifest, baseline_prefix, "baseline.joblib") if baseline_manifest else None
-    dataset_uri = split_manifest.get("summary", {}).get("dataset_uri")
-    if not dataset_uri:
-        raise StageError(f"split manifest at {split_uri} has no summary.dataset_uri")
-
-    out = ctx.output(
-        out_uri,
-        "evaluate",
-        fingerprint(
-            version=EVALUATION_VERSION,
-            split=[str(split_uri), split_manifest["fingerprint"]],
-            model=[str(model_prefix), model_manifest["fingerprint"]],
-            baseline=[str(baseline_prefix), baseline_manifest["fingerprint"]] if baseline_manifest else None,
-            registry=str(registry_uri) if registry_uri else None,
-            primary_metric=args.primary_metric,
-            margin=args.promotion_margin,
-            floor=args.mel_recall_floor,
-            gradcam_images=args.gradcam_images,
-            run_id=run_id,
-            tta=args.tta,
-        ),
-    )
+    cfg: EvaluateConfig = args.config
+    inputs = locate_inputs(args, ctx)
+    out = ctx.output(args.out, "evaluate", _fingerprint(inputs, cfg))
     if (manifest := out.finished()) and not args.force:
-        log.info("evaluation at %s is finished for these inputs; skipping (use --force to redo)", out_uri)
+        log.info("evaluation at %s is finished for these inputs; skipping (use --force to redo)", out.prefix)
         return skipped(manifest)
 
     from dermaops.dataset import Dataset
-    from dermaops.models import pick_device
-    from dermaops.report import BASELINE, FINE_TUNED, FROZEN
-    from dermaops.stages.train_baseline import read_split_csv
 
-    device = pick_device(args.device)
-    test = read_split_csv(ctx.store, split_uri, "test")
-    dataset = Dataset.open(ctx.store, dataset_uri, ctx.scratch)
-    scorer = SplitScorer(ctx, dataset, test, args.batch_size, device, args.tta)
-
+    dataset = Dataset.open(ctx.store, inputs.dataset_uri, ctx.scratch)
     local = ctx.scratch / "evaluate"
-    cnn_path = ctx.store.download(cnn_uri, local / "cnn.pt")
-    model, meta, proba = scorer.score_checkpoint(cnn_path, what=str(cnn_uri))
-    models = {}
-    if baseline_uri:
-        models[BASELINE] = scorer.score_baseline(ctx.store.download(baseline_uri, local / "b.joblib"))
-    if phase1_uri:
-        _, _, phase1_proba = scorer.score_checkpoint(ctx.store.download(phase1_uri, local / "p1.pt"), str(phase1_uri))
-        models[FROZEN] = scorer.metrics(phase1_proba)
-    metrics = scorer.metrics(proba)
-    models[FINE_TUNED] = metrics
-    ablation = scorer.ablation(model, meta)
-    log.info(
-        "test: accuracy %.4f, balanced %.4f, macro F1 %.4f, weighted F1 %.4f, macro AUC %s, mel recall %.4f",
-        metrics["accuracy"],
-        metrics["balanced_accuracy"],
-        metrics["macro_f1"],
-        metrics["weighted_f1"],
-        metrics["macro_auc"],
-        metrics["per_class"]["mel"]["recall"],
+    scores = score_models(ctx, cfg, inputs, dataset, local)
+    out.unpublish()
+    confusion, gradcam = write_tables_and_plots(out, cfg, scores, local / "plots")
+    promotion = promote(ctx, cfg, inputs, scores, dataset.version, local)
+    return write_summary(out, cfg, inputs, scores, dataset.version, confusion, gradcam, promotion)
+
+
+def locate_inputs(args, ctx) -> Inputs:
+    """The split, the trained models and the registry: manifests read, files located, or one-line errors."""
+    split_uri, model_prefix = S3Uri.parse(args.split), S3Uri.parse(args.model)
+    baseline_prefix = S3Uri.parse(args.baseline) if args.baseline else None
+    run_id = args.run_id or run_id_from(S3Uri.parse(args.out))
+    split_manifest = read_manifest(ctx.store, split_uri, "split")
+    model_manifest = read_manifest(ctx.store, model_prefix, "train output")
+    baseline_manifest = read_manifest(ctx.store, baseline_prefix, "baseline") if baseline_prefix else None
+    dataset_uri = split_manifest.get("summary", {}).get("dataset_uri")
+    if not dataset_uri:
+        raise StageError(f"split manifest at {split_uri} has no summary.dataset_uri")
+    return Inputs(
+        run_id=run_id,
+        split_uri=split_uri,
+        split_manifest=split_manifest,
+        dataset_uri=dataset_uri,
+        model_prefix=model_prefix,
+        model_manifest=model_manifest,
+        cnn_uri=_model_file(model_manifest, model_prefix, "cnn.pt"),
+        phase1_uri=_model_file(model_manifest, model_prefix, "cnn_phase1.pt", required=False),
+        baseline_prefix=baseline_prefix,
+        baseline_manifest=baseline_manifest,
+        baseline_uri=(
+            _model_file(baseline_manifest, baseline_prefix, "baseline.joblib") if baseline_manifest else None
+        ),
+        registry_uri=S3Uri.parse(args.registry) if args.registry else None,
     )
 
-    out.unpublish()
-    from dermaops.metrics import confusion_counts, row_normalised
-    from dermaops.report import comparison_row, draw_confusion, per_class_rows, render, to_csv
 
-    confusion = confusion_counts(scorer.labels, proba.argmax(axis=1))
-    plots = local / "plots"
+def _fingerprint(inputs: Inputs, cfg: EvaluateConfig) -> str:
+    baseline = inputs.baseline_manifest
+    return fingerprint(
+        version=EVALUATION_VERSION,
+        split=[str(inputs.split_uri), inputs.split_manifest["fingerprint"]],
+        model=[str(inputs.model_prefix), inputs.model_manifest["fingerprint"]],
+        baseline=[str(inputs.baseline_prefix), baseline["fingerprint"]] if baseline else None,
+        registry=str(inputs.registry_uri) if inputs.registry_uri else None,
+        run_id=inputs.run_id,
+        **cfg.fingerprint_inputs(),
+    )
+
+
+def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path) -> Scores:
+    """The challenger, its phase-1 model and the baseline, each scored on the test split."""
+    from dermaops.metrics import headline
+    from dermaops.models import pick_device
+    from dermaops.report import BASELINE, FINE_TUNED, FROZEN
+    from dermaops.split_files import read_split_csv
+
+    device = pick_device(cfg.device)
+    test = read_split_csv(ctx.store, inputs.split_uri, "test")
+    scorer = SplitScorer(ctx, dataset, test, cfg.batch_size, device, cfg.tta)
+    checkpoint = ctx.store.download(inputs.cnn_uri, local / "cnn.pt")
+    model, meta, proba = scorer.score_checkpoint(checkpoint, what=str(inputs.cnn_uri))
+    models = {}
+    if inputs.baseline_uri:
+        models[BASELINE] = scorer.score_baseline(ctx.store.download(inputs.baseline_uri, local / "b.joblib"))
+    if inputs.phase1_uri:
+        phase1 = ctx.store.download(inputs.phase1_uri, local / "p1.pt")
+        models[FROZEN] = scorer.metrics(scorer.score_checkpoint(phase1, str(inputs.phase1_uri))[2])
+    metrics = models[FINE_TUNED] = scorer.metrics(proba)
+    log.info("test: %s", ", ".join(f"{k} {v}" for k, v in headline(metrics).items()))
+    return Scores(scorer, model, meta, checkpoint, proba, metrics, models, scorer.ablation(model, meta))
+
+
+def write_tables_and_plots(out: Output, cfg: EvaluateConfig, scores: Scores, plots: Path):
+    """Confusion matrices, the Grad-CAM grid and the CSV tables; returns (confusion counts, Grad-CAM facts)."""
+    from dermaops.metrics import confusion_counts, row_normalised
+    from dermaops.report import comparison_row, draw_confusion, per_class_rows, to_csv
+
+    scorer = scores.scorer
+    confusion = confusion_counts(scorer.labels, scores.proba.argmax(axis=1))
     plots.mkdir(parents=True, exist_ok=True)
     draw_confusion(plots / "cm.png", confusion, "Confusion matrix (counts)", normalised=False)
     draw_confusion(plots / "cmn.png", row_normalised(confusion), "Confusion matrix (row-normalised)", normalised=True)
     out.put_file("confusion_matrix.png", plots / "cm.png", content_type="image/png")
     out.put_file("confusion_matrix_normalized.png", plots / "cmn.png", content_type="image/png")
-    gradcam = explain_melanomas(scorer, model, meta, proba, args.gradcam_images, plots / "gradcam.png", device)
+    gradcam = explain_melanomas(
+        scorer, scores.model, scores.meta, scores.proba, cfg.gradcam_images, plots / "gradcam.png", scorer.device
+    )
     if gradcam:
         out.put_file("gradcam_mel.png", plots / "gradcam.png", content_type="image/png")
-    out.put_text("per_class.csv", to_csv(per_class_rows(metrics)), "text/csv")
-    out.put_text("model_comparison.csv", to_csv([comparison_row(n, m) for n, m in models.items()]), "text/csv")
+    out.put_text("per_class.csv", to_csv(per_class_rows(scores.metrics)), "text/csv")
+    rows = [comparison_row(name, m) for name, m in scores.models.items()]
+    out.put_text("model_comparison.csv", to_csv(rows), "text/csv")
+    return confusion, gradcam
 
-    promotion = None
-    if registry_uri:
-        from dermaops.promotion import Challenger, Registry, run_gate
 
-        challenger = Challenger(
-            run_id=run_id,
-            checkpoint=cnn_path,
-            source_uri=str(cnn_uri),
-            metrics=metrics,
-            meta=meta,
-            dataset_version=dataset.version,
-            split_uri=str(split_uri),
-        )
-        promotion = run_gate(
-            Registry(ctx.store, registry_uri),
-            challenger,
-            scorer.score_champion,
-            args.primary_metric,
-            args.promotion_margin,
-            args.mel_recall_floor,
-            local,
-        )
+def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_version: str, local: Path):
+    """The champion/challenger gate (dermaops.promotion) when there is a registry; None otherwise."""
+    if not inputs.registry_uri:
+        return None
+    from dermaops.promotion import Challenger, Registry, run_gate
 
+    challenger = Challenger(
+        run_id=inputs.run_id,
+        checkpoint=scores.checkpoint,
+        source_uri=str(inputs.cnn_uri),
+        metrics=scores.metrics,
+        meta=scores.meta,
+        dataset_version=dataset_version,
+        split_uri=str(inputs.split_uri),
+    )
+    return run_gate(
+        Registry(ctx.store, inputs.registry_uri),
+        challenger,
+        scores.scorer.score_champion,
+        cfg.primary_metric,
+        cfg.promotion_margin,
+        cfg.mel_recall_floor,
+        local,
+    )
+
+
+def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_version, confusion, gradcam, promotion):
+    """metrics.json, report.md and the manifest; returns the stage summary."""
+    from dermaops.metrics import headline, row_normalised
+    from dermaops.report import render
+
+    meta, metrics = scores.meta, scores.metrics
     report = render(
-        run_id=run_id,
-        dataset_version=dataset.version,
-        split_uri=str(split_uri),
-        split_strategy=split_manifest["summary"].get("strategy", "unknown"),
-        model_uri=str(cnn_uri),
+        run_id=inputs.run_id,
+        dataset_version=dataset_version,
+        split_uri=str(inputs.split_uri),
+        split_strategy=inputs.split_manifest["summary"].get("strategy", "unknown"),
+        model_uri=str(inputs.cnn_uri),
         model_meta=meta,
-        models=models,
+        models=scores.models,
         confusion=confusion,
         gradcam=gradcam,
         promotion=promotion,
@@ -235,35 +259,30 @@ def run(args, ctx) -> dict:
     out.put_json(
         "metrics.json",
         {
-            "run_id": run_id,
-            "dataset_version": dataset.version,
-            "split_uri": str(split_uri),
-            "model_uri": str(cnn_uri),
+            "run_id": inputs.run_id,
+            "dataset_version": dataset_version,
+            "split_uri": str(inputs.split_uri),
+            "model_uri": str(inputs.cnn_uri),
             "model_meta": {k: meta.get(k) for k in ("arch", "image_size", "stem", "phase", "epoch")},
-            "classes": list(scorer.classes),
+            "classes": list(scores.scorer.classes),
             "test": metrics,
             "confusion_matrix": confusion.tolist(),
             "confusion_matrix_normalized": row_normalised(confusion).round(4).tolist(),
-            "comparison": models,
+            "comparison": scores.models,
             "gradcam": gradcam,
             "promotion": promotion,
-            "inference": {"tta": args.tta, "logit_adjustment": meta.get("logit_adjustment")},
-            "ablation": ablation,
+            "inference": {"tta": cfg.tta, "logit_adjustment": meta.get("logit_adjustment")},
+            "ablation": scores.ablation,
         },
     )
     report_uri = out.put_text("report.md", report, "text/markdown; charset=utf-8")
     summary = {
-        "accuracy": round(metrics["accuracy"], 4),
-        "balanced_accuracy": round(metrics["balanced_accuracy"], 4),
-        "macro_f1": round(metrics["macro_f1"], 4),
-        "weighted_f1": round(metrics["weighted_f1"], 4),
-        "macro_auc": round(metrics["macro_auc"], 4) if metrics["macro_auc"] is not None else None,
-        "mel_recall": round(metrics["per_class"]["mel"]["recall"], 4),
+        **headline(metrics),
         "n_test": metrics["n"],
-        "tta": args.tta,
-        "ablation": ablation,
-        "run_id": run_id,
-        "dataset_version": dataset.version,
+        "tta": cfg.tta,
+        "ablation": scores.ablation,
+        "run_id": inputs.run_id,
+        "dataset_version": dataset_version,
         "promoted": bool(promotion and promotion["promoted"]),
         "decision": promotion["decision"] if promotion else "not_run",
         "promotion_reason": promotion["reason"] if promotion else "no --registry given",
@@ -320,6 +339,7 @@ class SplitScorer:
     def ablation(self, model, meta) -> dict:
         """Headline test metrics of the model with each inference-time component switched off in turn
         (test-time augmentation; the logit adjustment, when the checkpoint has one): what each contributes."""
+        from dermaops.metrics import headline
         from dermaops.models import predict_proba
 
         images = self.images(meta["image_size"])
@@ -329,12 +349,7 @@ class SplitScorer:
         out = {}
         for name, kwargs in variants.items():
             m = self.metrics(predict_proba(model, images, meta, self.batch_size, self.device, **kwargs))
-            out[name] = {
-                "accuracy": round(m["accuracy"], 4),
-                "macro_f1": round(m["macro_f1"], 4),
-                "macro_auc": round(m["macro_auc"], 4) if m["macro_auc"] is not None else None,
-                "mel_recall": round(m["per_class"]["mel"]["recall"], 4),
-            }
+            out[name] = headline(m, ABLATION_KEYS)
         return out
 
     def score_champion(self, path: Path) -> dict:
@@ -348,22 +363,12 @@ class SplitScorer:
     def score_baseline(self, path: Path) -> dict:
         import joblib
 
-        from dermaops.features import FEATURE_VERSION, image_features
-        from dermaops.stages.train_baseline import predict_proba
+        from dermaops.baseline import score_bundle
 
         bundle = joblib.load(path)
-        meta = bundle["meta"]
-        if meta.get("feature_version") != FEATURE_VERSION or list(meta.get("classes", [])) != list(self.classes):
-            raise StageError(
-                f"the baseline was fitted on feature version {meta.get('feature_version')} / classes "
-                f"{meta.get('classes')}; this code computes version {FEATURE_VERSION} / {list(self.classes)}: "
-                "retrain it"
-            )
-        log.info(
-            "scoring the baseline (random forest, %d px features) on %d test images", meta["image_size"], len(self.test)
-        )
-        features = image_features(self.images(meta["image_size"]))
-        return self.metrics(predict_proba(bundle["model"], features, len(self.classes)))
+        size = bundle["meta"]["image_size"]
+        log.info("scoring the baseline (random forest, %d px features) on %d test images", size, len(self.test))
+        return self.metrics(score_bundle(bundle, self.images(size), self.classes))
 
 
 def explain_melanomas(scorer: SplitScorer, model, meta, proba, count: int, path: Path, device: str) -> dict | None:

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import logging
+import math
 import shutil
 import time
 import zipfile
@@ -46,14 +47,16 @@ def _count(text: str) -> int:
 
 def _seconds(text: str) -> float:
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {value}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {value}")
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if value <= 0:
+    value = _seconds(text)
+    if value == 0:
         raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
     return value
 

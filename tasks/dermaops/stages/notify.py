@@ -17,15 +17,14 @@ import argparse
 import datetime as dt
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from dermaops import slack
+from dermaops.run_report import build_report, render_markdown, slack_message
 from dermaops.stage import fingerprint, skipped
 from dermaops.store import S3Uri
 
 HELP = "report the run: markdown report on S3 and a Slack message"
-PIPELINE_ORDER = ("ingest", "validate", "split", "train_baseline", "train", "evaluate")
-FAILED_STATES = ("failed", "upstream_failed")
 REPORT = "report.md"
 log = logging.getLogger(__name__)
 
@@ -72,103 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@dataclass
-class RunReport:
-    """Everything the report and the Slack message say about one run."""
-
-    dag_id: str
-    run_id: str
-    outcome: str
-    states: list[tuple[str, str]]
-    errors: dict[str, str]
-    report_uri: str
-    duration_s: float | None = None
-    dataset_uri: str | None = None
-    dataset_version: str | None = None
-    n_images: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    promoted: bool | None = None
-    promotion_reason: str | None = None
-    champion_uri: str | None = None
-    artifacts: dict[str, str] = field(default_factory=dict)
-    summaries: dict[str, dict] = field(default_factory=dict)
-
-
-def _ordered(states: dict[str, str]) -> list[tuple[str, str]]:
-    known = [t for t in PIPELINE_ORDER if t in states]
-    return [(t, states[t]) for t in known + sorted(set(states) - set(known))]
-
-
-def build_report(args, report_uri: S3Uri) -> RunReport:
-    states = {str(task): str(state) for task, state in args.states.items()}
-    summaries = {t: (r or {}).get("summary") or {} for t, r in args.results.items()}
-    errors = {t: r["error"] for t, r in args.results.items() if isinstance(r, dict) and r.get("error")}
-    outcome = "failed" if any(s in FAILED_STATES for s in states.values()) else "success"
-    ingest, evaluation = summaries.get("ingest", {}), summaries.get("evaluate", {})
-    duration = None
-    if args.started_at is not None:
-        duration = (dt.datetime.now(dt.UTC) - args.started_at).total_seconds()
-    artifacts: dict[str, str] = {}  # name -> URI, each URI once (later stages repeat the dataset's)
-    for task in [t for t, _ in _ordered({t: "" for t in summaries})]:
-        for key, value in sorted(summaries[task].items()):
-            if key.endswith("_uri") and isinstance(value, str) and value not in artifacts.values():
-                artifacts[f"{task}.{key}"] = value
-    return RunReport(
-        dag_id=args.dag_id,
-        run_id=args.run_id,
-        outcome=outcome,
-        states=_ordered(states),
-        errors=errors,
-        report_uri=str(report_uri),
-        duration_s=duration,
-        dataset_uri=ingest.get("dataset_uri"),
-        dataset_version=ingest.get("dataset_version"),
-        n_images=ingest.get("n_images"),
-        metrics={k: evaluation[k] for k, _ in slack.METRIC_LABELS if isinstance(evaluation.get(k), int | float)},
-        promoted=evaluation.get("promoted"),
-        promotion_reason=evaluation.get("promotion_reason"),
-        champion_uri=evaluation.get("champion_uri"),
-        artifacts=artifacts,
-        summaries=summaries,
-    )
-
-
-def render_markdown(report: RunReport) -> str:
-    lines = [
-        f"# DermaOps run report: {report.run_id}",
-        "",
-        f"- DAG: `{report.dag_id}`",
-        f"- Outcome: **{report.outcome}**",
-        f"- Duration: {slack.format_duration(report.duration_s)}",
-        f"- Dataset: {report.dataset_version or 'n/a'} ({report.dataset_uri or 'not ingested'})",
-        "",
-        "## Tasks",
-        "",
-        "| task | state | error |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {task} | {state} | {report.errors.get(task, '')} |" for task, state in report.states]
-    lines += ["", "## Test metrics", ""]
-    if report.metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [
-            f"| {label} | {report.metrics[key]:.4f} |" for key, label in slack.METRIC_LABELS if key in report.metrics
-        ]
-    else:
-        lines.append("No evaluation in this run.")
-    lines += ["", "## Promotion", ""]
-    if report.promoted is None:
-        lines.append("No decision: evaluation did not run.")
-    else:
-        verdict = "promoted to champion" if report.promoted else "not promoted"
-        lines.append(f"The challenger was **{verdict}**: {report.promotion_reason or 'no reason recorded'}.")
-        if report.champion_uri:
-            lines.append(f"Champion record: {report.champion_uri}")
-    lines += ["", "## Artifacts", ""]
-    lines += [f"- {name}: {uri}" for name, uri in sorted(report.artifacts.items())] or ["None."]
-    return "\n".join(lines) + "\n"
-
-
 def run(args, ctx) -> dict:
     out_prefix = S3Uri.parse(args.report_out)
     target = slack.SlackTarget.from_env(args.channel)  # a half-configured Slack fails before anything is written
@@ -181,7 +83,9 @@ def run(args, ctx) -> dict:
         return skipped(finished)
     out.unpublish()
 
-    report = build_report(args, out.uri(REPORT))
+    report = build_report(
+        args.dag_id, args.run_id, args.states, args.results, str(out.uri(REPORT)), started_at=args.started_at
+    )
     out.put_text(REPORT, render_markdown(report), "text/markdown; charset=utf-8")
     out.put_json("report.json", asdict(report))
     log.info("run report written to %s (outcome %s)", report.report_uri, report.outcome)
@@ -190,7 +94,7 @@ def run(args, ctx) -> dict:
         log.info("Slack skipped: %s is not set (the report is at %s)", slack.TOKEN_ENV, report.report_uri)
         posted = {"slack": "skipped"}
     else:
-        text, blocks = slack.run_message(report)
+        text, blocks = slack_message(report)
         message = slack.post_message(target, text, blocks)
         posted = {"slack": "posted", "slack_channel": message["channel"], "slack_ts": message["ts"]}
 

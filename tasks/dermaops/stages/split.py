@@ -20,6 +20,7 @@ import io
 import logging
 from pathlib import Path
 
+from dermaops.config import SPLIT_STRATEGIES, SplitConfig
 from dermaops.dataset import CLASSES, Dataset
 from dermaops.errors import StageError
 from dermaops.stage import fingerprint, skipped
@@ -27,7 +28,8 @@ from dermaops.store import ArtifactStore, S3Uri, sha256_bytes
 
 HELP = "train/val/test split: stratified by dx, grouped by lesion (or image-level / official DermaMNIST)"
 
-STRATEGIES = ("lesion", "image", "dermamnist")
+STRATEGIES = SPLIT_STRATEGIES
+CONFIG = SplitConfig  # --strategy and --seed
 DESCRIPTIONS = {
     "lesion": "stratified by dx, grouped by lesion_id (no lesion in two splits), fractions by images per class",
     "image": "image-level, stratified by dx, lesions ignored (the seed report's split, kept for comparison)",
@@ -48,24 +50,11 @@ def _fractions(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _seed(text: str) -> int:
-    # numpy seeds are unsigned 32-bit; sklearn's random_state too.
-    try:
-        seed = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= seed < 2**32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32-1, got {seed}")
-    return seed
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", required=True, help="published dataset version (s3://<b>/datasets/ham10000/<version>)"
     )
     parser.add_argument("--out", required=True, help="output prefix (s3://<b>/runs/<run_id>/split)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="lesion", help="how images are assigned to splits")
-    parser.add_argument("--seed", type=_seed, default=42, help="random seed (lesion and image strategies)")
     parser.add_argument(
         "--fractions",
         type=_fractions,

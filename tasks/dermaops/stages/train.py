@@ -25,181 +25,55 @@ orchestrator retry of a forced run still resumes.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import shutil
 import time
+from dataclasses import asdict
+from pathlib import Path
 
+from dermaops.config import TrainConfig
 from dermaops.dataset import CLASSES
 from dermaops.errors import StageError
-from dermaops.models import ARCHS, STEMS, imagenet_weights_path
+from dermaops.models import imagenet_weights_path
 from dermaops.stage import fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
 
 HELP = "two-phase ResNet training (frozen backbone/head, then fine-tune the last block); resumable"
+CONFIG = TrainConfig
 CHECKPOINT = "checkpoints/last.pt"
-BEST_FILES = ("cnn.pt", "cnn_phase1.pt")
+BEST_FILES = {"best": "cnn.pt", "best_phase1": "cnn_phase1.pt"}  # TrainState field -> file
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input and output locations; the settings come from CONFIG (dermaops.config.TrainConfig)."""
     parser.add_argument("--split", required=True, help="split output prefix (s3://<b>/runs/<run_id>/split)")
     parser.add_argument("--out", required=True, help="output prefix (s3://<b>/runs/<run_id>/models/cnn)")
-    parser.add_argument("--arch", choices=ARCHS, default="resnet50", help="torchvision ResNet backbone")
-    parser.add_argument(
-        "--pretrained",
-        default="none",
-        help="initial weights: none, imagenet (torchvision weights, must be in the torch hub cache), "
-        "or a local path / s3:// URI to a state_dict or DermaOps checkpoint",
-    )
-    parser.add_argument("--image-size", type=int, default=64, help="square input size in px (the cache resizes)")
-    parser.add_argument(
-        "--stem", choices=STEMS, default="auto", help="ResNet stem: auto = small (3x3, no max-pool) below 40 px"
-    )
-    parser.add_argument("--epochs", type=int, default=20, help="phase-1 epochs")
-    parser.add_argument("--finetune-epochs", type=int, default=5, help="phase-2 (fine-tuning) epochs")
-    parser.add_argument("--finetune-depth", type=int, default=1, help="residual stages unfrozen in phase 2 (1-4)")
-    parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    parser.add_argument("--lr", type=float, default=2e-3, help="phase-1 peak learning rate (AdamW, one-cycle)")
-    parser.add_argument("--finetune-lr", type=float, default=1e-5, help="phase-2 peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the training loss")
-    parser.add_argument(
-        "--class-weights",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="weight the loss by inverse class frequency of the training split",
-    )
-    parser.add_argument(
-        "--class-weight-power",
-        type=float,
-        default=1.0,
-        help="class weight = (inverse frequency) ** power: 1 balances classes fully, 0.5 is milder",
-    )
-    parser.add_argument(
-        "--augment", action=argparse.BooleanOptionalAction, default=True, help="augment training batches"
-    )
-    parser.add_argument(
-        "--patience", type=int, default=5, help="early stopping: epochs without a better val macro F1 (0 = off)"
-    )
-    parser.add_argument(
-        "--calibrate",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="after training, fit a logit adjustment (bias = -tau * log train prior, one tau maximising val "
-        "macro F1 on test-time-augmented val predictions) and store it in cnn.pt's meta; every predict_proba "
-        "of that checkpoint applies it",
-    )
-    parser.add_argument("--seed", type=int, default=42, help="random seed (init, shuffling, augmentation)")
-    parser.add_argument("--num-threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")
-    parser.add_argument(
-        "--max-train-images",
-        type=int,
-        default=None,
-        help="use a seeded random subset of at most this many training images (tests, benchmarks)",
-    )
 
 
-def _check_args(args) -> None:
-    """Every flag checked before anything is read or written."""
-    bounds = [
-        ("--epochs", args.epochs, 0),
-        ("--finetune-epochs", args.finetune_epochs, 0),
-        ("--batch-size", args.batch_size, 1),
-        ("--patience", args.patience, 0),
-        ("--num-threads", args.num_threads, 0),
-    ]
-    for flag, value, low in bounds:
-        if value < low:
-            raise StageError(f"{flag} must be >= {low}, got {value}")
-    if args.epochs + args.finetune_epochs == 0:
-        raise StageError("--epochs and --finetune-epochs are both 0: nothing to train")
-    if not 1 <= args.finetune_depth <= 4:
-        raise StageError(f"--finetune-depth must be 1..4 (residual stages from the end), got {args.finetune_depth}")
-    if not 8 <= args.image_size <= 1024:
-        raise StageError(f"--image-size must be 8..1024 px, got {args.image_size}")
-    for flag, value in (("--lr", args.lr), ("--finetune-lr", args.finetune_lr)):
-        if not value > 0:
-            raise StageError(f"{flag} must be > 0, got {value}")
-    if args.weight_decay < 0:
-        raise StageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0 <= args.label_smoothing < 1:
-        raise StageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if not 0 <= args.class_weight_power <= 2:
-        raise StageError(f"--class-weight-power must be in [0, 2], got {args.class_weight_power}")
-    if args.max_train_images is not None and args.max_train_images < 2:
-        raise StageError(f"--max-train-images must be >= 2, got {args.max_train_images}")
+def _check_locations(args, cfg: TrainConfig) -> None:
+    """The flags that name things (the range checks of the settings ran in the CLI already)."""
     S3Uri.parse(args.split)
     S3Uri.parse(args.out)
-    p = args.pretrained
+    p = cfg.pretrained
     if p == "imagenet":
-        imagenet_weights_path(args.arch)
-    elif p != "none" and not p.startswith("s3://"):
-        from pathlib import Path
-
-        if not Path(p).is_file():
-            raise StageError(f"--pretrained {p!r}: no such file (allowed: none, imagenet, a file path, an s3:// URI)")
+        imagenet_weights_path(cfg.arch)
+    elif p != "none" and not p.startswith("s3://") and not Path(p).is_file():
+        raise StageError(f"--pretrained {p!r}: no such file (allowed: none, imagenet, a file path, an s3:// URI)")
 
 
-def _read_split_csv(store, split_uri: S3Uri, name: str):
-    import pandas as pd
-
-    frame = pd.read_csv(io.BytesIO(store.get_bytes(split_uri.join(name))))
-    missing = [c for c in ("image_id", "dx", "label") if c not in frame.columns]
-    if missing:
-        raise StageError(f"{split_uri.join(name)} lacks columns {missing}")
-    expected = frame["dx"].map({c: i for i, c in enumerate(CLASSES)})
-    bad = frame[expected != frame["label"]]
-    if len(bad):
-        raise StageError(
-            f"{split_uri.join(name)}: label does not match dx for {len(bad)} rows "
-            f"(first: {bad['image_id'].iloc[0]} dx={bad['dx'].iloc[0]} label={bad['label'].iloc[0]})"
-        )
-    if frame.empty:
-        raise StageError(f"{split_uri.join(name)} has no rows")
-    return frame
-
-
-def _fingerprint(args, split_manifest: dict) -> str:
-    params = {
-        k: getattr(args, k)
-        for k in (
-            "arch pretrained image_size stem epochs finetune_epochs finetune_depth batch_size lr finetune_lr "
-            "weight_decay label_smoothing class_weights class_weight_power augment patience seed max_train_images "
-            "calibrate"
-        ).split()
-    }
-    return fingerprint(split=args.split, split_fingerprint=split_manifest.get("fingerprint"), **params)
-
-
-def _resume(ctx, out, trainer, work) -> bool:
-    """Load checkpoints/last.pt (and the best models so far) if an interrupted run of the same training left them."""
-    import torch
-
+def _resume(ctx, out, trainer, work: Path) -> bool:
+    """Hand the trainer the checkpoint an interrupted run of the same training left in S3 (if any)."""
     if not ctx.store.exists(out.uri(CHECKPOINT)):
         return False
-    path = ctx.store.download(out.uri(CHECKPOINT), work / CHECKPOINT)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob.get("meta", {}).get("fingerprint") != out.fingerprint:
-        log.info("ignoring %s: it belongs to a training with other inputs", out.uri(CHECKPOINT))
-        return False
-    trainer.restore(blob)
-    st = trainer.state
-    for name, key in zip(BEST_FILES, ("best", "best_phase1"), strict=True):
-        if not ctx.store.exists(out.uri(name)):
-            continue
-        meta = torch.load(ctx.store.download(out.uri(name), work / name), map_location="cpu", weights_only=True)["meta"]
-        if meta["epoch"] > st["epoch"]:
-            # Saved by the crashed attempt in the epoch it did not finish: a genuinely better model
-            # than the checkpoint's best, so it stays the one to beat.
-            st[key] = {"epoch": meta["epoch"], "phase": meta["phase"], "val_macro_f1": meta["val"]["macro_f1"]}
-    log.info(
-        "resuming from epoch %d: checkpoint after epoch %d (phase %d), %d history rows kept",
-        st["epoch"] + 1, st["epoch"], st["phase"], len(st["history"]),
-    )  # fmt: skip
-    return True
+    last = ctx.store.download(out.uri(CHECKPOINT), work / CHECKPOINT)
+    best = {
+        key: ctx.store.download(out.uri(name), work / name)
+        for key, name in BEST_FILES.items()
+        if ctx.store.exists(out.uri(name))
+    }
+    return trainer.resume(last, best)
 
 
 def _calibrate(path, val_images, val_df, train_df, device) -> dict:
@@ -219,7 +93,8 @@ def _calibrate(path, val_images, val_df, train_df, device) -> dict:
 
 
 def run(args, ctx) -> dict:
-    _check_args(args)
+    cfg: TrainConfig = args.config
+    _check_locations(args, cfg)
     import numpy as np
     import torch
 
@@ -227,55 +102,38 @@ def run(args, ctx) -> dict:
     from dermaops.imagecache import cache_uri, load_images
     from dermaops.models import pick_device
     from dermaops.plots import plot_history
-    from dermaops.training import Split, TrainConfig, Trainer
+    from dermaops.split_files import read_split_csv
+    from dermaops.training import Split, Trainer
 
     started = time.monotonic()
     split_uri = S3Uri.parse(args.split)
     split_manifest = read_manifest(ctx.store, split_uri, "split")
-    if args.pretrained.startswith("s3://") and not ctx.store.exists(args.pretrained):
-        raise StageError(f"--pretrained {args.pretrained}: no such object")
-    device = pick_device(args.device)
-    out = ctx.output(args.out, "train", _fingerprint(args, split_manifest))
+    if cfg.pretrained.startswith("s3://") and not ctx.store.exists(cfg.pretrained):
+        raise StageError(f"--pretrained {cfg.pretrained}: no such object")
+    device = pick_device(cfg.device)
+    fp = fingerprint(split=args.split, split_fingerprint=split_manifest.get("fingerprint"), **cfg.fingerprint_inputs())
+    out = ctx.output(args.out, "train", fp)
     done = out.finished()
     if done and not args.force:
         log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", out.prefix)
         return skipped(done)
 
-    train_df = _read_split_csv(ctx.store, split_uri, "train.csv")
-    val_df = _read_split_csv(ctx.store, split_uri, "val.csv")
-    if args.max_train_images is not None and len(train_df) > args.max_train_images:
-        train_df = train_df.sample(n=args.max_train_images, random_state=args.seed).sort_index()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    train_df = read_split_csv(ctx.store, split_uri, "train")
+    val_df = read_split_csv(ctx.store, split_uri, "val")
+    if cfg.max_train_images is not None and len(train_df) > cfg.max_train_images:
+        train_df = train_df.sample(n=cfg.max_train_images, random_state=cfg.seed).sort_index()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
 
     dataset_uri = split_manifest["summary"]["dataset_uri"]
     dataset = Dataset.open(ctx.store, dataset_uri, ctx.scratch)
-    cache = load_images(ctx, dataset, args.image_size)
+    cache = load_images(ctx, dataset, cfg.image_size)
 
     def to_split(frame) -> Split:
         images = torch.from_numpy(cache.rows(frame["image_id"].tolist())).to(device)
         labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.int64, device=device)
         return Split(images, labels)
 
-    cfg = TrainConfig(
-        arch=args.arch,
-        image_size=args.image_size,
-        stem=args.stem,
-        pretrained=args.pretrained,
-        epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs,
-        finetune_depth=args.finetune_depth,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        finetune_lr=args.finetune_lr,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        class_weights=args.class_weights,
-        patience=args.patience,
-        seed=args.seed,
-        augment=args.augment,
-        class_weight_power=args.class_weight_power,
-    )
     # Local files of an earlier attempt are never trusted: a resume takes its state from S3 alone.
     work = ctx.scratch / "train" / out.fingerprint[:16]
     shutil.rmtree(work, ignore_errors=True)
@@ -287,7 +145,7 @@ def run(args, ctx) -> dict:
     extra_meta = {
         "dataset_version": dataset.version,
         "split_uri": str(split_uri),
-        "image_cache": str(cache_uri(dataset, args.image_size)),
+        "image_cache": str(cache_uri(dataset, cfg.image_size)),
         "fingerprint": out.fingerprint,
     }
     trainer = Trainer(cfg, list(CLASSES), to_split(train_df), to_split(val_df), device, work, extra_meta, upload)
@@ -295,38 +153,38 @@ def run(args, ctx) -> dict:
     # Inputs are all good: from here on the output prefix changes.
     out.unpublish()
     if done:  # --force on a finished training starts over instead of resuming the finished one.
-        for name in (CHECKPOINT, *BEST_FILES):
+        for name in (CHECKPOINT, *BEST_FILES.values()):
             if ctx.store.exists(out.uri(name)):
                 ctx.store.delete(out.uri(name))
     resumed = _resume(ctx, out, trainer, work)
     log.info(
         "training %s at %d px (stem %s) on %s: %d train / %d val images, %d steps per epoch",
-        args.arch, args.image_size, trainer.meta["stem"], device, len(train_df), len(val_df), trainer.steps_per_epoch,
+        cfg.arch, cfg.image_size, trainer.meta["stem"], device, len(train_df), len(val_df), trainer.steps_per_epoch,
     )  # fmt: skip
     state = trainer.run()
 
     adjustment = None
-    if args.calibrate:
+    if cfg.calibrate:
         adjustment = _calibrate(work / "cnn.pt", cache.rows(val_df["image_id"].tolist()), val_df, train_df, device)
         upload("cnn.pt", work / "cnn.pt")
-    history = state["history"]
+    history = state.history
     out.put_json("history.json", history)
     for name, path in plot_history(history, work / "curves").items():
         out.put_file(name, path, content_type="image/png")
-    for name in (*BEST_FILES, CHECKPOINT):  # uploaded while training (maybe by the crashed attempt)
+    for name in (*BEST_FILES.values(), CHECKPOINT):  # uploaded while training (maybe by the crashed attempt)
         if name not in out.files and (work / name).exists():
             upload(name, work / name)
-    best = state["best"]
+    best = state.best
     summary = {
         "model_uri": str(out.uri("cnn.pt")),
-        "phase1_model_uri": str(out.uri("cnn_phase1.pt")) if state["best_phase1"] else None,
+        "phase1_model_uri": str(out.uri("cnn_phase1.pt")) if state.best_phase1 else None,
         "history_uri": str(out.uri("history.json")),
-        "best_val_macro_f1": round(best["val_macro_f1"], 4),
-        "best_epoch": best["epoch"],
-        "best_phase": best["phase"],
+        "best_val_macro_f1": round(best.val_macro_f1, 4),
+        "best_epoch": best.epoch,
+        "best_phase": best.phase,
         "epochs_run": len(history),
-        "arch": args.arch,
-        "image_size": args.image_size,
+        "arch": cfg.arch,
+        "image_size": cfg.image_size,
         "stem": trainer.meta["stem"],
         "device": device,
         "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
@@ -337,5 +195,5 @@ def run(args, ctx) -> dict:
         "dataset_version": dataset.version,
         "train_seconds": round(time.monotonic() - started, 1),
     }
-    out.publish(summary, split_uri=str(split_uri), config=vars(args))
+    out.publish(summary, split_uri=str(split_uri), config={"split": args.split, "out": args.out, **asdict(cfg)})
     return summary

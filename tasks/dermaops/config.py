@@ -1,0 +1,496 @@
+"""Every stage setting, defined once: type, default, bounds, help, and whether the DAG's trigger form offers it.
+
+A stage's settings are one frozen dataclass (`TrainConfig`, ...). Everything else is derived from it:
+
+- the argparse flags (`add_arguments`): `max_train_images` becomes `--max-train-images`, a bool `--x/--no-x`;
+- the checks (`from_args`): every number finite and within its bounds, run by the CLI right after
+  parsing, before the stage reads, writes or deletes anything (exit 2, one line naming the flag);
+- the fingerprint inputs (`fingerprint_inputs`): the settings that change what the stage produces;
+- the DAG's trigger-form `Param` schemas (`param_schema`) and the argv items the DAG renders from
+  them (`dag_argv`), including the named recipes (`RECIPES`) whose values a blank param takes.
+
+Adding a setting is one field here plus the code that uses it. This module imports nothing heavy
+(the DAG file and the Airflow plugin import it at parse time): the standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from dermaops.errors import StageError
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+STEMS = ("auto", "imagenet", "small")
+DEVICES = ("auto", "cpu", "cuda")
+PRIMARY_METRICS = ("macro_f1", "weighted_f1", "balanced_accuracy", "accuracy", "macro_auc")
+SPLIT_STRATEGIES = ("lesion", "image", "dermamnist")
+BASELINE_CLASS_WEIGHTS = ("balanced", "none")
+SEED_MAX = 2**32 - 1  # numpy and sklearn seeds are unsigned 32-bit
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a config field is besides its type and default."""
+
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed (a learning rate of 0)
+    hi_open: bool = False
+    choices: tuple = ()
+    param_choices: tuple = ()  # the subset the trigger form offers, when some choices need flags it does not pass
+    # The trigger-form param that feeds this flag (True: the field's own name). `owner=False` when the
+    # param is defined by another stage's field (one seed for split, baseline and train).
+    param: bool | str = False
+    owner: bool = True
+    title: str | None = None
+    # In the fingerprint: True; False for settings that cannot change the outputs (threads, device);
+    # "if-set" for settings added later, left out at their default so earlier outputs stay valid.
+    fingerprint: bool | str = True
+    fingerprint_key: str | None = None  # the key earlier fingerprints used, when it is not the field's name
+
+
+def setting(default: Any, help: str, **spec: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(help=help, **spec)})
+
+
+@functools.cache  # the classes never change; the DAG file asks for every param at parse time
+def _settings(cls) -> tuple[tuple[dataclasses.Field, Setting, type, bool], ...]:
+    """(field, Setting, base type, nullable) of each setting field of a config class."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("setting")
+        if spec is None:
+            continue
+        kind, nullable = hints[f.name], False
+        args = typing.get_args(kind)
+        if type(None) in args:
+            nullable, kind = True, next(a for a in args if a is not type(None))
+        out.append((f, spec, kind, nullable))
+    return tuple(out)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def bounds_text(spec: Setting) -> str:
+    """The allowed values in words: "1..4", ">= 0", "> 0 and <= 1", "one of a, b"."""
+    if spec.choices:
+        return "one of " + ", ".join(map(str, spec.choices))
+    if spec.lo is not None and spec.hi is not None and not (spec.lo_open or spec.hi_open):
+        return f"{_num(spec.lo)}..{_num(spec.hi)}"
+    parts = []
+    if spec.lo is not None:
+        parts.append(f"{'>' if spec.lo_open else '>='} {_num(spec.lo)}")
+    if spec.hi is not None:
+        parts.append(f"{'<' if spec.hi_open else '<='} {_num(spec.hi)}")
+    return " and ".join(parts)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def _in_bounds(spec: Setting, value: float) -> bool:
+    if spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo):
+        return False
+    return not (spec.hi is not None and (value >= spec.hi if spec.hi_open else value > spec.hi))
+
+
+class StageConfig:
+    """Base of the per-stage config dataclasses: the derivations every stage shares."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f, spec, kind, _ in _settings(cls):
+            kwargs: dict[str, Any] = {"default": f.default, "dest": f.name}
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = kind
+                if spec.choices:
+                    kwargs["choices"] = spec.choices
+            extra = (
+                ""
+                if spec.choices or kind is bool or not (spec.lo is not None or spec.hi is not None)
+                else (f" ({bounds_text(spec)})")
+            )
+            parser.add_argument(flag(f.name), help=spec.help + extra, **kwargs)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        """The config of parsed flags; StageError (exit 2) naming the first flag that is not finite or in bounds."""
+        values = {}
+        for f, spec, kind, _ in _settings(cls):
+            value = getattr(args, f.name)
+            if value is not None and kind in (int, float):
+                if not math.isfinite(value):
+                    raise StageError(f"{flag(f.name)} must be a finite number, got {value}")
+                if not _in_bounds(spec, value):
+                    raise StageError(f"{flag(f.name)} must be {bounds_text(spec)}, got {value}")
+            values[f.name] = value
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Rules across settings (override); single-setting bounds are checked by from_args."""
+
+    def fingerprint_inputs(self) -> dict[str, Any]:
+        out = {}
+        for f, spec, _, _ in _settings(type(self)):
+            value = getattr(self, f.name)
+            if spec.fingerprint is False or (spec.fingerprint == "if-set" and value == f.default):
+                continue
+            out[spec.fingerprint_key or f.name] = value
+        return out
+
+
+# -- the stages' settings -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SplitConfig(StageConfig):
+    strategy: str = setting(
+        "lesion",
+        "how images are assigned to splits: lesion = stratified by dx and grouped by lesion_id (honest); "
+        "image = image-level like the seed report (leaks lesions, for comparison only); dermamnist = the "
+        "official DermaMNIST assignment (needs --official-splits)",
+        choices=SPLIT_STRATEGIES,
+        param_choices=("lesion", "image"),
+        param="split_strategy",
+        title="Split strategy",
+    )
+    seed: int = setting(
+        42, "random seed of the split, the baseline and the CNN training", lo=0, hi=SEED_MAX, param=True,
+        title="Random seed",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BaselineConfig(StageConfig):
+    class_weight: str = setting(
+        "balanced",
+        "balanced: weight classes by inverse frequency; none: plain majority-driven fit",
+        choices=BASELINE_CLASS_WEIGHTS,
+    )
+    n_estimators: int = setting(
+        300, "trees in the Random Forest baseline", lo=1, hi=5000, param="baseline_trees", title="Baseline trees"
+    )
+    max_depth: int | None = setting(None, "maximum tree depth (default: unlimited)", lo=1, hi=1000)
+    min_samples_leaf: int = setting(2, "minimum samples per leaf", lo=1, hi=100_000)
+    image_size: int = setting(
+        28, "image cache size (px) the features are computed on", lo=8, hi=512, param=True, owner=False
+    )
+    seed: int = setting(42, "random seed of the forest", lo=0, hi=SEED_MAX, param=True, owner=False)
+    n_jobs: int = setting(-1, "parallel tree jobs (-1: all cores)", lo=-1, hi=1024, fingerprint=False)
+
+    def check(self) -> None:
+        if self.n_jobs == 0:
+            raise StageError("--n-jobs must be a positive count or -1 for all cores (got 0)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(StageConfig):
+    arch: str = setting("resnet50", "torchvision ResNet backbone", choices=ARCHS, param=True, title="Architecture")
+    pretrained: str = setting(
+        "none",
+        "initial weights: none, imagenet (torchvision weights, must be in the torch hub cache), or a local path / "
+        "s3:// URI to a state_dict or DermaOps checkpoint",
+        param=True,
+        title="Initial weights",
+    )
+    image_size: int = setting(
+        64, "square input size in px (the image cache resizes)", lo=8, hi=512, param=True, title="Image size in px"
+    )
+    stem: str = setting("auto", "ResNet stem: auto = small (3x3, no max-pool) below 40 px", choices=STEMS)
+    epochs: int = setting(
+        20,
+        "phase-1 epochs: the classifier head on a frozen backbone with pretrained weights, the whole network "
+        "with --pretrained none",
+        lo=0,
+        hi=500,
+        param=True,
+        title="Epochs (phase 1)",
+    )
+    finetune_epochs: int = setting(
+        5, "phase-2 epochs: the last --finetune-depth residual stages and the head", lo=0, hi=200, param=True,
+        title="Fine-tuning epochs (phase 2)",
+    )  # fmt: skip
+    finetune_depth: int = setting(
+        1, "residual stages unfrozen in phase 2 (1 = layer4)", lo=1, hi=4, param=True, title="Fine-tuning depth"
+    )
+    batch_size: int = setting(128, "training batch size", lo=1, hi=4096, param=True, title="Batch size")
+    lr: float = setting(
+        2e-3, "phase-1 peak learning rate (AdamW, one-cycle)", lo=0, lo_open=True, hi=1, param=True,
+        title="Learning rate (phase 1)",
+    )  # fmt: skip
+    finetune_lr: float = setting(
+        1e-5, "phase-2 peak learning rate", lo=0, lo_open=True, hi=1, param=True, title="Learning rate (phase 2)"
+    )
+    weight_decay: float = setting(5e-4, "AdamW weight decay", lo=0, hi=1, param=True, title="Weight decay")
+    label_smoothing: float = setting(
+        0.0, "label smoothing of the training loss", lo=0, hi=0.5, param=True, title="Label smoothing"
+    )
+    class_weights: bool = setting(True, "weight the loss by inverse class frequency of the training split")
+    class_weight_power: float = setting(
+        1.0,
+        "class weight = (inverse class frequency) ** power: 1 balances the classes fully, 0.5 is milder (better "
+        "accuracy, slightly lower minority recall), 0 turns class weights off",
+        lo=0,
+        hi=2,
+        param=True,
+        title="Class weight power",
+    )
+    augment: bool = setting(True, "augment training batches")
+    patience: int = setting(5, "early stopping: epochs without a better val macro F1 (0 = off)", lo=0, hi=1000)
+    calibrate: bool = setting(
+        False,
+        "after training, fit a logit adjustment (bias = -tau * log train prior, one tau maximising val macro F1 on "
+        "test-time-augmented val predictions) and store it in cnn.pt's meta; every predict_proba of that "
+        "checkpoint applies it",
+    )
+    seed: int = setting(42, "random seed (init, shuffling, augmentation)", lo=0, hi=SEED_MAX, param=True, owner=False)
+    num_threads: int = setting(0, "CPU threads for torch (0 = torch's default)", lo=0, hi=1024, fingerprint=False)
+    device: str = setting("auto", "training device", choices=DEVICES, fingerprint=False)
+    max_train_images: int | None = setting(
+        None,
+        "train on a seeded random subset of at most this many training images (quick runs, tests)",
+        lo=2,
+        hi=10**7,
+        param=True,
+        title="Max training images",
+    )
+    ema_decay: float = setting(
+        0.0,
+        "exponential moving average of the weights, updated every step with this decay (e.g. 0.999); validation, "
+        "the best checkpoints and evaluation then use the averaged weights (0 = off)",
+        lo=0,
+        hi=1,
+        hi_open=True,
+        param=True,
+        title="EMA decay",
+        fingerprint="if-set",
+    )
+
+    def check(self) -> None:
+        if self.epochs + self.finetune_epochs == 0:
+            raise StageError("--epochs and --finetune-epochs are both 0: nothing to train")
+
+    def phase_epochs(self, phase: int) -> int:
+        return self.epochs if phase == 1 else self.finetune_epochs
+
+    def phase_lr(self, phase: int) -> float:
+        return self.lr if phase == 1 else self.finetune_lr
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(StageConfig):
+    primary_metric: str = setting("macro_f1", "metric the challenger must improve", choices=PRIMARY_METRICS)
+    promotion_margin: float = setting(
+        0.005,
+        "the challenger must beat the re-scored champion's primary metric by more than this; on the 1,000-image "
+        "lesion-grouped test split one more correct df image (of 11) moves macro F1 by about 0.004, so 0.005 asks "
+        "for more than a single rare-image flip",
+        lo=0,
+        hi=1,
+        param=True,
+        title="Promotion margin",
+        fingerprint_key="margin",
+    )
+    mel_recall_floor: float = setting(
+        0.5,
+        "minimum melanoma recall on the test split for any promotion (the seed model reached 0.55; below 0.5 the "
+        "model misses most melanomas)",
+        lo=0,
+        hi=1,
+        param=True,
+        title="Melanoma recall floor",
+        fingerprint_key="floor",
+    )
+    gradcam_images: int = setting(8, "melanoma test images in the Grad-CAM grid", lo=1, hi=64)
+    tta: bool = setting(
+        True,
+        "test-time augmentation: average the softmax over the 8 flips/quarter turns of each image (every one is a "
+        "valid view of a dermatoscopic image and training augments with them); applied alike to the challenger, "
+        "the frozen model and the re-scored champion",
+    )
+    batch_size: int = setting(256, "inference batch size", lo=1, hi=65536, fingerprint=False)
+    device: str = setting("auto", "inference device", choices=DEVICES, fingerprint=False)
+
+
+CONFIGS: dict[str, type[StageConfig]] = {
+    "split": SplitConfig,
+    "train_baseline": BaselineConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+}
+
+# -- the DAG's trigger form ---------------------------------------------------------------------------
+DATAVERSE_SOURCE = "https://dataverse.harvard.edu/dataset.xhtml?persistentId=doi:10.7910/DVN/DBW86T"
+
+# Named recipes: a blank (null) recipe param takes the chosen recipe's value. quick-cpu is the
+# benchmarks/quality.py recipe for 28 px data on a CPU with 3 + 1 epochs instead of 20 + 3 (minutes on
+# a CPU worker); full-gpu is the long recipe meant for a GPU worker.
+RECIPES: dict[str, dict[str, Any]] = {
+    "quick-cpu": {
+        "arch": "resnet18",
+        "image_size": 48,
+        "epochs": 3,
+        "finetune_epochs": 1,
+        "finetune_depth": 2,
+        "batch_size": 128,
+        "lr": 3e-3,
+        "finetune_lr": 3e-4,
+        "label_smoothing": 0.1,
+        "class_weight_power": 0.5,
+        "baseline_trees": 100,
+    },
+    "full-gpu": {
+        "arch": "resnet50",
+        "image_size": 64,
+        "epochs": 20,
+        "finetune_epochs": 5,
+        "finetune_depth": 1,
+        "batch_size": 128,
+        "lr": 2e-3,
+        "finetune_lr": 1e-5,
+        "label_smoothing": 0.0,
+        "class_weight_power": 1.0,
+        "baseline_trees": 300,
+    },
+}
+DEFAULT_RECIPE = "quick-cpu"
+
+# Trigger-form params that are not a stage setting: (default, JSON schema, title, description).
+RUN_PARAMS: dict[str, dict[str, Any]] = {
+    "recipe": {
+        "default": DEFAULT_RECIPE,
+        "enum": list(RECIPES),
+        "title": "Recipe",
+        "description": "quick-cpu: ResNet18 at 48 px, 3 + 1 epochs, minutes on a CPU worker; full-gpu: ResNet50 at "
+        "64 px, 20 + 5 epochs, meant for a GPU worker. Every training param left blank takes the recipe's value.",
+    },
+    "source": {
+        "default": DATAVERSE_SOURCE,
+        "type": "string",
+        "minLength": 1,
+        "title": "Data source",
+        "description": "Where HAM10000 comes from: an http(s) base URL, a Dataverse dataset URL or doi:..., an s3:// "
+        "prefix, or a directory on the worker, in the official layout (metadata CSV + two image zips).",
+    },
+    # ["boolean", "null"]: Airflow's form marks every param whose type has no "null" as required, and a
+    # switch is never "missing".
+    "force_ingest": {
+        "default": False,
+        "type": ["boolean", "null"],
+        "title": "Force ingest",
+        "description": "On: re-download and re-verify the data even if this content is stored.",
+    },
+    "force_retrain": {
+        "default": False,
+        "type": ["boolean", "null"],
+        "title": "Force retrain",
+        "description": "On: retrain both models even if this run already has finished ones.",
+    },
+}
+
+
+@functools.cache
+def param_settings() -> dict[str, tuple[str, dataclasses.Field, Setting, type, bool]]:
+    """param name -> (stage, field, Setting, base type, nullable) of the field that defines the param."""
+    out: dict[str, tuple] = {}
+    for stage, cls in CONFIGS.items():
+        for f, spec, kind, nullable in _settings(cls):
+            if spec.param and spec.owner:
+                name = f.name if spec.param is True else spec.param
+                out[name] = (stage, f, spec, kind, nullable)
+    return out
+
+
+def param_name(f: dataclasses.Field, spec: Setting) -> str:
+    return f.name if spec.param is True else str(spec.param)
+
+
+def param_schema(name: str) -> dict[str, Any]:
+    """The JSON schema (plus default, title, description) of one trigger-form param.
+
+    Numbers carry their bounds in the title, the description and the schema. Recipe params default to
+    null ("the recipe's value"), so the form does not mark them required."""
+    if name in RUN_PARAMS:
+        return dict(RUN_PARAMS[name])
+    _, f, spec, kind, nullable = param_settings()[name]
+    recipe = name in RECIPES[DEFAULT_RECIPE]
+    default = None if recipe else f.default
+    json_type = {bool: "boolean", int: "integer", float: "number", str: "string"}[kind]
+    allowed = bounds_text(dataclasses.replace(spec, choices=spec.param_choices or spec.choices))
+    title = spec.title or name
+    schema: dict[str, Any] = {
+        "default": default,
+        "title": f"{title} ({allowed})" if allowed and not spec.choices else title,
+    }
+    if spec.choices:
+        schema["enum"] = [*(spec.param_choices or spec.choices), *([None] if recipe or nullable else [])]
+    else:
+        schema["type"] = [json_type, "null"] if recipe or nullable or kind is bool else json_type
+    if kind is str and not spec.choices:
+        schema["minLength"] = 1
+    if kind in (int, float):
+        # Under allOf, not at the top: Airflow 3.3's form hands a top-level minimum/maximum to its number
+        # input, which silently clamps an out-of-range entry on blur. The form itself validates only
+        # "required"; the bounds are validated when the run is triggered and shown in the description.
+        bounds = {}
+        if spec.lo is not None:
+            bounds["exclusiveMinimum" if spec.lo_open else "minimum"] = spec.lo
+        if spec.hi is not None:
+            bounds["exclusiveMaximum" if spec.hi_open else "maximum"] = spec.hi
+        schema["allOf"] = [bounds]
+    description = spec.help[0].upper() + spec.help[1:] + "."
+    if allowed:
+        description += f" Allowed: {allowed}."
+    if recipe:
+        values = ", ".join(f"{r} {values[name]}" for r, values in RECIPES.items())
+        description += f" Blank: the recipe's value ({values})."
+    elif default is not None:
+        description += f" Default: {default}."
+    schema["description"] = description
+    return schema
+
+
+def param_names() -> list[str]:
+    return [*RUN_PARAMS, *param_settings()]
+
+
+def resolve(params: typing.Mapping[str, Any], name: str) -> Any:
+    """A trigger-form param's value for this run: the param, or when it is blank the recipe's value."""
+    value = params.get(name)
+    if value is None and name in RECIPES[DEFAULT_RECIPE]:
+        recipe = params.get("recipe") or DEFAULT_RECIPE
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+        value = RECIPES[recipe][name]
+    return value
+
+
+def argv_item(flag_name: str, value: Any) -> str:
+    """One argv item for a flag and value ("" drops it: a blank optional setting keeps the stage's default)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return flag_name if value else "--no-" + flag_name[2:]
+    return f"{flag_name}={value}"
+
+
+def dag_argv(stage: str) -> list[str]:
+    """The Jinja argv items that pass a stage its trigger-form params (macro dermaops_arg renders each)."""
+    items = []
+    for f, spec, _, _ in _settings(CONFIGS[stage]):
+        if spec.param:
+            items.append(f"{{{{ dermaops_arg(params, {param_name(f, spec)!r}, {flag(f.name)!r}) }}}}")
+    return items

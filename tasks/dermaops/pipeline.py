@@ -1,0 +1,48 @@
+"""The stage registry: every stage of the pipeline once, in run order (docs/architecture.md, "The DAG").
+
+The CLI (which module runs a stage), the Airflow runner plugin (which image, GPU or not, which
+secrets), the DAG, notify (the order of its task table) and the tests all read it from here. Like
+dermaops.config it imports nothing heavy: the DAG file and the plugin import it at parse time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # the module holding HELP, add_arguments and run (CONFIG when it has settings)
+    image: str  # "data" (light image) or "torch" (PyTorch image)
+    gpu: bool  # can use a GPU (DERMAOPS_GPU=1 in docker mode; the gpu queue on Celery)
+    secrets: tuple[str, ...] = ("s3",)  # credential sets the runner hands it: "s3", "slack"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "dermaops.stages.ingest", "data", gpu=False),
+    Stage("validate", "dermaops.stages.validate", "data", gpu=False),
+    Stage("split", "dermaops.stages.split", "data", gpu=False),
+    Stage("train_baseline", "dermaops.stages.train_baseline", "data", gpu=False),
+    Stage("train", "dermaops.stages.train", "torch", gpu=True),
+    Stage("evaluate", "dermaops.stages.evaluate", "torch", gpu=True),
+    Stage("notify", "dermaops.stages.notify", "data", gpu=False, secrets=("s3", "slack")),
+)
+BY_NAME = {s.name: s for s in STAGES}
+# The stages whose outcome a run report describes (notify reports on them, it is not one of them).
+PIPELINE = tuple(s.name for s in STAGES if s.name != "notify")
+IMAGES = ("data", "torch")
+
+
+def stage(name: str) -> Stage:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r} (stages: {', '.join(BY_NAME)})") from None
+
+
+def run_key(run_id: str) -> str:
+    """A run id safe as one S3 key segment: `manual__2026-01-05T10:00:00+00:00` ->
+    `manual__2026-01-05T10-00-00-00-00` (the run's prefix is s3://<bucket>/runs/<run_key>/)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")

@@ -1,0 +1,186 @@
+"""The run report: what one pipeline run did, built from its task states and stage summaries, rendered
+as markdown (report.md in S3) and as a Slack Block Kit message. Pure: no I/O, no Slack client; the
+notify stage writes and posts what this builds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from dermaops.metrics import format_number
+from dermaops.pipeline import PIPELINE
+
+FAILED_STATES = ("failed", "upstream_failed")
+# The headline figures of the evaluate summary the report shows (dermaops.metrics.HEADLINE), labelled.
+METRIC_LABELS = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("macro_f1", "Macro F1"),
+    ("weighted_f1", "Weighted F1"),
+    ("mel_recall", "Melanoma recall"),
+    ("macro_auc", "Macro AUC"),
+)
+STATE_ICONS = {
+    "success": ":white_check_mark:",
+    "failed": ":x:",
+    "upstream_failed": ":no_entry_sign:",
+    "skipped": ":fast_forward:",
+    "removed": ":heavy_minus_sign:",
+}
+
+
+@dataclass
+class RunReport:
+    """Everything the report and the Slack message say about one run."""
+
+    dag_id: str
+    run_id: str
+    outcome: str
+    states: list[tuple[str, str]]
+    errors: dict[str, str]
+    report_uri: str
+    duration_s: float | None = None
+    dataset_uri: str | None = None
+    dataset_version: str | None = None
+    n_images: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    promoted: bool | None = None
+    promotion_reason: str | None = None
+    champion_uri: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    summaries: dict[str, dict] = field(default_factory=dict)
+
+
+def _ordered(states: dict[str, str]) -> list[tuple[str, str]]:
+    known = [t for t in PIPELINE if t in states]
+    return [(t, states[t]) for t in known + sorted(set(states) - set(known))]
+
+
+def build_report(
+    dag_id: str,
+    run_id: str,
+    states: dict[str, str],
+    results: dict[str, dict | None],
+    report_uri: str,
+    started_at: dt.datetime | None = None,
+) -> RunReport:
+    """The report of a run from {task: state} and {task: {"summary": ..., "error": ...}}."""
+    states = {str(task): str(state) for task, state in states.items()}
+    summaries = {t: (r or {}).get("summary") or {} for t, r in results.items()}
+    errors = {t: r["error"] for t, r in results.items() if isinstance(r, dict) and r.get("error")}
+    outcome = "failed" if any(s in FAILED_STATES for s in states.values()) else "success"
+    ingest, evaluation = summaries.get("ingest", {}), summaries.get("evaluate", {})
+    duration = None
+    if started_at is not None:
+        duration = (dt.datetime.now(dt.UTC) - started_at).total_seconds()
+    artifacts: dict[str, str] = {}  # name -> URI, each URI once (later stages repeat the dataset's)
+    for task in [t for t, _ in _ordered({t: "" for t in summaries})]:
+        for key, value in sorted(summaries[task].items()):
+            if key.endswith("_uri") and isinstance(value, str) and value not in artifacts.values():
+                artifacts[f"{task}.{key}"] = value
+    return RunReport(
+        dag_id=dag_id,
+        run_id=run_id,
+        outcome=outcome,
+        states=_ordered(states),
+        errors=errors,
+        report_uri=report_uri,
+        duration_s=duration,
+        dataset_uri=ingest.get("dataset_uri"),
+        dataset_version=ingest.get("dataset_version"),
+        n_images=ingest.get("n_images"),
+        metrics={k: evaluation[k] for k, _ in METRIC_LABELS if isinstance(evaluation.get(k), int | float)},
+        promoted=evaluation.get("promoted"),
+        promotion_reason=evaluation.get("promotion_reason"),
+        champion_uri=evaluation.get("champion_uri"),
+        artifacts=artifacts,
+        summaries=summaries,
+    )
+
+
+def render_markdown(report: RunReport) -> str:
+    lines = [
+        f"# DermaOps run report: {report.run_id}",
+        "",
+        f"- DAG: `{report.dag_id}`",
+        f"- Outcome: **{report.outcome}**",
+        f"- Duration: {format_duration(report.duration_s)}",
+        f"- Dataset: {report.dataset_version or 'n/a'} ({report.dataset_uri or 'not ingested'})",
+        "",
+        "## Tasks",
+        "",
+        "| task | state | error |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {task} | {state} | {report.errors.get(task, '')} |" for task, state in report.states]
+    lines += ["", "## Test metrics", ""]
+    if report.metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [
+            f"| {label} | {format_number(report.metrics[key])} |"
+            for key, label in METRIC_LABELS
+            if key in report.metrics
+        ]
+    else:
+        lines.append("No evaluation in this run.")
+    lines += ["", "## Promotion", ""]
+    if report.promoted is None:
+        lines.append("No decision: evaluation did not run.")
+    else:
+        verdict = "promoted to champion" if report.promoted else "not promoted"
+        lines.append(f"The challenger was **{verdict}**: {report.promotion_reason or 'no reason recorded'}.")
+        if report.champion_uri:
+            lines.append(f"Champion record: {report.champion_uri}")
+    lines += ["", "## Artifacts", ""]
+    lines += [f"- {name}: {uri}" for name, uri in sorted(report.artifacts.items())] or ["None."]
+    return "\n".join(lines) + "\n"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def slack_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
+    """The notify stage's message: (fallback text, Block Kit blocks)."""
+    succeeded = report.outcome == "success"
+    title = f"{'✅' if succeeded else '❌'} DermaOps run {'succeeded' if succeeded else 'failed'}"
+    text = f"{title}: {report.dag_id} {report.run_id}"
+
+    if report.promoted is None:
+        promotion = "no decision (evaluation did not run)"
+    else:
+        promotion = f"{'*promoted*' if report.promoted else '*not promoted*'}: {report.promotion_reason or ''}".strip()
+    facts = [
+        f"*Run*\n`{report.run_id}`",
+        f"*Dataset*\n{report.dataset_version or 'n/a'}" + (f" ({report.n_images:,} images)" if report.n_images else ""),
+        f"*Duration*\n{format_duration(report.duration_s)}",
+        f"*Model*\n{promotion}",
+    ]
+    task_lines = []
+    for task, state in report.states:
+        line = f"{STATE_ICONS.get(state, ':grey_question:')} `{task}` {state}"
+        if task in report.errors:
+            line += f": {report.errors[task]}"
+        task_lines.append(line)
+
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": title}},
+        {"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in facts]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": "*Tasks*\n" + "\n".join(task_lines)}},
+    ]
+    if report.metrics:
+        metric_fields = [
+            {"type": "mrkdwn", "text": f"*{label}*\n{format_number(report.metrics[key])}"}
+            for key, label in METRIC_LABELS
+            if key in report.metrics
+        ]
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Test metrics*"}})
+        blocks.append({"type": "section", "fields": metric_fields[:10]})  # Slack allows 10 fields
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"Report: {report.report_uri}"}]})
+    return text, blocks

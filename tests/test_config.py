@@ -1,0 +1,252 @@
+"""The fast tier: settings defined once and everything derived from them, the stage registry, the
+one-way import rule. Pure functions and the stages' own CLI in-process; no training, no Airflow."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+from dermaops import cli
+from dermaops.config import (
+    CONFIGS,
+    RECIPES,
+    RUN_PARAMS,
+    BaselineConfig,
+    EvaluateConfig,
+    TrainConfig,
+    argv_item,
+    dag_argv,
+    param_names,
+    param_schema,
+    param_settings,
+    resolve,
+)
+from dermaops.pipeline import PIPELINE, STAGES, run_key
+from dermaops.stage import MANIFEST
+
+from tests.support.airflow_env import ROOT
+
+PACKAGE = ROOT / "tasks" / "dermaops"
+
+
+def _settings(cls):
+    return [(f, f.metadata["setting"]) for f in dataclasses.fields(cls) if "setting" in f.metadata]
+
+
+# -- settings ---------------------------------------------------------------------------------------------
+def test_every_setting_has_help_and_a_default_within_its_bounds():
+    for stage, cls in CONFIGS.items():
+        defaults = cls()  # every field has a default: a bare stage command is a valid one
+        for f, spec in _settings(cls):
+            assert spec.help, (stage, f.name)
+            value = getattr(defaults, f.name)
+            if spec.choices:
+                assert value in spec.choices, (stage, f.name)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                assert spec.lo is None or value >= spec.lo, (stage, f.name)
+                assert spec.hi is None or value <= spec.hi, (stage, f.name)
+
+
+def test_recipes_cover_the_same_params_and_every_value_passes_the_stage_checks():
+    [keys] = {frozenset(values) for values in RECIPES.values()}
+    owners = param_settings()
+    assert keys <= set(owners), keys - set(owners)
+    parser, mods = cli.build_parser()
+    for recipe in RECIPES:
+        for stage in ("train", "train_baseline"):
+            argv = [argv_item(f"--{f.name.replace('_', '-')}", resolve({"recipe": recipe}, _param(f, spec)))
+                    for f, spec in _settings(CONFIGS[stage]) if spec.param]  # fmt: skip
+            args = parser.parse_args([stage, "--split", "s3://b/s", "--out", "s3://b/o", *filter(None, argv)])
+            mods[stage].CONFIG.from_args(args)  # raises on any value out of bounds
+
+
+def _param(f, spec) -> str:
+    return f.name if spec.param is True else spec.param
+
+
+def test_a_param_shared_by_stages_is_accepted_by_each_of_them():
+    """seed and image_size: the form's bounds come from one field; every other stage reading the param must
+    accept every value the form accepts."""
+    owners = param_settings()
+    for cls in CONFIGS.values():
+        for f, spec in _settings(cls):
+            if spec.param and not spec.owner:
+                _, _, owner, _, _ = owners[_param(f, spec)]
+                assert spec.lo is not None and owner.lo >= spec.lo and owner.hi <= spec.hi, f.name
+
+
+def test_the_train_fingerprint_keeps_its_inputs_and_a_new_setting_at_its_default_changes_nothing():
+    legacy = set(
+        "arch pretrained image_size stem epochs finetune_epochs finetune_depth batch_size lr finetune_lr weight_decay "
+        "label_smoothing class_weights class_weight_power augment patience seed max_train_images calibrate".split()
+    )
+    assert set(TrainConfig().fingerprint_inputs()) == legacy  # no device, threads; no ema_decay while off
+    assert TrainConfig(ema_decay=0.999).fingerprint_inputs()["ema_decay"] == 0.999
+    assert set(BaselineConfig().fingerprint_inputs()) == {
+        "class_weight", "n_estimators", "max_depth", "min_samples_leaf", "image_size", "seed"
+    }  # fmt: skip
+    assert {"margin", "floor", "primary_metric", "gradcam_images", "tta"} == set(EvaluateConfig().fingerprint_inputs())
+
+
+# -- the checks, before any work or deletion (issue 8, bug 2) ----------------------------------------------
+BAD_FLOATS = [
+    ("train", "--weight-decay", "nan", "--weight-decay must be a finite number, got nan"),
+    ("train", "--lr", "inf", "--lr must be a finite number, got inf"),
+    ("train", "--label-smoothing", "-inf", "--label-smoothing must be a finite number, got -inf"),
+    ("train", "--lr", "0", "--lr must be > 0 and <= 1, got 0.0"),
+    ("train", "--class-weight-power", "2.5", "--class-weight-power must be 0..2, got 2.5"),
+    ("train", "--ema-decay", "1", "--ema-decay must be >= 0 and < 1, got 1.0"),
+    ("train", "--finetune-lr", "nan", "--finetune-lr must be a finite number, got nan"),
+    ("evaluate", "--promotion-margin", "nan", "--promotion-margin must be a finite number, got nan"),
+    ("evaluate", "--mel-recall-floor", "inf", "--mel-recall-floor must be a finite number, got inf"),
+    ("evaluate", "--mel-recall-floor", "1.5", "--mel-recall-floor must be 0..1, got 1.5"),
+    ("train_baseline", "--n-estimators", "0", "--n-estimators must be 1..5000, got 0"),
+    ("split", "--seed", "-1", "--seed must be 0..4294967295, got -1"),
+]
+
+
+@pytest.mark.parametrize(("stage", "flag", "value", "message"), BAD_FLOATS)
+def test_bad_numbers_exit_2_with_one_line_and_the_finished_output_survives(
+    stage, flag, value, message, bucket, store, capsys
+):
+    out = bucket.join("runs", "r1", stage)
+    finished = {"stage": stage, "fingerprint": "f" * 64, "files": {}, "summary": {"done": True}}
+    store.put_json(out.join(MANIFEST), finished)
+    inputs = {
+        "train": ["--split", str(bucket.join("split")), "--force"],
+        "train_baseline": ["--split", str(bucket.join("split")), "--force"],
+        "evaluate": ["--split", str(bucket.join("split")), "--model", str(bucket.join("cnn")), "--force"],
+        "split": ["--dataset", str(bucket.join("datasets", "v1")), "--force"],
+    }[stage]
+    code = cli.main([stage, *inputs, "--out", str(out), f"{flag}={value}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert err == [f"dermaops {stage}: error: {message}"]
+    assert store.get_json(out.join(MANIFEST)) == finished  # --force did not get to delete anything
+    assert [uri.key for uri, _ in store.list(bucket)] == [out.join(MANIFEST).key]
+
+
+NON_FINITE_ARGUMENTS = [
+    (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--timeout=nan", "must be a finite number of seconds"),
+    (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--retry-base-delay=-inf", "must be a finite number"),
+    (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--progress-every=inf", "must be a finite number"),
+    (["validate", "--dataset", "s3://b/d", "--out", "s3://b/o"], "--max-missing-age-fraction=nan", "between 0 and 1"),
+    (["split", "--dataset", "s3://b/d", "--out", "s3://b/o"], "--fractions=nan,0.5,0.5", "every fraction must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "flag", "message"), NON_FINITE_ARGUMENTS)
+def test_the_other_number_flags_refuse_non_finite_values_when_parsed(argv, flag, message, capsys):
+    """Flags with their own argparse types (not settings): refused by the parser, before anything runs."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*argv, flag])
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"argument {flag.split('=')[0]}:" in line and message in line
+
+
+def test_cross_setting_rule_is_checked_with_the_others(capsys):
+    assert (
+        cli.main(["train", "--split", "s3://b/s", "--out", "s3://b/o", "--epochs", "0", "--finetune-epochs", "0"]) == 2
+    )
+    assert "both 0: nothing to train" in capsys.readouterr().err
+
+
+# -- the DAG's params and argv, derived -----------------------------------------------------------------
+def test_every_form_param_has_a_title_bounds_in_words_and_recipe_params_default_to_blank():
+    names = param_names()
+    kept = "source epochs finetune_epochs image_size max_train_images arch batch_size lr pretrained seed"
+    assert set(kept.split()) | {"force_ingest", "force_retrain", "recipe"} <= set(names)
+    assert len(names) == len(set(names))
+    for name in names:
+        schema = param_schema(name)
+        assert schema["title"] and schema["description"], name
+        json.dumps(schema)  # serialisable as a Param
+        if name in RECIPES["quick-cpu"]:
+            assert schema["default"] is None and "Blank: the recipe's value" in schema["description"], name
+    assert param_schema("lr")["allOf"] == [{"exclusiveMinimum": 0, "maximum": 1}]
+    assert "> 0 and <= 1" in param_schema("lr")["title"]
+    assert RUN_PARAMS["force_ingest"]["type"] == ["boolean", "null"]
+
+
+def test_argv_items_and_recipe_resolution():
+    assert argv_item("--lr", 0.003) == "--lr=0.003"
+    assert argv_item("--max-train-images", None) == ""  # dropped: the stage keeps its default
+    assert argv_item("--tta", False) == "--no-tta"
+    assert resolve({"recipe": "full-gpu", "epochs": None}, "epochs") == 20
+    assert resolve({"recipe": "full-gpu", "epochs": 2}, "epochs") == 2
+    assert resolve({"epochs": None}, "epochs") == RECIPES["quick-cpu"]["epochs"]
+    assert resolve({"seed": 7}, "seed") == 7
+    with pytest.raises(ValueError, match="recipe 'tiny'"):
+        resolve({"recipe": "tiny"}, "epochs")
+    assert "{{ dermaops_arg(params, 'baseline_trees', '--n-estimators') }}" in dag_argv("train_baseline")
+    assert "{{ dermaops_arg(params, 'split_strategy', '--strategy') }}" in dag_argv("split")
+
+
+# -- the stage registry ---------------------------------------------------------------------------------
+def test_the_registry_is_the_stage_list_everyone_uses():
+    assert list(cli.STAGES) == [s.name for s in STAGES]
+    assert PIPELINE == tuple(s.name for s in STAGES if s.name != "notify")
+    assert {s.name for s in STAGES if s.gpu} == {"train", "evaluate"}
+    assert {s.name: s.secrets for s in STAGES if s.secrets != ("s3",)} == {"notify": ("s3", "slack")}
+    assert set(CONFIGS) <= set(cli.STAGES)
+    assert run_key("manual__2026-01-05T10:00:00+00:00") == "manual__2026-01-05T10-00-00-00-00"
+
+
+# -- dependencies point one way -------------------------------------------------------------------------
+def _dermaops_imports(path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n == "dermaops" or n.startswith("dermaops.")}
+
+
+def test_stages_import_library_modules_and_library_modules_never_import_stages():
+    stage_modules = {s.module for s in STAGES}
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = "dermaops." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        imported = {n for n in _dermaops_imports(path) if n.startswith("dermaops.stages")}
+        allowed = set()
+        if module == "dermaops.stages.__init__":
+            allowed = imported
+        offenders += [f"{module} imports {n}" for n in imported - allowed if n != module]
+    assert offenders == [], "stages import library modules only; library modules never import stages"
+    assert stage_modules == {f"dermaops.stages.{p.stem}" for p in (PACKAGE / "stages").glob("[!_]*.py")}
+
+
+def test_the_modules_the_dag_parses_with_import_nothing_heavy():
+    """dermaops.config and dermaops.pipeline are imported by the DAG file and the plugin at parse time."""
+    code = (
+        "import sys, dermaops.config, dermaops.pipeline, dermaops.errors\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'numpy', 'pandas', 'sklearn', 'great_expectations', 'boto3', 'matplotlib'))\n"
+        "print(heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_no_code_points_readers_at_design_files_a_clone_lacks():
+    for path in [*ROOT.glob("tasks/**/*.py"), *ROOT.glob("plugins/**/*.py"), *ROOT.glob("dags/*.py")]:
+        text = path.read_text()
+        assert "DESIGN.md" not in text and "MODEL_SEAMS.md" not in text, path
+    assert (ROOT / "docs" / "architecture.md").is_file()
+
+
+def test_scripts_run_asks_the_dag_for_a_recipe_by_name():
+    from dermaops.devrun import conf
+
+    assert conf("full-gpu", "/data/pack", '{"seed": 7}') == {"recipe": "full-gpu", "source": "/data/pack", "seed": 7}
+    assert conf("quick-cpu", "", "{}") == {"recipe": "quick-cpu"}
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        conf("quick-cpu", None, "{")
+    with pytest.raises(SystemExit, match="unknown recipe 'tiny'"):
+        conf("tiny", None, "{}")
