@@ -14,6 +14,7 @@ import sys
 import threading
 
 from airflow.sdk import BaseOperator
+from dermaops.redaction import redact
 
 from dermaops_runner.credentials import resolve
 from dermaops_runner.results import StageResultMixin, drop_empty, error_line, summary_from_lines
@@ -34,7 +35,7 @@ class LocalStageOperator(StageResultMixin, BaseOperator):
     def execute(self, context):
         secret_env = resolve(self.secrets)
         cmd = [sys.executable, "-m", "dermaops", self.spec.stage, *drop_empty(self.argv)]
-        self.log.info("running %s", shlex.join(["python", *cmd[1:]]))
+        self.log.info("running %s", redact(shlex.join(["python", *cmd[1:]])))
         self._proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -58,7 +59,7 @@ class LocalStageOperator(StageResultMixin, BaseOperator):
     def _forward(self, stream, sink: list[str]) -> None:
         for line in stream:
             line = line.rstrip("\n")
-            self.log.info("%s", line)
+            self.log.info("%s", redact(line))
             sink.append(line)
 
     def on_kill(self) -> None:

@@ -20,6 +20,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from dermaops import slack
+from dermaops.redaction import redact
 from dermaops.stage import fingerprint, skipped
 from dermaops.store import S3Uri
 
@@ -101,8 +102,11 @@ def _ordered(states: dict[str, str]) -> list[tuple[str, str]]:
 
 def build_report(args, report_uri: S3Uri) -> RunReport:
     states = {str(task): str(state) for task, state in args.states.items()}
-    summaries = {t: (r or {}).get("summary") or {} for t, r in args.results.items()}
-    errors = {t: r["error"] for t, r in args.results.items() if isinstance(r, dict) and r.get("error")}
+    # Whatever the XComs carry (an error line quoting a URL, a summary's source), report.md,
+    # report.json and the Slack message are all built from this one redacted copy.
+    results = json.loads(redact(json.dumps(args.results, default=str)))
+    summaries = {t: (r or {}).get("summary") or {} for t, r in results.items()}
+    errors = {t: r["error"] for t, r in results.items() if isinstance(r, dict) and r.get("error")}
     outcome = "failed" if any(s in FAILED_STATES for s in states.values()) else "success"
     ingest, evaluation = summaries.get("ingest", {}), summaries.get("evaluate", {})
     duration = None

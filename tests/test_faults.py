@@ -1,0 +1,179 @@
+"""Faults that cut across stages, each reproduced for real: a password in the source URL on every failure
+path, concurrent writers to one output prefix, a shared scratch directory, S3 that is wrong, down or
+stopped mid-publish, Slack unreachable. The README's "Faults tried" table points here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from dermaops.dataset import ARCHIVES
+from dermaops.redaction import redact, url_secrets
+
+from tests.support.airflow_env import ROOT
+from tests.support.slack_api import TOKEN, block_text
+
+FAST_RETRIES = ("--retries", "2", "--retry-base-delay", "0.01", "--retry-max-delay", "0.02")
+PART_1, PART_2 = ARCHIVES
+SECRET = "Pa55w0rd-s3cret"
+
+if str(ROOT / "plugins") not in sys.path:
+    sys.path.append(str(ROOT / "plugins"))
+
+
+def one_error_line(result) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if ": error:" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+# -- bug 1: a password in the source URL ------------------------------------------------------------
+
+
+def test_redact_hides_url_userinfo_tokens_and_signed_query_values():
+    assert redact("GET http://reader:s3cr@t@host:8080/x?y=1 failed") == "GET http://***@host:8080/x?y=1 failed"
+    assert redact("'https://tok3n@example.org/a'") == "'https://***@example.org/a'"
+    assert redact("s3://bucket/key and http://host/x stay") == "s3://bucket/key and http://host/x stay"
+    assert redact("token xoxb-123-abc leaked") == "token *** leaked"
+    signed = "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abcdef&part=2"
+    assert redact(signed) == "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&part=2"
+    assert url_secrets("--source=http://reader:pw@h/x http://tok@h2/") == ["pw", "tok"]
+
+
+class RecordingTI:
+    """What the runner needs of a task instance: xcom_push."""
+
+    def __init__(self):
+        self.xcoms: dict[str, object] = {}
+
+    def xcom_push(self, key, value):
+        self.xcoms[key] = value
+
+
+@pytest.mark.parametrize(
+    "fault, code",
+    [("404", 2), ("503", 3), ("cut-off body", 3)],
+)
+def test_source_password_never_leaks_on_the_failure_paths(
+    fault, code, http_source, bucket, stage_env, store, slack_api, tmp_path, monkeypatch, capsys
+):
+    """The whole chain: the stage's stderr (error line and retry warnings), the local runner's logged
+    command line and forwarded lines, the XCom `error`, notify's report.md/report.json and Slack."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from dermaops_runner import local_mode
+    from dermaops_runner.stages import spec_for
+
+    if fault == "404":
+        http_source.fail(PART_2, times=None, status=404)
+    elif fault == "503":
+        http_source.fail(PART_1, times=None, status=503)
+    else:
+        http_source.truncate(PART_2, after_bytes=100_000, times=None)
+    url = http_source.base_url("28px").replace("http://", f"http://reader:{SECRET}@")
+    argv = ["--source", url, "--datasets", str(bucket.join("ds")), *FAST_RETRIES]
+
+    monkeypatch.setattr(local_mode, "resolve", lambda sets: {})
+    monkeypatch.setenv("DERMAOPS_SCRATCH_DIR", str(tmp_path / "scratch"))
+    for name, value in stage_env.items():
+        monkeypatch.setenv(name, value)
+    op = local_mode.LocalStageOperator(spec=spec_for("ingest"), argv=argv, secrets=(), task_id="ingest")
+    ti = RecordingTI()
+    forwarded: list[str] = []
+    original_forward = op._forward
+    monkeypatch.setattr(op, "_forward", lambda stream, sink: (original_forward(stream, sink), forwarded.extend(sink)))
+    expected = AirflowFailException if code == 2 else AirflowException
+    with pytest.raises(expected) as failed:
+        op.execute({"ti": ti})
+    task_log = capsys.readouterr().out  # Airflow's structlog writes the task log to stdout here
+    assert f"(exit {code})" in str(failed.value)
+    if code == 3:
+        assert not isinstance(failed.value, AirflowFailException)  # transient: Airflow retries it
+
+    logged = task_log + "\n".join(forwarded)
+    assert "running python -m dermaops ingest --source http://***@127.0.0.1:" in task_log
+    if fault != "404":
+        assert "retrying in" in logged  # the retry warnings were printed, and redacted
+    error = ti.xcoms["error"]
+    assert error.startswith("dermaops ingest: error:") and "http://***@127.0.0.1:" in error
+    for text in (logged, str(failed.value), error):
+        assert SECRET not in text
+
+    # notify builds report.md, report.json and the Slack message from the XComs it is given; an XCom
+    # written by an older runner may still carry the password, so notify redacts on its own too.
+    results = {"ingest": {"summary": None, "error": error.replace("***", f"reader:{SECRET}")}}
+    report_out = bucket.join("runs", "r1", "notify")
+    notify = [
+        sys.executable,
+        "-m",
+        "dermaops",
+        "notify",
+        "--run-id",
+        "r1",
+        "--states",
+        json.dumps({"ingest": "failed", "validate": "upstream_failed"}),
+        "--results",
+        json.dumps(results),
+        "--report-out",
+        str(report_out),
+    ]
+    import subprocess
+
+    proc = subprocess.run(notify, capture_output=True, text=True, env={**stage_env, **slack_api.env()}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report_md = store.get_bytes(report_out.join("report.md")).decode()
+    report_json = store.get_bytes(report_out.join("report.json")).decode()
+    [message] = slack_api.messages
+    slack_text = block_text(message["blocks"]) + message.get("text", "")
+    for text in (report_md, report_json, slack_text, proc.stdout, proc.stderr):
+        assert SECRET not in text and TOKEN not in text
+    assert "http://***@127.0.0.1:" in report_md and "http://***@127.0.0.1:" in slack_text
+
+
+def test_local_runner_logs_a_redacted_command_line_on_success(
+    http_source, bucket, stage_env, tmp_path, monkeypatch, capsys
+):
+    from dermaops_runner import local_mode
+    from dermaops_runner.stages import spec_for
+
+    url = http_source.base_url("28px").replace("http://", f"http://reader:{SECRET}@")
+    monkeypatch.setattr(local_mode, "resolve", lambda sets: {})
+    monkeypatch.setenv("DERMAOPS_SCRATCH_DIR", str(tmp_path / "scratch"))
+    for name, value in stage_env.items():
+        monkeypatch.setenv(name, value)
+    op = local_mode.LocalStageOperator(
+        spec=spec_for("ingest"),
+        argv=["--source", url, "--datasets", str(bucket.join("ds"))],
+        secrets=(),
+        task_id="ingest",
+    )
+    summary = op.execute({"ti": RecordingTI(), "outlet_events": {}})
+    task_log = capsys.readouterr().out
+    assert summary["status"] == "done" and summary["source"].startswith("http://***@127.0.0.1:")
+    assert "running python -m dermaops ingest --source http://***@127.0.0.1:" in task_log
+    assert SECRET not in task_log and SECRET not in json.dumps(summary)
+
+
+def test_a_crash_traceback_is_redacted_too(run_stage, bucket, monkeypatch, tmp_path):
+    """A bug (not a StageError) keeps its traceback and exit 1 (retried), but through the redacting handler."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    # sitecustomize runs at interpreter start: make the source parser crash on an unexpected exception.
+    (shim / "sitecustomize.py").write_text(
+        "import dermaops.sources as s\n"
+        "def boom(spec, *a, **k):\n"
+        "    raise RuntimeError(f'unexpected failure while opening {spec}')\n"
+        "s.open_source = boom\n"
+        "import dermaops.stages.ingest as i\n"
+        "i.open_source = boom\n"
+    )
+    url = f"http://reader:{SECRET}@127.0.0.1:9/x"
+    pythonpath = f"{shim}:{Path(__file__).resolve().parents[1] / 'tasks'}"
+    result = run_stage(
+        "ingest", "--source", url, "--datasets", str(bucket.join("ds")), check=False, env={"PYTHONPATH": pythonpath}
+    )
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "unexpected failure while opening http://***@127.0.0.1:9/x" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
