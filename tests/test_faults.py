@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from dermaops.dataset import ARCHIVES
 from dermaops.redaction import redact, url_secrets
+from dermaops.store import S3Uri
 
 from tests.support.airflow_env import ROOT
 from tests.support.slack_api import TOKEN, block_text
@@ -177,3 +178,121 @@ def test_a_crash_traceback_is_redacted_too(run_stage, bucket, monkeypatch, tmp_p
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "unexpected failure while opening http://***@127.0.0.1:9/x" in result.stderr
     assert SECRET not in result.stderr + result.stdout
+
+
+# -- bug 3: a diverged training ---------------------------------------------------------------------
+
+TINY_TRAIN = [
+    "--arch", "resnet18", "--image-size", "28", "--batch-size", "32", "--max-train-images", "128",
+    "--num-threads", "1", "--no-class-weights", "--patience", "0", "--epochs", "2", "--finetune-epochs", "0",
+]  # fmt: skip
+
+
+def test_a_diverging_training_stops_at_the_first_non_finite_loss_and_publishes_nothing(
+    small_split, run_stage, bucket, store
+):
+    out = S3Uri.parse(f"s3://{bucket.bucket}/runs/diverged/models/cnn")
+    result = run_stage(
+        "train", "--split", small_split["split_uri"], "--out", str(out), *TINY_TRAIN, "--lr", "1e30", check=False
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = one_error_line(result)
+    assert "training diverged: the loss is nan at epoch 1 (phase 1) step" in error and "lower --lr (now 1e+30)" in error
+    assert "epoch 1 (phase 1) done" not in result.stderr  # it stopped inside the first epoch
+    assert not store.exists(out.join("manifest.json"))
+    assert not store.exists(out.join("cnn.pt"))
+
+
+def test_evaluate_refuses_a_model_with_non_finite_outputs(
+    small_split, small_models, run_stage, bucket, store, tmp_path
+):
+    import torch
+    from dermaops.models import load_checkpoint
+
+    from tests.support.evaluation_inputs import _publish
+
+    fitted = S3Uri.parse(small_models["fitted"]).join("cnn.pt")
+    model, meta = load_checkpoint(store.download(fitted, tmp_path / "cnn.pt"))
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    nan_prefix = _publish(store, f"s3://{bucket.bucket}/runs/nan/models/cnn", model, meta, tmp_path)
+    out = S3Uri.parse(f"s3://{bucket.bucket}/runs/nan/evaluation")
+    registry = S3Uri.parse(f"s3://{bucket.bucket}/registry/ham10000")
+    result = run_stage(
+        "evaluate", "--split", small_split["split_uri"], "--model", nan_prefix, "--out", str(out),
+        "--registry", str(registry), "--gradcam-images", "2", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = one_error_line(result)
+    assert f"{nan_prefix}/cnn.pt gives non-finite outputs (NaN/inf) for" in error and "refusing to score it" in error
+    assert list(store.list(out)) == [] and list(store.list(registry)) == []
+
+
+# -- bug 4: two writers to one output prefix ----------------------------------------------------------
+
+
+def start_stage(stage_env: dict, scratch: Path, *argv: str):
+    import subprocess
+
+    env = {**stage_env, "DERMAOPS_SCRATCH_DIR": str(scratch)}
+    cmd = [sys.executable, "-m", "dermaops", *argv]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_two_trainings_into_one_prefix_never_leave_a_manifest_that_lies(
+    small_split, stage_env, bucket, store, tmp_path
+):
+    import hashlib
+
+    out = S3Uri.parse(f"s3://{bucket.bucket}/runs/shared/models/cnn")
+    argv = ["train", "--split", small_split["split_uri"], "--out", str(out), *TINY_TRAIN, "--lr", "1e-3"]
+    procs = {seed: start_stage(stage_env, tmp_path / f"s{seed}", *argv, "--seed", str(seed)) for seed in (1, 2)}
+    finished = {seed: (*p.communicate(timeout=900), p.returncode) for seed, p in procs.items()}
+    winners = [seed for seed, (_, _, code) in finished.items() if code == 0]
+    assert winners, {seed: err[-2000:] for seed, (_, err, _) in finished.items()}
+    for _, stderr, code in finished.values():
+        if code != 0:  # the loser fails cleanly, with one line naming the prefix it lost
+            assert code == 2, stderr[-3000:]
+            [line] = [x for x in stderr.splitlines() if ": error:" in x]
+            assert "took over" in line and str(out) in line and "publishes nothing" in line
+    manifest = store.get_json(out.join("manifest.json"))
+    assert manifest["config"]["seed"] in winners
+    for name in ("cnn.pt", "cnn_phase1.pt", "history.json"):
+        stored = hashlib.sha256(store.get_bytes(out.join(name))).hexdigest()
+        assert stored == manifest["files"][name]["sha256"], name
+
+
+def test_readers_refuse_a_file_rewritten_after_publication(
+    small_split, small_models, run_stage, bucket, store, tmp_path
+):
+    """evaluate never scores a model other than the one its manifest names; train and baseline never read
+    a split CSV other than the published one."""
+    import shutil
+
+    model = f"s3://{bucket.bucket}/runs/swapped/models/cnn"
+    for name in ("manifest.json", "cnn.pt", "cnn_phase1.pt"):
+        store.put_bytes(S3Uri.parse(model).join(name), store.get_bytes(S3Uri.parse(small_models["fitted"]).join(name)))
+    # Another run's model lands on cnn.pt after the manifest was published.
+    store.put_bytes(
+        S3Uri.parse(model).join("cnn.pt"), store.get_bytes(S3Uri.parse(small_models["weak"]).join("cnn.pt"))
+    )
+    out = f"s3://{bucket.bucket}/runs/swapped/evaluation"
+    result = run_stage("evaluate", "--split", small_split["split_uri"], "--model", model, "--out", out, check=False)
+    assert result.returncode == 2
+    error = one_error_line(result)
+    assert f"checksum mismatch for {model}/cnn.pt" in error and "manifest.json" in error
+    assert list(store.list(S3Uri.parse(out))) == []
+
+    split = S3Uri.parse(f"s3://{bucket.bucket}/runs/swapped/split")
+    source = S3Uri.parse(small_split["split_uri"])
+    for uri, _ in store.list(source):
+        store.put_bytes(split.join(uri.key[len(source.key) + 1 :]), store.get_bytes(uri))
+    val = store.get_bytes(split.join("val.csv"))
+    store.put_bytes(split.join("train.csv"), val)
+    for stage, extra in (("train", TINY_TRAIN), ("train_baseline", ("--n-estimators", "10"))):
+        shutil.rmtree(tmp_path / "scratch", ignore_errors=True)
+        result = run_stage(
+            stage, "--split", str(split), "--out", f"s3://{bucket.bucket}/runs/swapped/{stage}", *extra, check=False
+        )
+        assert result.returncode == 2, (stage, result.stderr[-2000:])
+        assert f"checksum mismatch for {split}/train.csv" in one_error_line(result)

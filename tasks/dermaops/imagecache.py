@@ -17,6 +17,7 @@ at once (train and train_baseline run in parallel) write byte-identical files, s
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ import numpy as np
 
 from dermaops.dataset import Dataset, image_id_of
 from dermaops.errors import StageError
-from dermaops.stage import Context, fingerprint
+from dermaops.stage import Context, fingerprint, read_verified
 from dermaops.store import S3Uri, sha256_file
 
 # Bump when the decoding/resizing recipe changes: it is part of the cache fingerprint.
@@ -133,7 +134,7 @@ def load_images(ctx: Context, dataset: Dataset, size: int) -> CachedImages:
     manifest = out.finished()
     if manifest is not None:
         images = _fetch(ctx, out, manifest, local / "images.npy")
-        ids = ctx.store.get_json(out.uri("image_ids.json"))
+        ids = json.loads(read_verified(ctx.store, out.prefix, "image_ids.json", manifest))
         log.info("image cache %d px: reusing %s (%d images)", size, out.prefix, len(ids))
         return CachedImages(ids, images)
 

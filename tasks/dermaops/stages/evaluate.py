@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dermaops.errors import StageError
 from dermaops.promotion import PRIMARY_METRICS
-from dermaops.stage import fingerprint, read_manifest, skipped
+from dermaops.stage import download_verified, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
 
 HELP = "test-split metrics, confusion matrices, Grad-CAM, model comparison, champion/challenger promotion"
@@ -154,18 +154,23 @@ def run(args, ctx) -> dict:
     from dermaops.stages.train_baseline import read_split_csv
 
     device = pick_device(args.device)
-    test = read_split_csv(ctx.store, split_uri, "test")
+    test = read_split_csv(ctx.store, split_uri, "test", split_manifest)
     dataset = Dataset.open(ctx.store, dataset_uri, ctx.scratch)
     scorer = SplitScorer(ctx, dataset, test, args.batch_size, device, args.tta)
 
     local = ctx.scratch / "evaluate"
-    cnn_path = ctx.store.download(cnn_uri, local / "cnn.pt")
+    # Every file is checked against the manifest read above: never a model another run wrote since.
+    cnn_path = download_verified(ctx.store, model_prefix, "cnn.pt", local / "cnn.pt", model_manifest)
     model, meta, proba = scorer.score_checkpoint(cnn_path, what=str(cnn_uri))
     models = {}
     if baseline_uri:
-        models[BASELINE] = scorer.score_baseline(ctx.store.download(baseline_uri, local / "b.joblib"))
+        baseline_path = download_verified(
+            ctx.store, baseline_prefix, "baseline.joblib", local / "b.joblib", baseline_manifest
+        )
+        models[BASELINE] = scorer.score_baseline(baseline_path)
     if phase1_uri:
-        _, _, phase1_proba = scorer.score_checkpoint(ctx.store.download(phase1_uri, local / "p1.pt"), str(phase1_uri))
+        phase1_path = download_verified(ctx.store, model_prefix, "cnn_phase1.pt", local / "p1.pt", model_manifest)
+        _, _, phase1_proba = scorer.score_checkpoint(phase1_path, str(phase1_uri))
         models[FROZEN] = scorer.metrics(phase1_proba)
     metrics = scorer.metrics(proba)
     models[FINE_TUNED] = metrics
@@ -315,6 +320,7 @@ class SplitScorer:
         log.info("scoring %s (%s, %d px) on %d test images", what, meta["arch"], meta["image_size"], len(images))
         proba = predict_proba(model, images, meta, self.batch_size, self.device, tta=self.tta)
         log.info("scored %s in %.1f s", what, time.monotonic() - started)
+        require_finite(proba, what)
         return model, meta, proba
 
     def ablation(self, model, meta) -> dict:
@@ -364,6 +370,19 @@ class SplitScorer:
         )
         features = image_features(self.images(meta["image_size"]))
         return self.metrics(predict_proba(bundle["model"], features, len(self.classes)))
+
+
+def require_finite(proba, what: str) -> None:
+    """A model whose outputs are NaN/inf (a diverged training) is refused with one line instead of being
+    scored: argmax of NaN is class 0 and would give it a plausible-looking accuracy."""
+    import numpy as np
+
+    bad = ~np.isfinite(proba).all(axis=1)
+    if bad.any():
+        raise StageError(
+            f"{what} gives non-finite outputs (NaN/inf) for {int(bad.sum())} of {len(proba)} test images: "
+            "its training diverged; refusing to score it"
+        )
 
 
 def explain_melanomas(scorer: SplitScorer, model, meta, proba, count: int, path: Path, device: str) -> dict | None:

@@ -33,7 +33,7 @@ import time
 from dermaops.dataset import CLASSES
 from dermaops.errors import StageError
 from dermaops.models import ARCHS, STEMS, imagenet_weights_path
-from dermaops.stage import fingerprint, read_manifest, skipped
+from dermaops.stage import fingerprint, read_manifest, read_verified, skipped
 from dermaops.store import S3Uri
 
 HELP = "two-phase ResNet training (frozen backbone/head, then fine-tune the last block); resumable"
@@ -143,10 +143,10 @@ def _check_args(args) -> None:
             raise StageError(f"--pretrained {p!r}: no such file (allowed: none, imagenet, a file path, an s3:// URI)")
 
 
-def _read_split_csv(store, split_uri: S3Uri, name: str):
+def _read_split_csv(store, split_uri: S3Uri, name: str, manifest: dict | None = None):
     import pandas as pd
 
-    frame = pd.read_csv(io.BytesIO(store.get_bytes(split_uri.join(name))))
+    frame = pd.read_csv(io.BytesIO(read_verified(store, split_uri, name, manifest)))
     missing = [c for c in ("image_id", "dx", "label") if c not in frame.columns]
     if missing:
         raise StageError(f"{split_uri.join(name)} lacks columns {missing}")
@@ -241,8 +241,8 @@ def run(args, ctx) -> dict:
         log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", out.prefix)
         return skipped(done)
 
-    train_df = _read_split_csv(ctx.store, split_uri, "train.csv")
-    val_df = _read_split_csv(ctx.store, split_uri, "val.csv")
+    train_df = _read_split_csv(ctx.store, split_uri, "train.csv", split_manifest)
+    val_df = _read_split_csv(ctx.store, split_uri, "val.csv", split_manifest)
     if args.max_train_images is not None and len(train_df) > args.max_train_images:
         train_df = train_df.sample(n=args.max_train_images, random_state=args.seed).sort_index()
     if args.num_threads:

@@ -19,7 +19,7 @@ import logging
 import time
 
 from dermaops.errors import StageError
-from dermaops.stage import fingerprint, read_manifest, skipped
+from dermaops.stage import fingerprint, read_manifest, read_verified, skipped
 from dermaops.store import S3Uri
 
 HELP = "Random Forest baseline on colour/texture features (the floor the CNN must beat)"
@@ -58,12 +58,13 @@ def _validate(args) -> None:
         raise StageError("--n-jobs must be a positive count or -1 for all cores (got 0)")
 
 
-def read_split_csv(store, split_uri: S3Uri, name: str):
-    """One of the split's CSVs (train/val/test) with its image_id and label columns checked."""
+def read_split_csv(store, split_uri: S3Uri, name: str, manifest: dict | None = None):
+    """One of the split's CSVs (train/val/test), verified against the split's manifest (given, or read
+    now), with its image_id and label columns checked."""
     import pandas as pd
 
     uri = split_uri.join(f"{name}.csv")
-    frame = pd.read_csv(io.BytesIO(store.get_bytes(uri)))
+    frame = pd.read_csv(io.BytesIO(read_verified(store, split_uri, f"{name}.csv", manifest)))
     missing = [c for c in ("image_id", "label") if c not in frame.columns]
     if missing:
         raise StageError(f"{uri} lacks columns {missing}")
@@ -106,8 +107,8 @@ def run(args, ctx) -> dict:
     summary_in = split_manifest.get("summary", {})
     if "dataset_uri" not in summary_in:
         raise StageError(f"split manifest at {split_uri} has no summary.dataset_uri")
-    train = read_split_csv(ctx.store, split_uri, "train")
-    val = read_split_csv(ctx.store, split_uri, "val")
+    train = read_split_csv(ctx.store, split_uri, "train", split_manifest)
+    val = read_split_csv(ctx.store, split_uri, "val", split_manifest)
     dataset = Dataset.open(ctx.store, summary_in["dataset_uri"], ctx.scratch)
 
     from dermaops.imagecache import load_images
