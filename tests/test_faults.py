@@ -296,3 +296,27 @@ def test_readers_refuse_a_file_rewritten_after_publication(
         )
         assert result.returncode == 2, (stage, result.stderr[-2000:])
         assert f"checksum mismatch for {split}/train.csv" in one_error_line(result)
+
+
+# -- bug 5: two processes, one DERMAOPS_SCRATCH_DIR -----------------------------------------------------
+
+
+def test_two_ingests_sharing_a_scratch_dir_both_succeed(http_source, stage_env, bucket, store, tmp_path, pack_28px):
+    shared = tmp_path / "shared-scratch"
+    argv = ["ingest", "--source", http_source.base_url("28px"), "--datasets", str(bucket.join("ds")), *FAST_RETRIES]
+    procs = [start_stage(stage_env, shared, *argv) for _ in range(2)]
+    results = [(*p.communicate(timeout=600), p.returncode) for p in procs]
+    for _, stderr, code in results:
+        assert code == 0, stderr[-3000:]
+        assert "Traceback" not in stderr
+    summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _, _ in results]
+    assert summaries[0]["dataset_version"] == summaries[1]["dataset_version"]
+    # Both downloaded at the same time (neither found the other's published version), each in its own slot.
+    gets = [r for r in http_source.logged(PART_2) if r.method == "GET"]
+    assert len(gets) == 2, [r.path for r in gets]
+    assert sorted(p.name for p in shared.iterdir() if p.is_dir()) == ["slot-0", "slot-1"]
+    # A later process (a retry) gets the lowest free slot back, with its caches.
+    again = start_stage(stage_env, shared, *argv)
+    stdout, stderr, code = (*again.communicate(timeout=600), again.returncode)
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["status"] == "skipped", stderr[-2000:]
+    assert sorted(p.name for p in shared.iterdir() if p.is_dir()) == ["slot-0", "slot-1"]

@@ -218,21 +218,48 @@ class Context:
 
 
 class scratch_dir:
-    """A scratch directory: DERMAOPS_SCRATCH_DIR (kept, for inspection and download caches) or a
-    temporary one removed at exit."""
+    """A scratch directory private to this process.
+
+    With DERMAOPS_SCRATCH_DIR (or --scratch-dir) set, the directory is shared by every stage process
+    of the machine and kept, for download caches and partial downloads that a retry resumes. Each
+    process works in one slot of it, `<dir>/slot-<n>`, held with an exclusive lock (flock) on
+    `<dir>/slot-<n>.lock` for the process's lifetime: two processes never share a slot (two ingests of
+    one source no longer delete each other's files), and a later process, a retry after a crash
+    included, gets the lowest free slot back with its caches (the kernel drops a dead process's lock).
+    Without it, a temporary directory removed at exit.
+    """
 
     def __init__(self, explicit: str | None = None):
         self.explicit = explicit or os.environ.get("DERMAOPS_SCRATCH_DIR")
         self._tmp: str | None = None
+        self._lock = None
 
     def __enter__(self) -> Path:
         if self.explicit:
-            path = Path(self.explicit)
-            path.mkdir(parents=True, exist_ok=True)
-            return path
+            root = Path(self.explicit)
+            root.mkdir(parents=True, exist_ok=True)
+            return self._take_slot(root)
         self._tmp = tempfile.mkdtemp(prefix="dermaops-")
         return Path(self._tmp)
 
+    def _take_slot(self, root: Path) -> Path:
+        import fcntl
+
+        for n in range(1024):
+            lock = open(root / f"slot-{n}.lock", "a+")  # noqa: SIM115 - held open until __exit__
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            self._lock = lock
+            path = root / f"slot-{n}"
+            path.mkdir(exist_ok=True)
+            return path
+        raise StageError(f"scratch directory {root}: all 1024 slots are in use by other processes")
+
     def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
