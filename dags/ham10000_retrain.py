@@ -104,6 +104,31 @@ PARAMS = {
     "mel_recall_floor": Param(
         0.5, type="number", minimum=0, maximum=1, description="Minimum melanoma recall for any promotion."
     ),
+    "min_macro_f1": Param(
+        0.25,
+        type="number",
+        minimum=0,
+        maximum=1,
+        description="Absolute floor on test macro F1 for any promotion, the first champion's included (0 = off).",
+    ),
+    "min_macro_auc": Param(
+        0.75,
+        type="number",
+        minimum=0,
+        maximum=1,
+        description="Absolute floor on test macro AUC for any promotion (0.5 = chance; 0 = off).",
+    ),
+    "allow_subset_promotion": Param(
+        False,
+        type="boolean",
+        description="Allow promoting a model trained on a max_train_images subset (never promoted otherwise).",
+    ),
+    "allow_broken_champion_override": Param(
+        False,
+        type="boolean",
+        description="Operator override, logged: if the registry's champion cannot be loaded, judge the new model as "
+        "if there were no champion instead of failing the run (an incident otherwise).",
+    ),
 }
 
 DOC = f"""
@@ -237,6 +262,12 @@ with DAG(
             "{{ params.promotion_margin }}",
             "--mel-recall-floor",
             "{{ params.mel_recall_floor }}",
+            "--min-macro-f1",
+            "{{ params.min_macro_f1 }}",
+            "--min-macro-auc",
+            "{{ params.min_macro_auc }}",
+            flag_if("allow_subset_promotion", "--allow-subset-promotion"),
+            flag_if("allow_broken_champion_override", "--allow-broken-champion-override"),
         ],
         outlets=[CHAMPION_ASSET],
     )

@@ -66,6 +66,31 @@ def add_arguments(parser) -> None:
         help="minimum melanoma recall on the test split for any promotion (the seed model reached 0.55; "
         "below 0.5 the model misses most melanomas)",
     )
+    parser.add_argument(
+        "--min-macro-f1",
+        type=float,
+        default=0.25,
+        help="absolute floor on test macro F1 for any promotion, the first champion's included (the lesion-grouped "
+        "quick recipe reaches about 0.43; a model that calls everything one class scores under 0.1); 0 = off",
+    )
+    parser.add_argument(
+        "--min-macro-auc",
+        type=float,
+        default=0.75,
+        help="absolute floor on test macro one-vs-rest AUC for any promotion (0.5 = chance; the quick recipe "
+        "reaches about 0.9); 0 = off",
+    )
+    parser.add_argument(
+        "--allow-subset-promotion",
+        action="store_true",
+        help="allow promoting a model trained on a --max-train-images subset (never done otherwise)",
+    )
+    parser.add_argument(
+        "--allow-broken-champion-override",
+        action="store_true",
+        help="when the registry's champion cannot be loaded (missing, corrupt, unreadable record), judge this model "
+        "as if there were no champion instead of failing (logged, and recorded in the decision)",
+    )
     parser.add_argument("--gradcam-images", type=int, default=8, help="melanoma test images in the Grad-CAM grid")
     parser.add_argument(
         "--tta",
@@ -94,8 +119,13 @@ def run_id_from(out: S3Uri) -> str:
 def _validate(args) -> None:
     if args.promotion_margin < 0:
         raise StageError(f"--promotion-margin must be >= 0 (got {args.promotion_margin})")
-    if not 0 <= args.mel_recall_floor <= 1:
-        raise StageError(f"--mel-recall-floor must be between 0 and 1 (got {args.mel_recall_floor})")
+    for flag, value in (
+        ("--mel-recall-floor", args.mel_recall_floor),
+        ("--min-macro-f1", args.min_macro_f1),
+        ("--min-macro-auc", args.min_macro_auc),
+    ):
+        if not 0 <= value <= 1:  # also refuses nan
+            raise StageError(f"{flag} must be between 0 and 1 (got {value})")
     if not 1 <= args.gradcam_images <= 64:
         raise StageError(f"--gradcam-images must be between 1 and 64 (got {args.gradcam_images})")
     if args.batch_size < 1:
@@ -108,6 +138,16 @@ def _model_file(manifest: dict, prefix: S3Uri, name: str, required: bool = True)
     if required:
         raise StageError(f"train output {prefix} has no {name} (files: {sorted(manifest.get('files', {}))})")
     return None
+
+
+def training_subset(model_manifest: dict, split_manifest: dict) -> str | None:
+    """How the model's training set was cut down (`--max-train-images`), or None for the whole split."""
+    cap = (model_manifest.get("config") or {}).get("max_train_images")
+    n_train = (model_manifest.get("summary") or {}).get("n_train")
+    full = ((split_manifest.get("summary") or {}).get("counts") or {}).get("train")
+    if cap is None or (n_train is not None and full is not None and n_train >= full):
+        return None
+    return f"max_train_images={cap}: {n_train} of {full} training images"
 
 
 def run(args, ctx) -> dict:
@@ -139,6 +179,8 @@ def run(args, ctx) -> dict:
             primary_metric=args.primary_metric,
             margin=args.promotion_margin,
             floor=args.mel_recall_floor,
+            floors=[args.min_macro_f1, args.min_macro_auc, args.allow_subset_promotion],
+            override=args.allow_broken_champion_override,
             gradcam_images=args.gradcam_images,
             run_id=run_id,
             tta=args.tta,
@@ -204,7 +246,7 @@ def run(args, ctx) -> dict:
 
     promotion = None
     if registry_uri:
-        from dermaops.promotion import Challenger, Registry, run_gate
+        from dermaops.promotion import Challenger, Floors, Registry, run_gate
 
         challenger = Challenger(
             run_id=run_id,
@@ -221,8 +263,11 @@ def run(args, ctx) -> dict:
             scorer.score_champion,
             args.primary_metric,
             args.promotion_margin,
-            args.mel_recall_floor,
+            Floors(args.mel_recall_floor, args.min_macro_f1, args.min_macro_auc, args.allow_subset_promotion),
             local,
+            baseline=models.get(BASELINE),
+            subset=training_subset(model_manifest, split_manifest),
+            allow_broken_champion=args.allow_broken_champion_override,
         )
 
     report = render(
