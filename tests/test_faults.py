@@ -320,3 +320,181 @@ def test_two_ingests_sharing_a_scratch_dir_both_succeed(http_source, stage_env, 
     stdout, stderr, code = (*again.communicate(timeout=600), again.returncode)
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["status"] == "skipped", stderr[-2000:]
     assert sorted(p.name for p in shared.iterdir() if p.is_dir()) == ["slot-0", "slot-1"]
+
+
+# -- S3 wrong, down, or gone in the middle of a publish ----------------------------------------------
+
+
+class S3Outage:
+    """A TCP relay in front of the loopback S3 that goes down (every connection cut, the port refusing
+    new ones) at the first request whose bytes contain `trigger`, and comes back on `up()` on the same
+    port: S3 stopped in the middle of a publish, then restarted with its data."""
+
+    def __init__(self, target_url: str, trigger: bytes):
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(target_url)
+        self.target = (parts.hostname, parts.port)
+        self.trigger, self.tripped = trigger, threading.Event()
+        self.conns: list[socket.socket] = []
+        self.port = 0
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        self.listener.listen(16)
+        self.tripped.clear()
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        self.tripped.set()
+        for sock in [self.listener, *self.conns]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.conns.clear()
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while not self.tripped.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.conns += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and self.trigger and self.trigger in data:
+                    self.trigger = b""  # once
+                    self.down()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_s3_stopped_in_the_middle_of_a_publish_is_transient_leaves_no_manifest_and_a_rerun_completes(
+    run_stage, s3_server, store, bucket, pack_28px
+):
+    datasets = bucket.join("ds")
+    outage = S3Outage(s3_server.url, trigger=f"/{PART_2} HTTP/1.1".encode())
+    env = {"DERMAOPS_S3_ENDPOINT_URL": outage.url}
+    # part 1 is stored, then S3 goes away while part 2 is being uploaded.
+    result = run_stage("ingest", "--source", str(pack_28px), "--datasets", str(datasets), env=env, check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    error = one_error_line(result)
+    assert "cannot reach S3" in error and PART_2 in error
+    stored = {uri.name for uri, _ in store.list(datasets)}
+    assert PART_1 in stored and PART_2 not in stored and "manifest.json" not in stored
+
+    outage.up()  # S3 is back, with what it had
+    rerun = run_stage("ingest", "--source", str(pack_28px), "--datasets", str(datasets), env=env)
+    summary = rerun.summary
+    assert summary["status"] == "done"
+    manifest = store.get_json(S3Uri.parse(summary["dataset_uri"]).join("manifest.json"))
+    import hashlib
+
+    for name, entry in manifest["files"].items():
+        stored = store.get_bytes(S3Uri.parse(summary["dataset_uri"]).join(name))
+        assert hashlib.sha256(stored).hexdigest() == entry["sha256"], name
+
+
+def test_s3_down_is_transient(run_stage, bucket, pack_28px):
+    from dermaops.embedded_s3 import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"
+    env = {"DERMAOPS_S3_ENDPOINT_URL": down}
+    result = run_stage("ingest", "--source", str(pack_28px), "--datasets", str(bucket.join("ds")), env=env, check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "cannot reach S3 (EndpointConnectionError" in one_error_line(result)
+
+
+def test_wrong_s3_credentials_fail_in_one_line_naming_the_credentials(run_stage, tmp_path, pack_28px):
+    """A second S3 server that checks credentials (moto with authentication on): unknown keys are refused."""
+    import subprocess
+    import time
+
+    from dermaops.embedded_s3 import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**__import__("os").environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import socket
+
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        env = {
+            "DERMAOPS_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0",
+            "AWS_SECRET_ACCESS_KEY": "wrong-secret-" + SECRET,
+        }
+        result = run_stage("ingest", "--source", str(pack_28px), "--datasets", "s3://dermaops/ds", env=env, check=False)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = one_error_line(result)
+    assert "access denied to s3://dermaops/ds" in error and "check the S3 credentials" in error
+    assert SECRET not in result.stderr + result.stdout
+
+
+# -- bad local sources --------------------------------------------------------------------------------
+
+
+def test_a_missing_metadata_file_is_named(run_stage, bucket, store, pack_28px, tmp_path):
+    import shutil
+
+    source = tmp_path / "no-metadata"
+    source.mkdir()
+    for name in ARCHIVES:
+        shutil.copy(pack_28px / name, source / name)
+    result = run_stage("ingest", "--source", str(source), "--datasets", str(bucket.join("ds")), check=False)
+    assert result.returncode == 2
+    error = one_error_line(result)
+    assert "no metadata file" in error and str(source / "HAM10000_metadata.csv") in error
+    assert list(store.list(bucket)) == []
+
+
+def test_a_truncated_local_zip_fails_and_publishes_nothing(run_stage, bucket, store, pack_28px, tmp_path):
+    import shutil
+
+    source = tmp_path / "truncated"
+    source.mkdir()
+    for name in ("HAM10000_metadata.csv", *ARCHIVES):
+        shutil.copy(pack_28px / name, source / name)
+    data = (source / PART_2).read_bytes()
+    (source / PART_2).write_bytes(data[: len(data) // 2])  # a copy that stopped half-way
+    result = run_stage("ingest", "--source", str(source), "--datasets", str(bucket.join("ds")), check=False)
+    assert result.returncode == 2
+    error = one_error_line(result)
+    assert f"{PART_2} is not a zip archive" in error or f"{PART_2} is corrupt" in error
+    assert list(store.list(bucket)) == []
