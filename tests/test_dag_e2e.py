@@ -222,3 +222,47 @@ def test_docker_mode_runs_every_stage_in_containers(
     print("docker mode task seconds:", task_seconds(airflow_env, run_id))
     assert "Starting docker container from image dermaops-data:" in proc.stdout + proc.stderr
     assert_successful_run(airflow_env, store, bucket, slack_api, run_id, pack_rows(small_pack))
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_docker_mode_failure_is_reported_and_alerted(
+    airflow_env, dermaops_images, invalid_pack, dag_env, store, bucket, slack_api
+):
+    """A stage that fails inside its container: exit 2 from the container fails the task without a retry,
+    its one-line reason reaches the XCom, notify's report and Slack, and the DAG failure alert fires."""
+    source = bucket.join("sources", "invalid-pack")
+    for path in invalid_pack.iterdir():
+        store.put_file(source.join(path.name), path)
+    env = {**dag_env, **dermaops_images, "DERMAOPS_RUNNER": "docker", "DERMAOPS_DOCKER_NETWORK": "host"}
+
+    proc, run_id, _ = dags_test(airflow_env, {**QUICK_CONF, "source": str(source)}, env)
+
+    assert proc.returncode != 0 and airflow_env.run_state(run_id) == "failed"
+    states = airflow_env.task_states(run_id)
+    assert (states["ingest"], states["validate"], states["evaluate"], states["notify"]) == (
+        "success",
+        "failed",
+        "upstream_failed",
+        "success",
+    ), proc.stdout[-8000:]
+    with airflow_env.db() as conn:
+        [tries] = conn.execute(
+            "SELECT try_number FROM task_instance WHERE run_id = ? AND task_id = 'validate'", (run_id,)
+        ).fetchone()
+    assert tries == 1
+    error = airflow_env.xcoms(run_id, key="error")["validate"]
+    assert error.startswith("dermaops validate: error:") and "critical expectation" in error
+    report_md = store.get_bytes(bucket.join("runs", run_key(run_id), "notify", "report.md")).decode()
+    assert "Outcome: **failed**" in report_md and error in report_md
+    report, alert = slack_api.messages
+    assert f":x: `validate` failed: {error}" in block_text(report["blocks"])
+    assert "🚨" in alert["text"] and run_id in alert["text"]
+    # No stage container is left behind (auto_remove="force").
+    left = subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"ancestor={dermaops_images['DERMAOPS_DATA_IMAGE']}", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert left.stdout.strip() == ""
