@@ -498,3 +498,16 @@ def test_a_truncated_local_zip_fails_and_publishes_nothing(run_stage, bucket, st
     error = one_error_line(result)
     assert f"{PART_2} is not a zip archive" in error or f"{PART_2} is corrupt" in error
     assert list(store.list(bucket)) == []
+
+
+def test_url_passwords_of_the_rendered_argv_are_registered_with_airflows_secrets_masker():
+    """The rendered-fields view (and any task log line the runner does not write itself) goes through
+    Airflow's masker, which masks the values it was told about."""
+    from airflow.sdk._shared.secrets_masker import redact as airflow_redact
+    from dermaops_runner.results import mask_url_secrets
+
+    secret = "rendered-" + SECRET
+    mask_url_secrets(["--source", f"https://reader:{secret}@example.org/ham", "--seed", "42"])
+    assert airflow_redact(f"argv: ['--source', 'https://reader:{secret}@example.org/ham']") == (
+        "argv: ['--source', 'https://reader:***@example.org/ham']"
+    )
