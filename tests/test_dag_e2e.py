@@ -24,8 +24,8 @@ from tests.support.airflow_env import AIRFLOW, ROOT
 from tests.support.slack_api import CHANNEL, TOKEN, block_text
 
 STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate")
-# Tiny but real: resnet18 at 28 px, one epoch per phase on a subset, a small forest. The gate's floor
-# and margin are 0 so the first model of a fresh registry is promoted.
+# Tiny but real: resnet18 at 28 px, one epoch per phase on a subset, a small forest. A model trained on a
+# subset is never promoted (allow_subset_promotion is off): the run succeeds and says why it was refused.
 QUICK_CONF = {
     "arch": "resnet18",
     "image_size": 28,
@@ -91,19 +91,20 @@ def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: 
     evaluation = xcom["evaluate"]
     for metric in ("accuracy", "macro_f1", "weighted_f1", "mel_recall"):
         assert 0.0 <= evaluation[metric] <= 1.0, metric
-    assert evaluation["promoted"] is True  # a fresh registry and a floor of 0
+    assert evaluation["promoted"] is False and evaluation["decision"] == "refused"
+    assert "trained on a subset (max_train_images=" in evaluation["promotion_reason"]
 
     for prefix in ("validation", "split", "models/baseline", "models/cnn", "evaluation", "notify"):
         assert store.exists(runs.join(prefix, "manifest.json")), prefix
     for name in ("metrics.json", "confusion_matrix.png", "gradcam_mel.png", "report.md"):
         assert store.exists(runs.join("evaluation", name)), name
 
-    champion = store.get_json(bucket.join("registry", "ham10000", "champion.json"))
-    assert champion["run_id"] == run_id
-    assert champion["dataset_version"] == ingest["dataset_version"]
+    assert not store.exists(bucket.join("registry", "ham10000", "champion.json"))
 
     notify = xcom["notify"]
     assert (notify["outcome"], notify["slack"]) == ("success", "posted")
+    # The decision and its reason are on the run in the UI: the notify task's XCom.
+    assert notify["promotion"] == {"promoted": False, "reason": evaluation["promotion_reason"]}
     report = store.get_bytes(runs.join("notify", "report.md")).decode()
     assert "Outcome: **success**" in report and ingest["dataset_version"] in report
 
@@ -112,7 +113,8 @@ def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: 
     text = block_text(message["blocks"])
     assert ingest["dataset_version"] in text and f"`{run_id}`" in text
     assert f"{evaluation['macro_f1']:.4f}" in text and f"{evaluation['mel_recall']:.4f}" in text
-    assert "*promoted*" in text and str(runs.join("notify", "report.md")) in text
+    assert "*not promoted*" in text and "trained on a subset" in text
+    assert str(runs.join("notify", "report.md")) in text
     assert all(f"`{t}` success" in text for t in STAGES)
 
     with airflow_env.db() as conn:
@@ -122,7 +124,7 @@ def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: 
         ).fetchall()
     lineage = {name: json.loads(extra) for name, extra in events}
     assert lineage[f"s3://{bucket.bucket}/datasets/ham10000"]["dataset_version"] == ingest["dataset_version"]
-    assert lineage[f"s3://{bucket.bucket}/registry/ham10000/champion.json"]["promoted"] is True
+    assert lineage[f"s3://{bucket.bucket}/registry/ham10000/champion.json"]["promoted"] is False
 
 
 @pytest.mark.slow
@@ -234,3 +236,47 @@ def test_docker_mode_runs_every_stage_in_containers(
     print("docker mode task seconds:", task_seconds(airflow_env, run_id))
     assert "Starting docker container from image dermaops-data:" in proc.stdout + proc.stderr
     assert_successful_run(airflow_env, store, bucket, slack_api, run_id, pack_rows(small_pack))
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_docker_mode_failure_is_reported_and_alerted(
+    airflow_env, dermaops_images, invalid_pack, dag_env, store, bucket, slack_api
+):
+    """A stage that fails inside its container: exit 2 from the container fails the task without a retry,
+    its one-line reason reaches the XCom, notify's report and Slack, and the DAG failure alert fires."""
+    source = bucket.join("sources", "invalid-pack")
+    for path in invalid_pack.iterdir():
+        store.put_file(source.join(path.name), path)
+    env = {**dag_env, **dermaops_images, "DERMAOPS_RUNNER": "docker", "DERMAOPS_DOCKER_NETWORK": "host"}
+
+    proc, run_id, _ = dags_test(airflow_env, {**QUICK_CONF, "source": str(source)}, env)
+
+    assert proc.returncode != 0 and airflow_env.run_state(run_id) == "failed"
+    states = airflow_env.task_states(run_id)
+    assert (states["ingest"], states["validate"], states["evaluate"], states["notify"]) == (
+        "success",
+        "failed",
+        "upstream_failed",
+        "success",
+    ), proc.stdout[-8000:]
+    with airflow_env.db() as conn:
+        [tries] = conn.execute(
+            "SELECT try_number FROM task_instance WHERE run_id = ? AND task_id = 'validate'", (run_id,)
+        ).fetchone()
+    assert tries == 1
+    error = airflow_env.xcoms(run_id, key="error")["validate"]
+    assert error.startswith("dermaops validate: error:") and "critical expectation" in error
+    report_md = store.get_bytes(bucket.join("runs", run_key(run_id), "notify", "report.md")).decode()
+    assert "Outcome: **failed**" in report_md and error in report_md
+    report, alert = slack_api.messages
+    assert f":x: `validate` failed: {error}" in block_text(report["blocks"])
+    assert "🚨" in alert["text"] and run_id in alert["text"]
+    # No stage container is left behind (auto_remove="force").
+    left = subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"ancestor={dermaops_images['DERMAOPS_DATA_IMAGE']}", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert left.stdout.strip() == ""

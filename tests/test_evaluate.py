@@ -36,8 +36,11 @@ def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
     root = f"s3://{bucket.bucket}"
     split = S3Uri.parse(small_split["split_uri"])
     run_stage(
-        "train_baseline", "--split", str(split), "--out", f"{root}/runs/r1/models/baseline", "--n-estimators", "60"
-    )
+        # A forest of stumps: the floor a first champion has to beat (the fitted model, a linear head on a
+        # random backbone, is weak on purpose and would not beat a full forest).
+        "train_baseline", "--split", str(split), "--out", f"{root}/runs/r1/models/baseline",
+        "--n-estimators", "10", "--max-depth", "1",
+    )  # fmt: skip
     argv = [
         "evaluate",
         "--split",
@@ -52,6 +55,12 @@ def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
         f"{root}/registry/ham10000",
         "--mel-recall-floor",
         "0.2",
+        # The fitted model is weak on purpose (a linear head on a random backbone): the absolute floors are
+        # off, so this first promotion rests on the melanoma floor and on beating this run's Random Forest.
+        "--min-macro-f1",
+        "0",
+        "--min-macro-auc",
+        "0",
     ]
     summary = run_stage(*argv).summary
     assert summary["status"] == "done" and summary["run_id"] == "r1"
@@ -101,6 +110,7 @@ def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
     # A first model that clears the floor becomes champion; the registry holds its own copy.
     assert summary["promoted"] is True and summary["decision"] == "promoted"
     assert "no champion yet" in summary["promotion_reason"]
+    assert "beats this run's Random Forest baseline" in summary["promotion_reason"]
     champion = store.get_json(f"{root}/registry/ham10000/champion.json")
     assert champion["model_uri"] == summary["champion_uri"]
     assert champion["model_uri"].startswith(f"{root}/registry/ham10000/models/r1-")

@@ -161,3 +161,30 @@ def test_bad_states_flag_fails_before_writing(run_stage, store, bucket):
     assert result.returncode == 2
     assert "--states" in result.error_line and "not valid JSON" in result.error_line
     assert list(store.list(bucket)) == []
+
+
+def test_unreachable_slack_is_transient_and_the_report_is_still_written(run_stage, store, bucket):
+    from dermaops.embedded_s3 import free_port
+
+    down = f"http://127.0.0.1:{free_port()}/api/"  # nothing listens there
+    env = {"SLACK_BOT_TOKEN": TOKEN, "DERMAOPS_SLACK_CHANNEL": CHANNEL, "DERMAOPS_SLACK_API_URL": down}
+    result = run_stage(*notify_args(bucket), env=env, check=False)
+
+    assert result.returncode == 3  # a network failure: the stage contract's transient exit, retried
+    assert "Traceback" not in result.stderr
+    assert result.error_line.startswith(f"dermaops notify: error: cannot reach the Slack API at {down}")
+    assert TOKEN not in result.stdout + result.stderr
+    assert store.exists(bucket.join("runs", RUN_ID, "notify", "report.md"))
+    assert not store.exists(bucket.join("runs", RUN_ID, "notify", "manifest.json"))
+
+
+def test_the_summary_carries_the_promotion_decision_for_the_ui(run_stage, bucket):
+    summary = run_stage(*notify_args(bucket), env={"SLACK_BOT_TOKEN": ""}).summary
+    reason = SUCCESS_RESULTS["evaluate"]["summary"]["promotion_reason"]
+    assert summary["promotion"] == {"promoted": True, "reason": reason}
+
+    incident = "dermaops evaluate: error: promotion refused: the champion's checkpoint is missing (...)"
+    states = {**SUCCESS_STATES, "evaluate": "failed"}
+    results = {**SUCCESS_RESULTS, "evaluate": {"summary": None, "error": incident}}
+    failed = run_stage(*notify_args(bucket, states, results), "--force", env={"SLACK_BOT_TOKEN": ""}).summary
+    assert failed["outcome"] == "failed" and failed["promotion"] == {"promoted": None, "reason": incident}

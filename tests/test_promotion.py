@@ -1,6 +1,6 @@
 """The champion/challenger gate: the pure decision rule, then real registries on the loopback S3 with
 real checkpoints re-scored on the real test split (small_models: fitted, weak = always nv,
-blind = never mel)."""
+blind = never mel). The gate fails closed: a champion that cannot be loaded is an incident."""
 
 from __future__ import annotations
 
@@ -9,14 +9,47 @@ import io
 import pandas as pd
 import pytest
 from dermaops.dataset import Dataset
-from dermaops.promotion import Challenger, Registry, decide, run_gate
+from dermaops.errors import StageError
+from dermaops.promotion import Challenger, ChampionIncident, Floors, Registry, decide, run_gate
 from dermaops.stage import Context
 from dermaops.stages.evaluate import SplitScorer
 from dermaops.store import S3Uri, sha256_bytes
 
 
-def _metrics(macro_f1: float, mel_recall: float) -> dict:
-    return {"macro_f1": macro_f1, "per_class": {"mel": {"recall": mel_recall}}}
+def _metrics(macro_f1: float, mel_recall: float, macro_auc: float | None = 0.9) -> dict:
+    return {"macro_f1": macro_f1, "macro_auc": macro_auc, "per_class": {"mel": {"recall": mel_recall}}}
+
+
+def test_the_first_champion_must_clear_every_absolute_rule():
+    """The issue's reproduction: accuracy 0.112, macro F1 0.029, AUC 0.46, nearly everything called
+    melanoma (recall 0.9), trained on 300 images, was promoted as the first champion."""
+    useless = _metrics(0.029, 0.9, macro_auc=0.46)
+    floors = Floors(mel_recall=0.5, macro_f1=0.25, macro_auc=0.75)
+    rf = {"macro_f1": 0.30}
+    subset = "max_train_images=300: 300 of 7000 training images"
+
+    on_subset = decide(useless, None, "macro_f1", 0.005, floors, baseline=rf, subset=subset)
+    assert not on_subset.promoted and "trained on a subset (max_train_images=300" in on_subset.reason
+    low_f1 = decide(useless, None, "macro_f1", 0.005, floors, baseline=rf)
+    assert not low_f1.promoted and low_f1.reason == "macro_f1 0.0290 is below the absolute floor 0.2500"
+    low_auc = decide(_metrics(0.4, 0.9, macro_auc=0.46), None, "macro_f1", 0.005, floors, baseline=rf)
+    assert not low_auc.promoted and low_auc.reason == "macro_auc 0.4600 is below the absolute floor 0.7500"
+    no_auc = decide(_metrics(0.4, 0.9, macro_auc=None), None, "macro_f1", 0.005, floors, baseline=rf)
+    assert not no_auc.promoted and "macro_auc undefined" in no_auc.reason
+
+    below_rf = decide(_metrics(0.29, 0.9), None, "macro_f1", 0.005, floors, baseline=rf)
+    assert not below_rf.promoted
+    assert below_rf.reason == "macro_f1 0.2900 does not beat this run's Random Forest baseline (0.3000)"
+    no_rf = decide(_metrics(0.4, 0.9), None, "macro_f1", 0.005, floors, baseline=None)
+    assert not no_rf.promoted and "no Random Forest baseline" in no_rf.reason
+
+    good = decide(_metrics(0.4, 0.6), None, "macro_f1", 0.005, floors, baseline=rf)
+    assert good.promoted and "no champion yet" in good.reason and "beats this run's Random Forest" in good.reason
+    # Explicitly allowed, a subset model is judged like any other.
+    allowed = Floors(0.5, 0.25, 0.75, allow_subset=True)
+    assert decide(_metrics(0.4, 0.6), None, "macro_f1", 0.005, allowed, baseline=rf, subset=subset).promoted
+    # The rules hold against a champion too: beating a worse champion does not excuse losing to the RF.
+    assert not decide(_metrics(0.29, 0.9), _metrics(0.1, 0.9), "macro_f1", 0.0, floors, baseline=rf).promoted
 
 
 def test_decision_rule():
@@ -58,10 +91,25 @@ def scored(small_split, small_models, tmp_path_factory):
     return {"scorer": scorer, "models": models, "dataset_version": dataset.version, "split": str(split)}
 
 
-def _gate(registry: Registry, scored: dict, name: str, run_id: str, tmp_path, margin=0.005, floor=0.0) -> dict:
+def _gate(
+    registry: Registry, scored: dict, name: str, run_id: str, tmp_path, margin=0.005, floor=0.0, override=False
+) -> dict:
+    """The gate with the absolute floors off and a Random Forest that scored 0: these tests are about
+    the champion (small_models are weak on purpose); the absolute rules have their own test."""
     path, meta, metrics, source = scored["models"][name]
     challenger = Challenger(run_id, path, source, metrics, meta, scored["dataset_version"], scored["split"])
-    return run_gate(registry, challenger, scored["scorer"].score_champion, "macro_f1", margin, floor, tmp_path / run_id)
+    floors = Floors(mel_recall=floor, macro_f1=0.0, macro_auc=0.0)
+    return run_gate(
+        registry,
+        challenger,
+        scored["scorer"].score_champion,
+        "macro_f1",
+        margin,
+        floors,
+        tmp_path / run_id,
+        baseline={"macro_f1": 0.0},
+        allow_broken_champion=override,
+    )
 
 
 def test_gate_promotes_refuses_and_keeps_every_decision(scored, store, bucket, tmp_path):
@@ -104,29 +152,40 @@ def test_gate_promotes_refuses_and_keeps_every_decision(scored, store, bucket, t
     assert store.exists(weak_record["model_uri"])
 
 
-def test_missing_or_corrupt_champion_is_treated_as_no_champion(scored, store, bucket, tmp_path):
+def test_a_champion_that_cannot_be_loaded_is_an_incident_not_an_empty_registry(scored, store, bucket, tmp_path):
     registry = Registry(store, bucket.join("registry", "ham10000"))
     _gate(registry, scored, "fitted", "run-1", tmp_path)
-    store.delete(store.get_json(registry.champion_uri)["model_uri"])
+    champion = store.get_json(registry.champion_uri)
+    store.delete(champion["model_uri"])
 
-    # The champion's checkpoint is gone: the weak model, worse than it, is judged as a first model.
-    missing = _gate(registry, scored, "weak", "run-2", tmp_path)
-    assert missing["decision"] == "promoted"
-    assert "checkpoint is missing" in missing["reason"] and "treated as no champion" in missing["reason"]
-    assert "checkpoint is missing" in missing["champion_before"]["problem"]
+    # The champion's checkpoint is gone: the weak model is NOT promoted; the incident is recorded.
+    with pytest.raises(ChampionIncident) as missing:
+        _gate(registry, scored, "weak", "run-2", tmp_path)
+    assert isinstance(missing.value, StageError) and missing.value.exit_code == 2
+    assert "promotion refused: the champion's checkpoint is missing" in str(missing.value)
+    assert "allow_broken_champion_override" in str(missing.value) and "\n" not in str(missing.value)
+    assert store.get_json(registry.champion_uri) == champion
+    assert [(h["run_id"], h["decision"]) for h in registry.history()] == [("run-1", "promoted"), ("run-2", "incident")]
 
-    # A checkpoint whose bytes differ from the recorded sha256 is corrupt.
-    store.put_bytes(store.get_json(registry.champion_uri)["model_uri"], b"not a checkpoint")
-    corrupt = _gate(registry, scored, "fitted", "run-3", tmp_path)
-    assert corrupt["decision"] == "promoted" and "is corrupt" in corrupt["reason"]
+    # A checkpoint whose bytes differ from the recorded sha256 is corrupt: same.
+    store.put_bytes(champion["model_uri"], b"not a checkpoint")
+    with pytest.raises(ChampionIncident, match="is corrupt"):
+        _gate(registry, scored, "weak", "run-3", tmp_path)
 
-    # An unreadable champion.json: same rule, the reason names it.
+    # An unreadable champion.json, or a deleted one while the history records promotions: same.
     store.put_bytes(registry.champion_uri, b"{ not json")
-    unreadable = _gate(registry, scored, "weak", "run-4", tmp_path)
-    assert unreadable["decision"] == "promoted" and "champion.json is unreadable" in unreadable["reason"]
-    assert "treated as no champion" in unreadable["reason"]
-    assert store.get_json(registry.champion_uri)["run_id"] == "run-4"
-    assert [h["run_id"] for h in registry.history()] == ["run-1", "run-2", "run-3", "run-4"]
+    with pytest.raises(ChampionIncident, match="champion.json is unreadable"):
+        _gate(registry, scored, "weak", "run-4", tmp_path)
+    store.delete(registry.champion_uri)
+    with pytest.raises(ChampionIncident, match="champion.json is missing, but the history records 1 promotions"):
+        _gate(registry, scored, "weak", "run-5", tmp_path)
+    assert not store.exists(registry.champion_uri)
+
+    # The operator's explicit override: judged as a first model, and the decision says so.
+    overridden = _gate(registry, scored, "fitted", "run-6", tmp_path, override=True)
+    assert overridden["decision"] == "promoted" and "treated as no champion (override)" in overridden["reason"]
+    assert overridden["champion_before"]["override"] == "allow_broken_champion"
+    assert store.get_json(registry.champion_uri)["run_id"] == "run-6"
 
 
 def test_evaluate_cli_refuses_a_worse_challenger(small_split, small_models, scored, run_stage, store, bucket, tmp_path):
@@ -146,12 +205,17 @@ def test_evaluate_cli_refuses_a_worse_challenger(small_split, small_models, scor
         str(registry.uri),
         "--mel-recall-floor",
         "0",
+        "--min-macro-f1",
+        "0",
+        "--min-macro-auc",
+        "0",
         "--gradcam-images",
         "2",
     )
     summary = result.summary
     assert summary["status"] == "done" and summary["promoted"] is False and summary["decision"] == "refused"
-    assert "does not beat the champion's" in summary["promotion_reason"]
+    # Without --baseline there is no Random Forest of this run to beat: nothing is promoted.
+    assert "no Random Forest baseline of this run to beat" in summary["promotion_reason"]
     assert summary["champion_uri"] == champion["model_uri"]
     assert store.get_json(registry.champion_uri) == champion
     history = registry.history()

@@ -215,8 +215,12 @@ def test_non_critical_findings_are_reported_and_bad_inputs_touch_nothing(
     assert summary["class_counts"] == dict.fromkeys(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], 10)
     assert summary["imbalance_ratio"] == 1.0
     assert summary["missing_age"] == 5
-    assert summary["failed_expectations"] == 2
+    # 2 findings, plus the class shares of a balanced pack (1/7 each) outside the HAM10000 bounds of
+    # akiec, bcc, df, nv and vasc (bkl and mel, about 11 % in HAM10000, are within theirs).
+    assert summary["failed_expectations"] == 7
     findings = " | ".join(summary["findings"])
+    shares = [f for f in summary["findings"] if f.startswith("ham10000_classes:")]
+    assert len(shares) == 5 and all("expect_column_values_to_be_between(share)" in f for f in shares)
     assert "ham10000_metadata: expect_column_values_to_not_be_null(age): 5 unexpected of 70" in findings
     assert "expect_column_values_to_be_in_set(in_metadata): 1 unexpected of 71, e.g. ISIC_9999999=False" in findings
     report = store.get_bytes(summary["report_uri"]).decode()
@@ -253,7 +257,7 @@ def test_non_critical_findings_are_reported_and_bad_inputs_touch_nothing(
 
     # The same missing ages are within a looser stated fraction: no finding then.
     looser = _validate(run_stage, dataset_uri, out, "--max-missing-age-fraction", "0.1").summary
-    assert looser["status"] == "done" and looser["failed_expectations"] == 1
+    assert looser["status"] == "done" and looser["failed_expectations"] == 6  # the 5 class-share findings
     assert "(age)" not in " ".join(looser["findings"])
 
 
@@ -265,3 +269,29 @@ def test_ingest_rejects_a_metadata_file_without_a_required_column(run_stage, pac
     run = _ingest(run_stage, pack, bucket, check=False)
     assert run.returncode == 2
     assert "lacks required columns ['dx']" in run.error_line
+
+
+def test_a_class_distribution_the_split_cannot_stratify_fails_validation(run_stage, pack_sample, bucket, tmp_path):
+    """The issue's reproduction: 70 nv and 1 mel passed validation, and the split failed later."""
+    pack = _copy_pack(pack_sample, tmp_path / "skewed")
+    header, rows = _read_rows(pack)
+    for i, row in enumerate(rows):
+        row["dx"] = "mel" if i == 0 else "nv"
+    _write_rows(pack, header, rows)
+    dataset_uri = _ingest(run_stage, pack, bucket).summary["dataset_uri"]
+
+    run = _validate(run_stage, dataset_uri, bucket.join("runs/skewed/validation"), check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    line = run.error_line
+    assert line.startswith(f"dermaops validate: error: validation of {dataset_uri} failed 2 critical expectation(s)")
+    assert "ham10000_classes: expect_column_values_to_be_between(n_images): 5 unexpected of 7" in line
+    assert "ham10000_classes: expect_column_values_to_be_between(n_lesions): 6 unexpected of 7" in line
+
+    # The bound is a flag: asking for more lesions per class than a pack has fails the same way.
+    balanced = _ingest(run_stage, _copy_pack(pack_sample, tmp_path / "balanced"), bucket).summary["dataset_uri"]
+    strict = _validate(
+        run_stage, balanced, bucket.join("runs/strict/validation"), "--min-lesions-per-class", "50", check=False
+    )
+    assert strict.returncode == 2 and "expect_column_values_to_be_between(n_lesions): 7 unexpected of 7" in (
+        strict.error_line
+    )

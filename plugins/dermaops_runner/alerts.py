@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 def alert_dag_failure(context) -> None:
     from dermaops import slack
     from dermaops.errors import StageError
+    from dermaops.redaction import redact
 
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
     failed_ti = context.get("ti")
@@ -26,7 +27,7 @@ def alert_dag_failure(context) -> None:
         if target is None:
             log.info("Slack alert skipped for failed run %s: Slack is not configured", run_id)
             return
-        text, blocks = slack.failure_alert(dag_id, run_id, str(context.get("reason", "failed")), failed_tasks)
+        text, blocks = slack.failure_alert(dag_id, run_id, redact(str(context.get("reason", "failed"))), failed_tasks)
         slack.post_message(target, text, blocks)
     except StageError as exc:
         log.error("Slack alert for failed run %s not sent: %s", run_id, exc)

@@ -14,6 +14,7 @@ import sys
 import threading
 
 from airflow.sdk import BaseOperator
+from dermaops.redaction import redact
 
 from dermaops_runner.credentials import resolve
 from dermaops_runner.results import (
@@ -41,7 +42,7 @@ class LocalStageOperator(StageResultMixin, BaseOperator):
     def execute(self, context):
         secret_env = resolve(self.secrets)
         cmd = [sys.executable, "-m", "dermaops", self.spec.stage, *drop_empty(self.argv)]
-        self.log.info("running %s", shlex.join(["python", *cmd[1:]]))
+        self.log.info("running %s", redact(shlex.join(["python", *cmd[1:]])))
         self._proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -65,7 +66,7 @@ class LocalStageOperator(StageResultMixin, BaseOperator):
     def _forward(self, stream, sink: list[str]) -> None:
         for line in stream:
             line = line.rstrip("\n")
-            relog(self.log, line)
+            relog(self.log, redact(line))
             sink.append(line)
 
     def on_kill(self) -> None:

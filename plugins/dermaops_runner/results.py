@@ -6,6 +6,9 @@ with the stage's own one-line reason.
 - Exit 2 (StageError: bad input, failed check): the task fails at once, without retries, since
   the same input fails the same way. Any other exit (3 = transient, a crash, an OOM kill) is retried.
 - The one-line reason is also pushed as XCom `error`, so `notify` can say why the run failed.
+- Secrets: the reason goes through dermaops.redaction.redact before it reaches the XCom or the task's
+  exception; a password in a URL flag is registered with Airflow's secrets masker as soon as the argv
+  is rendered, so the task log and the rendered-fields view show `***` instead.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 import re
 from collections.abc import Iterable
 from typing import Any
+
+from dermaops.redaction import redact, url_secrets
 
 # Tells the stage it runs under a runner, whose task log adds the timestamp: the stage's log lines
 # are then "LEVEL logger: message" (dermaops.cli), and relog() gives each its level back.
@@ -53,12 +58,27 @@ def error_line(lines: Iterable[str]) -> str:
     return "(the stage printed nothing on stderr)"
 
 
+def mask_url_secrets(argv: Iterable[str]) -> None:
+    """Register every URL password of the rendered argv with Airflow's secrets masker (task logs,
+    rendered fields), the way Airflow masks a connection's password when a task reads it."""
+    from airflow.sdk.log import mask_secret
+
+    for arg in argv:
+        for secret in url_secrets(str(arg)):
+            mask_secret(secret)
+
+
 class StageResultMixin:
     """Shared by the local and Docker operators (which differ only in how the process runs)."""
+
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        super().render_template_fields(context, jinja_env)
+        mask_url_secrets([*(getattr(self, "argv", None) or []), *(getattr(self, "command", None) or [])])
 
     def stage_failed(self, context, stage: str, returncode: int | None, reason: str):
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+        reason = redact(reason)
         context["ti"].xcom_push(key=ERROR_XCOM_KEY, value=reason)
         message = f"stage {stage} failed (exit {returncode}): {reason}"
         if returncode == USER_ERROR_EXIT:

@@ -18,6 +18,7 @@ import time
 from dermaops import __version__
 from dermaops.errors import StageError
 from dermaops.pipeline import STAGES as REGISTRY
+from dermaops.redaction import redact
 from dermaops.stage import Context, scratch_dir
 from dermaops.store import ArtifactStore
 
@@ -31,7 +32,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage on a bad flag; the contract wants one line."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, redact(f"{self.prog}: error: {message}\n"))
 
 
 def _available_stages() -> dict:
@@ -73,27 +74,44 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, mods
 
 
+class RedactingFormatter(logging.Formatter):
+    """Every log line (message, arguments and traceback alike) passes through `redact`: a URL with a
+    password reaches log lines inside exception messages and retry warnings that no caller inspects."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def setup_logging(level: str) -> None:
+    # Under a runner (DERMAOPS_LOG_FORMAT=runner) the task log stamps each line itself: no second
+    # timestamp here, and the level first so the runner re-logs the line at it.
+    runner = os.environ.get("DERMAOPS_LOG_FORMAT") == "runner"
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(levelname)s %(name)s: %(message)s" if runner else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(RedactingFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # Library warnings (warnings.warn) become WARNING log lines instead of bare stderr text.
+    logging.captureWarnings(True)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def emit(summary: dict) -> None:
     """Print the stage summary as the last stdout line (after flushing logs)."""
     sys.stderr.flush()
-    print(json.dumps(summary, sort_keys=True, default=str), flush=True)
+    print(redact(json.dumps(summary, sort_keys=True, default=str)), flush=True)
+
+
+def fail(stage: str, reason: str) -> None:
+    """The stage's one-line error on stderr (what the runner pushes as XCom `error`)."""
+    line = "; ".join(part.strip() for part in str(reason).splitlines() if part.strip())
+    print(redact(f"dermaops {stage}: error: {line}"), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, mods = build_parser()
     args = parser.parse_args(argv)
-    # Under a runner (DERMAOPS_LOG_FORMAT=runner) the task log stamps each line itself: no second
-    # timestamp here, and the level first so the runner re-logs the line at it.
-    runner = os.environ.get("DERMAOPS_LOG_FORMAT") == "runner"
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s" if runner else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # Library warnings (warnings.warn) become WARNING log lines instead of bare stderr text.
-    logging.captureWarnings(True)
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "matplotlib", "PIL", "great_expectations"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.log_level)
     stage = mods[args.stage]
     started = time.monotonic()
     try:
@@ -103,12 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         with scratch_dir(args.scratch_dir) as scratch:
             summary = stage.run(args, Context(store=ArtifactStore(), scratch=scratch))
     except StageError as exc:
-        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"dermaops {args.stage}: error: {reason}", file=sys.stderr, flush=True)
+        fail(args.stage, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"dermaops {args.stage}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except Exception:
+        # A bug, not a user error: the traceback is wanted (exit 1, retried), but through the
+        # redacting log handler, since exception messages carry URLs.
+        logging.getLogger("dermaops").exception("dermaops %s crashed", args.stage)
+        return 1
     summary = {"stage": args.stage, "status": "done", **summary}
     summary.setdefault("seconds", round(time.monotonic() - started, 2))
     emit(summary)

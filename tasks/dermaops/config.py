@@ -314,6 +314,37 @@ class EvaluateConfig(StageConfig):
         title="Melanoma recall floor",
         fingerprint_key="floor",
     )
+    min_macro_f1: float = setting(
+        0.25,
+        "absolute floor on test macro F1 for any promotion, the first champion's included (the lesion-grouped "
+        "quick recipe reaches about 0.43; a model that calls everything one class scores under 0.1); 0 = off",
+        lo=0,
+        hi=1,
+        param=True,
+        title="Minimum macro F1",
+    )
+    min_macro_auc: float = setting(
+        0.75,
+        "absolute floor on test macro one-vs-rest AUC for any promotion (0.5 = chance; the quick recipe reaches "
+        "about 0.9); 0 = off",
+        lo=0,
+        hi=1,
+        param=True,
+        title="Minimum macro AUC",
+    )
+    allow_subset_promotion: bool = setting(
+        False,
+        "allow promoting a model trained on a max_train_images subset (never promoted otherwise)",
+        param=True,
+        title="Allow promoting a subset-trained model",
+    )
+    allow_broken_champion_override: bool = setting(
+        False,
+        "operator override, logged and recorded in the decision: when the registry's champion cannot be loaded "
+        "(missing, corrupt, unreadable record), judge this model as if there were no champion instead of failing",
+        param=True,
+        title="Override a broken champion",
+    )
     gradcam_images: int = setting(8, "melanoma test images in the Grad-CAM grid", lo=1, hi=64)
     tta: bool = setting(
         True,

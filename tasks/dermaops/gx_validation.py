@@ -26,7 +26,7 @@ from dermaops.errors import StageError
 log = logging.getLogger(__name__)
 
 # The suites the validate stage needs, by the table they check. File name = suite name + ".json".
-SUITE_FOR_TABLE = {"metadata": "ham10000_metadata", "image_facts": "ham10000_images"}
+SUITE_FOR_TABLE = {"metadata": "ham10000_metadata", "image_facts": "ham10000_images", "classes": "ham10000_classes"}
 DOCS_SITE = "dermaops"
 EXAMPLES = 5
 # Failed rows are identified by image_id in results and summaries (both tables have it).

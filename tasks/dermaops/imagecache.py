@@ -35,6 +35,7 @@ a DistributedSampler shards it across ranks with no change.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import mmap
 import os
@@ -49,7 +50,7 @@ import numpy as np
 
 from dermaops.dataset import Dataset, image_id_of
 from dermaops.errors import StageError
-from dermaops.stage import Context, fingerprint
+from dermaops.stage import Context, fingerprint, read_verified
 from dermaops.store import S3Uri, sha256_file
 
 # Bump when the decoding/resizing recipe or the layout changes: it is part of the cache fingerprint.
@@ -427,7 +428,7 @@ def load_images(ctx: Context, dataset: Dataset, size: int) -> CachedImages:
     local = ctx.scratch / "imagecache" / dataset.version / str(size)
     manifest = out.finished()
     if manifest is not None:
-        ids = ctx.store.get_json(out.uri("image_ids.json"))
+        ids = json.loads(read_verified(ctx.store, out.prefix, "image_ids.json", manifest))
         files = [
             ShardFile(local / name, rows, manifest["files"][name]["sha256"], manifest["files"][name]["size"])
             for name, rows in manifest["summary"]["shards"]

@@ -11,15 +11,27 @@ run prefixes are working areas (re-run with --force, lifecycle-expired, deleted 
 champion must stay loadable for as long as it is in production. The copy's key carries the content
 hash, so no later run can overwrite it. champion.json keeps the run's URI as `source_model_uri`.
 
-The gate. A challenger is promoted only if
-  1. its melanoma recall on the test split is >= the floor (missing melanomas is the costly error), and
-  2. it beats the current champion on the primary metric by more than the margin, where the champion
+The gate. A challenger is promoted only if, in this order (the first failed rule is the reason):
+  1. it was trained on the whole training split (a `--max-train-images` subset is a quick run, never
+     production), unless the operator explicitly allows it;
+  2. its melanoma recall on the test split is >= the floor (missing melanomas is the costly error);
+  3. it clears the absolute floors on macro F1 and macro AUC (a model that calls nearly everything
+     melanoma clears the recall floor and nothing else);
+  4. it beats the run's own Random Forest baseline on the primary metric (a CNN that does not is not
+     worth serving), so a run without a baseline promotes nothing;
+  5. it beats the current champion on the primary metric by more than the margin, where the champion
      is RE-SCORED on this run's test split (the metrics stored at its own promotion came from another
      split, possibly another dataset version, and are not comparable).
-No champion yet: the first model is promoted if it clears the floor. A champion whose record or
-checkpoint is missing, corrupt (checksum mismatch) or unloadable cannot be re-scored; it is treated as
-no champion, and the reason says so, rather than blocking every future promotion. Transient S3 errors
-are NOT treated that way: they fail the stage so the orchestrator retries.
+Rules 1-4 hold for the first champion too.
+
+Fail closed: a registry whose champion record exists but cannot be read, or whose checkpoint is
+missing, corrupt (checksum mismatch) or unloadable, or whose champion.json is gone while its history
+records promotions, is an INCIDENT, not an empty registry (deleting one object must not open the gate
+to any model). The gate records the incident in the history and raises a one-line StageError, so
+evaluate fails and the run's failure alert goes out. An operator who means it passes
+`allow_broken_champion=True` (evaluate's --allow-broken-champion-override): then the broken champion
+is treated as absent, with a warning in the log and the override in the decision record. Transient S3
+errors fail the stage so the orchestrator retries.
 
 Writes are ordered so that a crash never leaves champion.json pointing at something missing: the
 checkpoint copy first, then the history entry, champion.json LAST. A retry after a crash between the
@@ -59,28 +71,79 @@ class Decision:
     reason: str
 
 
+@dataclass(frozen=True)
+class Floors:
+    """What every challenger must clear, champion or not (evaluate's flags, the DAG's params)."""
+
+    mel_recall: float = 0.5
+    macro_f1: float = 0.25
+    macro_auc: float = 0.75
+    allow_subset: bool = False
+
+
+def _absolute_gate(
+    challenger: dict, primary_metric: str, floors: Floors, baseline: dict | None, subset: str | None
+) -> Decision | None:
+    """Rules 1-4 of the module docstring: a refusal, or None when the challenger clears them all."""
+    if subset and not floors.allow_subset:
+        return Decision(False, "refused", f"trained on a subset ({subset}); subset models are never promoted "
+                        "unless explicitly allowed")  # fmt: skip
+    mel = mel_recall(challenger)
+    if mel < floors.mel_recall:
+        return Decision(False, "refused", f"melanoma recall {mel:.4f} is below the floor {floors.mel_recall:.4f}")
+    for metric, floor in (("macro_f1", floors.macro_f1), ("macro_auc", floors.macro_auc)):
+        value = challenger.get(metric)
+        if floor > 0 and (value is None or value < floor):
+            shown = "undefined" if value is None else f"{value:.4f}"
+            return Decision(False, "refused", f"{metric} {shown} is below the absolute floor {floor:.4f}")
+    value = challenger.get(primary_metric)
+    if value is None:
+        return Decision(False, "refused", f"{primary_metric} is undefined for the challenger on this test split")
+    if baseline is None:
+        return Decision(False, "refused", "no Random Forest baseline of this run to beat (evaluate without --baseline)")
+    floor = baseline.get(primary_metric)
+    if floor is not None and not value > floor:
+        return Decision(
+            False,
+            "refused",
+            f"{primary_metric} {value:.4f} does not beat this run's Random Forest baseline ({floor:.4f})",
+        )
+    return None
+
+
 def decide(
     challenger: dict,
     champion: dict | None,
     primary_metric: str,
     margin: float,
-    mel_recall_floor: float,
+    mel_recall_floor: float | Floors,
     no_champion_because: str = "no champion yet",
+    baseline: dict | None = None,
+    subset: str | None = None,
 ) -> Decision:
-    """The gate on two classification_metrics dicts (test split); pure, no I/O."""
-    mel = mel_recall(challenger)
-    if mel < mel_recall_floor:
-        return Decision(False, "refused", f"melanoma recall {mel:.4f} is below the floor {mel_recall_floor:.4f}")
-    value = challenger.get(primary_metric)
-    if value is None:
-        return Decision(False, "refused", f"{primary_metric} is undefined for the challenger on this test split")
+    """The gate on classification_metrics dicts (test split); pure, no I/O. `mel_recall_floor` is the
+    melanoma floor alone (the other floors then off, as before they existed) or all the Floors;
+    `baseline` is the run's Random Forest on the same split (None: not scored), `subset` says how the
+    challenger's training set was cut down (None: the whole training split)."""
+    floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else None
+    if floors is None:
+        floors = Floors(mel_recall=mel_recall_floor, macro_f1=0.0, macro_auc=0.0, allow_subset=True)
+        baseline = baseline if baseline is not None else {}
+    refused = _absolute_gate(challenger, primary_metric, floors, baseline, subset)
+    if refused is not None:
+        return refused
+    mel, value = mel_recall(challenger), challenger[primary_metric]
     if champion is None:
+        against = baseline.get(primary_metric) if baseline else None
         return Decision(
             True,
             "promoted",
-            f"{no_champion_because}, so the challenger only has to clear the melanoma floor: "
-            f"recall {mel:.4f} >= {mel_recall_floor:.4f}",
-        )
+            f"{no_champion_because}; melanoma recall {mel:.4f} >= floor {floors.mel_recall:.4f}"
+            + (f", {primary_metric} {value:.4f} beats this run's Random Forest baseline ({against:.4f})"
+               if against is not None else "")
+            + (f", macro F1 and AUC clear the floors {floors.macro_f1:.2f} / {floors.macro_auc:.2f}"
+               if floors.macro_f1 or floors.macro_auc else ""),
+        )  # fmt: skip
     incumbent = champion.get(primary_metric)
     if incumbent is None:
         return Decision(True, "promoted", f"the champion's {primary_metric} is undefined on this test split")
@@ -90,7 +153,7 @@ def decide(
             True,
             "promoted",
             f"{primary_metric} {value:.4f} beats the champion's {incumbent:.4f} (re-scored on this test split) "
-            f"by {gain:+.4f} > margin {margin:.4f}; melanoma recall {mel:.4f} >= floor {mel_recall_floor:.4f}",
+            f"by {gain:+.4f} > margin {margin:.4f}; melanoma recall {mel:.4f} >= floor {floors.mel_recall:.4f}",
         )
     return Decision(
         False,
@@ -123,6 +186,12 @@ class Registry:
     def champion_record(self) -> tuple[dict | None, str]:
         """(champion.json, "") ; (None, "") when there is no champion yet; (None, what is wrong with it)."""
         if not self.store.exists(self.champion_uri):
+            promoted = [h for h in self.history() if h.get("decision") == "promoted"]
+            if promoted:
+                return None, (
+                    f"the champion record {self.champion_uri} is missing, but the history records "
+                    f"{len(promoted)} promotions (last: run {promoted[-1].get('run_id')})"
+                )
             return None, ""
         try:
             record = self.store.get_json(self.champion_uri)
@@ -184,17 +253,26 @@ def _rescore(registry: Registry, record: dict, score_champion: ChampionScorer, s
         return None, f"the champion's checkpoint cannot be scored ({exc})"
 
 
+class ChampionIncident(StageError):
+    """The registry has a champion that cannot be loaded: promotion is refused until someone looks."""
+
+
 def run_gate(
     registry: Registry,
     challenger: Challenger,
     score_champion: ChampionScorer,
     primary_metric: str,
     margin: float,
-    mel_recall_floor: float,
+    mel_recall_floor: float | Floors,
     scratch: Path,
+    baseline: dict | None = None,
+    subset: str | None = None,
+    allow_broken_champion: bool = False,
 ) -> dict:
     """Decide, record the decision in the history, and (if promoted) write champion.json last.
-    Returns the decision record (also what the history holds)."""
+    Returns the decision record (also what the history holds). Raises ChampionIncident (after
+    recording it) when the champion cannot be loaded and `allow_broken_champion` is False."""
+    floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else Floors(mel_recall=mel_recall_floor)
     sha256 = sha256_file(challenger.checkpoint)
     record, problem = registry.champion_record()
     champion_info = {"run_id": record["run_id"], "model_uri": record["model_uri"]} if record else None
@@ -208,15 +286,25 @@ def run_gate(
             if champion_metrics is not None:
                 champion_info["rescored"] = headline(champion_metrics)
         if problem:
-            log.warning("treating the registry as having no champion: %s", problem)
             champion_info = {**(champion_info or {}), "problem": problem}
+            if not allow_broken_champion:
+                _record_incident(registry, challenger, sha256, problem, champion_info, primary_metric)
+                raise ChampionIncident(
+                    f"promotion refused: {problem}; an incident, not an empty registry: restore the champion, "
+                    "or re-run with the allow_broken_champion_override param (--allow-broken-champion-override) "
+                    "to judge this model as if there were no champion"
+                )
+            log.warning("OVERRIDE (allow_broken_champion): treating the registry as having no champion: %s", problem)
+            champion_info["override"] = "allow_broken_champion"
         decision = decide(
             challenger.metrics,
             champion_metrics,
             primary_metric,
             margin,
-            mel_recall_floor,
-            no_champion_because=f"{problem}; treated as no champion" if problem else "no champion yet",
+            floors,
+            no_champion_because=f"{problem}; treated as no champion (override)" if problem else "no champion yet",
+            baseline=baseline,
+            subset=subset,
         )
     log.info("promotion decision: %s (%s)", decision.decision, decision.reason)
 
@@ -234,7 +322,10 @@ def run_gate(
         "reason": decision.reason,
         "primary_metric": primary_metric,
         "promotion_margin": margin,
-        "mel_recall_floor": mel_recall_floor,
+        "mel_recall_floor": floors.mel_recall,
+        "floors": {"macro_f1": floors.macro_f1, "macro_auc": floors.macro_auc, "allow_subset": floors.allow_subset},
+        "baseline": {primary_metric: baseline.get(primary_metric)} if baseline else None,
+        "subset": subset,
         "dataset_version": challenger.dataset_version,
         "split_uri": challenger.split_uri,
         "challenger": {
@@ -270,3 +361,27 @@ def run_gate(
             },
         )
     return {**entry, "history_uri": str(history_uri), "registry_uri": str(registry.uri)}
+
+
+def _record_incident(
+    registry: Registry, challenger: Challenger, sha256: str, problem: str, champion_info: dict, primary_metric: str
+) -> None:
+    """The refused promotion goes into the history like any decision, so the incident has a record."""
+    registry.append_history(
+        {
+            "run_id": challenger.run_id,
+            "decided_at": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+            "decision": "incident",
+            "promoted": False,
+            "reason": f"promotion refused: {problem}",
+            "primary_metric": primary_metric,
+            "dataset_version": challenger.dataset_version,
+            "split_uri": challenger.split_uri,
+            "challenger": {
+                "source_model_uri": challenger.source_uri,
+                "model_sha256": sha256,
+                "metrics": headline(challenger.metrics),
+            },
+            "champion_before": champion_info,
+        }
+    )

@@ -6,11 +6,13 @@ notify stage writes and posts what this builds.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from dermaops.metrics import format_number
 from dermaops.pipeline import PIPELINE
+from dermaops.redaction import redact
 
 FAILED_STATES = ("failed", "upstream_failed")
 # The headline figures of the evaluate summary the report shows (dermaops.metrics.HEADLINE), labelled.
@@ -68,6 +70,9 @@ def build_report(
 ) -> RunReport:
     """The report of a run from {task: state} and {task: {"summary": ..., "error": ...}}."""
     states = {str(task): str(state) for task, state in states.items()}
+    # Whatever the XComs carry (an error line quoting a URL, a summary's source), report.md,
+    # report.json and the Slack message are all built from this one redacted copy.
+    results = json.loads(redact(json.dumps(results, default=str)))
     summaries = {t: (r or {}).get("summary") or {} for t, r in results.items()}
     errors = {t: r["error"] for t, r in results.items() if isinstance(r, dict) and r.get("error")}
     outcome = "failed" if any(s in FAILED_STATES for s in states.values()) else "success"

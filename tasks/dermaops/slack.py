@@ -6,7 +6,8 @@ https://slack.com/api/; tests point it at a loopback server). No token means Sla
 and callers skip posting. The token never appears in logs, errors or reprs.
 
 Rate limits are retried after the server's Retry-After delay (slack-sdk's RateLimitErrorRetryHandler);
-any other Slack error (invalid_auth, channel_not_found, ...) is a StageError with one clear line.
+any other Slack error (invalid_auth, channel_not_found, ...) is a StageError with one clear line; an
+unreachable Slack API (connection refused, DNS, timeout) is a TransientError (exit 3).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dermaops.errors import StageError
+from dermaops.errors import StageError, TransientError
 
 TOKEN_ENV = "SLACK_BOT_TOKEN"
 CHANNEL_ENV = "DERMAOPS_SLACK_CHANNEL"
@@ -82,7 +83,8 @@ def post_message(target: SlackTarget, text: str, blocks: list[dict[str, Any]]) -
         hint = ERROR_HINTS.get(error, f"HTTP {exc.response.status_code}" if exc.response is not None else "")
         raise StageError(f"Slack chat.postMessage to {target.channel} failed: {error} ({hint})") from None
     except OSError as exc:  # connection refused, DNS, TLS: urllib's errors are OSErrors
-        raise StageError(f"cannot reach the Slack API at {target.api_url}: {exc}") from None
+        # A network failure is transient (exit 3, by the stage contract), after slack-sdk's own retries.
+        raise TransientError(f"cannot reach the Slack API at {target.api_url}: {exc}") from None
     log.info("posted to Slack channel %s (ts %s)", response["channel"], response["ts"])
     return {"channel": response["channel"], "ts": response["ts"]}
 

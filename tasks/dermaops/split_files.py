@@ -7,16 +7,18 @@ import io
 
 from dermaops.dataset import CLASSES
 from dermaops.errors import StageError
+from dermaops.stage import read_verified
 from dermaops.store import S3Uri
 
 
-def read_split_csv(store, split_uri: S3Uri, name: str):
-    """One of the split's CSVs (name: train, val or test) as a DataFrame with its image_id and label columns
-    checked, and, where it has dx, every label matching its dx."""
+def read_split_csv(store, split_uri: S3Uri, name: str, manifest: dict | None = None):
+    """One of the split's CSVs (name: train, val or test) as a DataFrame, verified against the sha256 in the
+    split's manifest (given, or read now), with its image_id and label columns checked, and, where it has dx,
+    every label matching its dx."""
     import pandas as pd
 
     uri = split_uri.join(f"{name}.csv")
-    frame = pd.read_csv(io.BytesIO(store.get_bytes(uri)))
+    frame = pd.read_csv(io.BytesIO(read_verified(store, split_uri, f"{name}.csv", manifest)))
     missing = [c for c in ("image_id", "label") if c not in frame.columns]
     if missing:
         raise StageError(f"{uri} lacks columns {missing}")

@@ -6,6 +6,15 @@
   reports `{"status": "skipped", ...}` with the summary it published before, unless forced.
 - Re-running with different inputs (or `--force`) first removes the old manifest, so a crash
   half-way through never leaves stale files that look finished.
+- Readers verify what they load: `read_verified` / `download_verified` check each file's sha256
+  against the manifest they trusted, so a file rewritten after publication fails with one line
+  instead of being used as if it were the published one.
+- One writer per prefix: the first write claims the prefix (`_writer.json`: inputs' fingerprint and a
+  unique owner token). A writer for OTHER inputs takes the claim over when it starts, and from then
+  on every write of the earlier one, its publish included, fails with one line, so two runs never
+  mix their files under one manifest. Writers with the same fingerprint (a retry, or train and
+  train_baseline building the same image cache) make the same outputs and share the claim. After
+  publishing, the manifest is read back: it must be for this writer's inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +37,7 @@ from dermaops.errors import StageError
 from dermaops.store import ArtifactStore, S3Uri, sha256_bytes, sha256_file
 
 MANIFEST = "manifest.json"
+CLAIM = "_writer.json"
 log = logging.getLogger("dermaops")
 
 
@@ -49,6 +61,46 @@ def read_manifest(store: ArtifactStore, prefix: str | S3Uri, what: str = "stage 
     return store.get_json(uri)
 
 
+def _manifest_entry(manifest: dict, prefix: S3Uri, name: str) -> dict:
+    entry = manifest.get("files", {}).get(name)
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        listed = sorted(manifest.get("files", {}))
+        raise StageError(f"{prefix.join(MANIFEST)} lists no sha256 for {name} (files: {listed})")
+    return entry
+
+
+def _mismatch(uri: S3Uri, prefix: S3Uri, expected: str, actual: str) -> StageError:
+    return StageError(
+        f"checksum mismatch for {uri}: sha256 {actual[:16]} differs from {prefix.join(MANIFEST)}'s {expected[:16]} "
+        "(rewritten after it was published, e.g. by another run writing to the same prefix); not using it"
+    )
+
+
+def read_verified(store: ArtifactStore, prefix: str | S3Uri, name: str, manifest: dict | None = None) -> bytes:
+    """A published file's bytes, checked against the sha256 its manifest (given, or read now) records."""
+    prefix = prefix if isinstance(prefix, S3Uri) else S3Uri.parse(prefix)
+    manifest = read_manifest(store, prefix) if manifest is None else manifest
+    expected = _manifest_entry(manifest, prefix, name)["sha256"]
+    data = store.get_bytes(prefix.join(name))
+    if (actual := sha256_bytes(data)) != expected:
+        raise _mismatch(prefix.join(name), prefix, expected, actual)
+    return data
+
+
+def download_verified(
+    store: ArtifactStore, prefix: str | S3Uri, name: str, path: Path, manifest: dict | None = None
+) -> Path:
+    """A published file downloaded to `path` and checked like `read_verified` (a mismatch leaves no file)."""
+    prefix = prefix if isinstance(prefix, S3Uri) else S3Uri.parse(prefix)
+    manifest = read_manifest(store, prefix) if manifest is None else manifest
+    expected = _manifest_entry(manifest, prefix, name)["sha256"]
+    store.download(prefix.join(name), path)
+    if (actual := sha256_file(path)) != expected:
+        path.unlink(missing_ok=True)
+        raise _mismatch(prefix.join(name), prefix, expected, actual)
+    return path
+
+
 @dataclass
 class Output:
     """A stage's output prefix, written file by file and published with a manifest at the end."""
@@ -58,9 +110,42 @@ class Output:
     stage: str
     fingerprint: str
     files: dict[str, dict] = field(default_factory=dict)
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _claimed: bool = False
 
     def uri(self, name: str) -> S3Uri:
         return self.prefix.join(name)
+
+    def _claim(self) -> None:
+        """Before any write: claim the prefix on the first one, check the claim is still ours on the next."""
+        uri = self.uri(CLAIM)
+        current = self.store.get_json_or_none(uri)
+        if isinstance(current, dict) and current.get("fingerprint") == self.fingerprint:
+            self._claimed = True
+            return
+        if self._claimed:
+            who = current or {}
+            raise StageError(
+                f"another {who.get('stage', 'stage')} run for other inputs (host {who.get('host')}, pid "
+                f"{who.get('pid')}, since {who.get('claimed_at')}) took over {self.prefix} while this one was "
+                "writing it; this run publishes nothing (use a separate output prefix per run)"
+            )
+        if current is not None:
+            log.warning(
+                "%s was last claimed by a %s run for other inputs (since %s); taking it over",
+                self.prefix, current.get("stage") if isinstance(current, dict) else "?",
+                current.get("claimed_at") if isinstance(current, dict) else "?",
+            )  # fmt: skip
+        claim = {
+            "stage": self.stage,
+            "fingerprint": self.fingerprint,
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "claimed_at": utcnow(),
+        }
+        self.store.put_json(uri, claim)
+        self._claimed = True
 
     def finished(self) -> dict | None:
         """The published manifest if it is for the same inputs, else None."""
@@ -72,11 +157,13 @@ class Output:
 
     def unpublish(self) -> None:
         """Withdraw an earlier manifest before overwriting, so readers never see a mix."""
+        self._claim()
         uri = self.uri(MANIFEST)
         if self.store.exists(uri):
             self.store.delete(uri)
 
     def put_bytes(self, name: str, data: bytes, content_type: str | None = None) -> S3Uri:
+        self._claim()
         uri = self.store.put_bytes(self.uri(name), data, content_type)
         self.files[name] = {"sha256": sha256_bytes(data), "size": len(data)}
         return uri
@@ -89,6 +176,7 @@ class Output:
         return self.put_bytes(name, text.encode(), content_type)
 
     def put_file(self, name: str, path: Path, sha256: str | None = None, content_type: str | None = None) -> S3Uri:
+        self._claim()
         uri = self.store.put_file(self.uri(name), path, content_type)
         self.files[name] = {"sha256": sha256 or sha256_file(path), "size": path.stat().st_size}
         return uri
@@ -101,9 +189,15 @@ class Output:
             "dermaops_version": __version__,
             "files": self.files,
             "summary": summary,
+            "owner": self.owner,
             **extra,
         }
+        self._claim()
         self.store.put_json(self.uri(MANIFEST), manifest)
+        # Read back: a writer for other inputs that published in the same instant must not leave a
+        # manifest that this run reports as its own.
+        if self.store.get_json(self.uri(MANIFEST)).get("fingerprint") != self.fingerprint:
+            raise StageError(f"another run published {self.prefix} at the same time as this one; not reporting it")
         return manifest
 
 
@@ -124,21 +218,48 @@ class Context:
 
 
 class scratch_dir:
-    """A scratch directory: DERMAOPS_SCRATCH_DIR (kept, for inspection and download caches) or a
-    temporary one removed at exit."""
+    """A scratch directory private to this process.
+
+    With DERMAOPS_SCRATCH_DIR (or --scratch-dir) set, the directory is shared by every stage process
+    of the machine and kept, for download caches and partial downloads that a retry resumes. Each
+    process works in one slot of it, `<dir>/slot-<n>`, held with an exclusive lock (flock) on
+    `<dir>/slot-<n>.lock` for the process's lifetime: two processes never share a slot (two ingests of
+    one source no longer delete each other's files), and a later process, a retry after a crash
+    included, gets the lowest free slot back with its caches (the kernel drops a dead process's lock).
+    Without it, a temporary directory removed at exit.
+    """
 
     def __init__(self, explicit: str | None = None):
         self.explicit = explicit or os.environ.get("DERMAOPS_SCRATCH_DIR")
         self._tmp: str | None = None
+        self._lock = None
 
     def __enter__(self) -> Path:
         if self.explicit:
-            path = Path(self.explicit)
-            path.mkdir(parents=True, exist_ok=True)
-            return path
+            root = Path(self.explicit)
+            root.mkdir(parents=True, exist_ok=True)
+            return self._take_slot(root)
         self._tmp = tempfile.mkdtemp(prefix="dermaops-")
         return Path(self._tmp)
 
+    def _take_slot(self, root: Path) -> Path:
+        import fcntl
+
+        for n in range(1024):
+            lock = open(root / f"slot-{n}.lock", "a+")  # noqa: SIM115 - held open until __exit__
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            self._lock = lock
+            path = root / f"slot-{n}"
+            path.mkdir(exist_ok=True)
+            return path
+        raise StageError(f"scratch directory {root}: all 1024 slots are in use by other processes")
+
     def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)

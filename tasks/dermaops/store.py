@@ -138,6 +138,24 @@ class ArtifactStore:
         except ValueError as exc:
             raise StageError(f"not valid JSON: {uri} ({exc})") from exc
 
+    def get_json_or_none(self, uri: str | S3Uri) -> Any:
+        """The JSON object at `uri`, or None when there is none (one request instead of exists + get)."""
+        from botocore.exceptions import ClientError
+
+        u = _as_uri(uri)
+        try:
+            data = self.client.get_object(Bucket=u.bucket, Key=u.key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._translate(exc, u, "read") from exc
+        except Exception as exc:
+            raise self._translate(exc, u, "read") from exc
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise StageError(f"not valid JSON: {uri} ({exc})") from exc
+
     def open(self, uri: str | S3Uri, start: int = 0) -> BinaryIO:
         """A streaming body (file-like, `.read(n)` / `.iter_chunks()`), optionally from a byte offset."""
         u = _as_uri(uri)

@@ -34,6 +34,7 @@ import numpy as np
 
 from dermaops.augment import augment_batch
 from dermaops.config import TrainConfig
+from dermaops.errors import StageError
 from dermaops.metrics import classification_metrics
 from dermaops.models import model_meta, normalize, save_checkpoint, to_float
 
@@ -398,6 +399,7 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 logits = self.model(x)
             loss = self.criterion(logits.float(), y)
+            self._check_finite(loss, phase, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -426,6 +428,20 @@ class Trainer:
             "images_per_s": round(seen / seconds, 1),
             "train_seconds": seconds,
         }
+
+    def _check_finite(self, loss, phase: int, epoch: int, step: int) -> None:
+        """Stop at the first non-finite loss: the recipe diverged, and every later step would only train a
+        NaN model that looks finished. A user error (exit 2): retrying the same recipe diverges again."""
+        import torch
+
+        if bool(torch.isfinite(loss)):
+            return
+        flag = "--lr" if phase == 1 else "--finetune-lr"
+        raise StageError(
+            f"training diverged: the loss is {float(loss)} at epoch {epoch} (phase {phase}) step "
+            f"{step + 1}/{self.steps_per_epoch}; nothing is published: lower {flag} (now {self.cfg.phase_lr(phase):g})"
+            f" or --weight-decay (now {self.cfg.weight_decay:g})"
+        )
 
     def _epoch(self, phase: int, learn, optimizer, scheduler) -> dict:
         started, epoch = time.monotonic(), self.state.epoch + 1

@@ -112,15 +112,3 @@ def open_source(spec: str, settings: TransferSettings, dataverse_url: str = DEFA
             "an s3://bucket/prefix or a local directory"
         )
     return LocalSource(Path(spec), settings)
-
-
-def redact_url(url: str) -> str:
-    """`https://user:secret@host/x` -> `https://***@host/x`: sources are logged and end up in XComs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

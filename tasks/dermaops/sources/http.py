@@ -13,7 +13,8 @@ import requests
 
 from dermaops import __version__
 from dermaops.errors import StageError
-from dermaops.sources import Source, SourceFile, redact_url, release_files
+from dermaops.redaction import redact
+from dermaops.sources import Source, SourceFile, release_files
 from dermaops.sources.transfer import (
     Checksum,
     Fetched,
@@ -124,7 +125,7 @@ class HttpSource(Source):
 
     @property
     def identity(self) -> str:
-        return f"http:{redact_url(self.base_url)}"
+        return f"http:{redact(self.base_url)}"
 
     def files(self) -> list[SourceFile]:
         return release_files(self._lookup, lambda name: f"{self.base_url}/{name}", " (HTTP 404)")

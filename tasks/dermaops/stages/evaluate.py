@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dermaops.config import EvaluateConfig
 from dermaops.errors import StageError
-from dermaops.stage import Output, fingerprint, read_manifest, skipped
+from dermaops.stage import Output, download_verified, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
 
 HELP = "test-split metrics, confusion matrices, Grad-CAM, model comparison, champion/challenger promotion"
@@ -63,6 +63,16 @@ def run_id_from(out: S3Uri) -> str:
     if "runs" in parts[:-1]:
         return parts[parts.index("runs") + 1]
     raise StageError(f"cannot derive a run id from --out {out} (not under runs/<run_id>/); pass --run-id")
+
+
+def training_subset(model_manifest: dict, split_manifest: dict) -> str | None:
+    """How the model's training set was cut down (`--max-train-images`), or None for the whole split."""
+    cap = (model_manifest.get("config") or {}).get("max_train_images")
+    n_train = (model_manifest.get("summary") or {}).get("n_train")
+    full = ((split_manifest.get("summary") or {}).get("counts") or {}).get("train")
+    if cap is None or (n_train is not None and full is not None and n_train >= full):
+        return None
+    return f"max_train_images={cap}: {n_train} of {full} training images"
 
 
 def _model_file(manifest: dict, prefix: S3Uri, name: str, required: bool = True) -> S3Uri | None:
@@ -174,15 +184,21 @@ def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path)
     from dermaops.split_files import read_split_csv
 
     device = pick_device(cfg.device)
-    test = read_split_csv(ctx.store, inputs.split_uri, "test")
+    test = read_split_csv(ctx.store, inputs.split_uri, "test", inputs.split_manifest)
     scorer = SplitScorer(ctx, dataset, test, cfg.batch_size, device, cfg.tta)
-    checkpoint = ctx.store.download(inputs.cnn_uri, local / "cnn.pt")
+    # Every file is checked against the manifest read in locate_inputs: never a model another run wrote since.
+    checkpoint = download_verified(ctx.store, inputs.model_prefix, "cnn.pt", local / "cnn.pt", inputs.model_manifest)
     model, meta, proba = scorer.score_checkpoint(checkpoint, what=str(inputs.cnn_uri))
     models = {}
     if inputs.baseline_uri:
-        models[BASELINE] = scorer.score_baseline(ctx.store.download(inputs.baseline_uri, local / "b.joblib"))
+        baseline = download_verified(
+            ctx.store, inputs.baseline_prefix, "baseline.joblib", local / "b.joblib", inputs.baseline_manifest
+        )
+        models[BASELINE] = scorer.score_baseline(baseline)
     if inputs.phase1_uri:
-        phase1 = ctx.store.download(inputs.phase1_uri, local / "p1.pt")
+        phase1 = download_verified(
+            ctx.store, inputs.model_prefix, "cnn_phase1.pt", local / "p1.pt", inputs.model_manifest
+        )
         models[FROZEN] = scorer.metrics(scorer.score_checkpoint(phase1, str(inputs.phase1_uri))[2])
     metrics = models[FINE_TUNED] = scorer.metrics(proba)
     log.info("test: %s", ", ".join(f"{k} {v}" for k, v in headline(metrics).items()))
@@ -216,7 +232,8 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
     """The champion/challenger gate (dermaops.promotion) when there is a registry; None otherwise."""
     if not inputs.registry_uri:
         return None
-    from dermaops.promotion import Challenger, Registry, run_gate
+    from dermaops.promotion import Challenger, Floors, Registry, run_gate
+    from dermaops.report import BASELINE
 
     challenger = Challenger(
         run_id=inputs.run_id,
@@ -233,8 +250,11 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         scores.scorer.score_champion,
         cfg.primary_metric,
         cfg.promotion_margin,
-        cfg.mel_recall_floor,
+        Floors(cfg.mel_recall_floor, cfg.min_macro_f1, cfg.min_macro_auc, cfg.allow_subset_promotion),
         local,
+        baseline=scores.models.get(BASELINE),
+        subset=training_subset(inputs.model_manifest, inputs.split_manifest),
+        allow_broken_champion=cfg.allow_broken_champion_override,
     )
 
 
@@ -334,6 +354,7 @@ class SplitScorer:
         log.info("scoring %s (%s, %d px) on %d test images", what, meta["arch"], meta["image_size"], len(images))
         proba = predict_proba(model, images, meta, self.batch_size, self.device, tta=self.tta)
         log.info("scored %s in %.1f s", what, time.monotonic() - started)
+        require_finite(proba, what)
         return model, meta, proba
 
     def ablation(self, model, meta) -> dict:
@@ -369,6 +390,19 @@ class SplitScorer:
         size = bundle["meta"]["image_size"]
         log.info("scoring the baseline (random forest, %d px features) on %d test images", size, len(self.test))
         return self.metrics(score_bundle(bundle, self.images(size), self.classes))
+
+
+def require_finite(proba, what: str) -> None:
+    """A model whose outputs are NaN/inf (a diverged training) is refused with one line instead of being
+    scored: argmax of NaN is class 0 and would give it a plausible-looking accuracy."""
+    import numpy as np
+
+    bad = ~np.isfinite(proba).all(axis=1)
+    if bad.any():
+        raise StageError(
+            f"{what} gives non-finite outputs (NaN/inf) for {int(bad.sum())} of {len(proba)} test images: "
+            "its training diverged; refusing to score it"
+        )
 
 
 def explain_melanomas(scorer: SplitScorer, model, meta, proba, count: int, path: Path, device: str) -> dict | None:

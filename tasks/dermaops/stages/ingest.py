@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from dermaops.dataset import METADATA, REQUIRED_COLUMNS, image_id_of
 from dermaops.errors import StageError, TransientError
-from dermaops.sources import DEFAULT_DATAVERSE_URL, HAM10000_DOI, Source, open_source, redact_url
+from dermaops.redaction import redact
+from dermaops.sources import DEFAULT_DATAVERSE_URL, HAM10000_DOI, Source, open_source
 from dermaops.sources.transfer import Fetched, TransferSettings
 from dermaops.stage import Context, fingerprint, skipped, utcnow
 from dermaops.store import S3Uri, sha256_file
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         "n_lesions": len(set(metadata.column("lesion_id"))),
         "class_counts": dict(sorted(dx.items())),
         "images_without_metadata": len(extras),
-        "source": redact_url(args.source),
+        "source": redact(args.source),
         "source_kind": source.kind,
         "metadata_source": fetched[0].name,
         "bytes": sum(f.size for f in fetched),

@@ -98,6 +98,17 @@ def run(args, ctx) -> dict:
         message = slack.post_message(target, text, blocks)
         posted = {"slack": "posted", "slack_channel": message["channel"], "slack_ts": message["ts"]}
 
-    summary = {"outcome": report.outcome, "report_uri": report.report_uri, "run_id": report.run_id, **posted}
+    summary = {
+        "outcome": report.outcome,
+        "report_uri": report.report_uri,
+        "run_id": report.run_id,
+        # The promotion decision and its reason, on the run in the UI (this task's XCom); when evaluate
+        # failed (e.g. a champion incident) its one-line error is the reason.
+        "promotion": {
+            "promoted": report.promoted,
+            "reason": report.promotion_reason if report.promoted is not None else report.errors.get("evaluate"),
+        },
+        **posted,
+    }
     out.publish(summary)
     return summary

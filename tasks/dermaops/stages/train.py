@@ -118,8 +118,8 @@ def run(args, ctx) -> dict:
         log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", out.prefix)
         return skipped(done)
 
-    train_df = read_split_csv(ctx.store, split_uri, "train")
-    val_df = read_split_csv(ctx.store, split_uri, "val")
+    train_df = read_split_csv(ctx.store, split_uri, "train", split_manifest)
+    val_df = read_split_csv(ctx.store, split_uri, "val", split_manifest)
     if cfg.max_train_images is not None and len(train_df) > cfg.max_train_images:
         train_df = train_df.sample(n=cfg.max_train_images, random_state=cfg.seed).sort_index()
     if cfg.num_threads:

@@ -63,8 +63,8 @@ def run(args, ctx) -> dict:
         raise StageError(f"split manifest at {split_uri} has no summary.dataset_uri")
     from dermaops.split_files import read_split_csv
 
-    train = read_split_csv(ctx.store, split_uri, "train")
-    val = read_split_csv(ctx.store, split_uri, "val")
+    train = read_split_csv(ctx.store, split_uri, "train", split_manifest)
+    val = read_split_csv(ctx.store, split_uri, "val", split_manifest)
     dataset = Dataset.open(ctx.store, summary_in["dataset_uri"], ctx.scratch)
 
     from dermaops.imagecache import load_images

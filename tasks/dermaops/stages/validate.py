@@ -69,6 +69,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--min-rows", type=int, default=1, help="fewest metadata rows accepted")
     parser.add_argument("--max-rows", type=int, default=20000, help="most metadata rows accepted (HAM10000: 10,015)")
+    parser.add_argument(
+        "--min-lesions-per-class",
+        type=int,
+        default=None,
+        help="fewest distinct lesions of each class (default: one per split, 3): a lesion-grouped split must put "
+        "every class in train, val and test",
+    )
     parser.add_argument("--min-image-side", type=int, default=8, help="smallest plausible image width/height (px)")
     parser.add_argument("--max-image-side", type=int, default=10000, help="largest plausible image width/height (px)")
 
@@ -81,13 +88,40 @@ def _parameters(args) -> dict:
         raise StageError(
             f"need 1 <= --min-image-side <= --max-image-side (got {args.min_image_side} and {args.max_image_side})"
         )
+    from dermaops.splitting import SPLITS
+
+    min_lesions = len(SPLITS) if args.min_lesions_per_class is None else args.min_lesions_per_class
+    if min_lesions < 1:
+        raise StageError(f"--min-lesions-per-class must be >= 1 (got {min_lesions})")
     return {
+        "min_lesions_per_class": min_lesions,
         "min_rows": args.min_rows,
         "max_rows": args.max_rows,
         "min_age_present_fraction": round(1.0 - args.max_missing_age_fraction, 6),
         "min_image_side": args.min_image_side,
         "max_image_side": args.max_image_side,
     }
+
+
+def class_table(metadata):
+    """One row per model class: images, distinct lesions and share of the rows (absent classes get 0), for
+    the ham10000_classes suite. Rows with an unknown dx are the metadata suite's to report."""
+    import pandas as pd
+
+    from dermaops.dataset import CLASSES
+
+    known = metadata[metadata["dx"].isin(CLASSES)]
+    n_images = known.groupby("dx").size().reindex(CLASSES, fill_value=0)
+    n_lesions = known.groupby("dx")["lesion_id"].nunique().reindex(CLASSES, fill_value=0)
+    total = max(len(metadata), 1)
+    return pd.DataFrame(
+        {
+            "dx": list(CLASSES),
+            "n_images": n_images.to_numpy(),
+            "n_lesions": n_lesions.to_numpy(),
+            "share": (n_images / total).round(6).to_numpy(),
+        }
+    )
 
 
 def _verdict(summary: dict) -> dict:
@@ -137,7 +171,8 @@ def run(args, ctx) -> dict:
 
     docs_dir = ctx.scratch / "validate" / DOCS
     shutil.rmtree(docs_dir, ignore_errors=True)  # a kept scratch dir must not leak an earlier run's pages
-    results = run_suites(suites, {"metadata": metadata, "image_facts": facts}, parameters, docs_dir)
+    tables = {"metadata": metadata, "image_facts": facts, "classes": class_table(metadata)}
+    results = run_suites(suites, tables, parameters, docs_dir)
     found = outcomes(results)
     figures = quality_report.compute_figures(metadata, facts)
     results_files = [f"results/{name}.json" for name in results]
