@@ -20,6 +20,9 @@ SECRET = "Pa55w0rd-s3cret"
 
 
 class RecordingTI:
+    # The identity docker mode labels its containers with (to find them again after a worker dies).
+    dag_id, run_id, task_id, map_index = "dermaops_ham10000", "manual__1", "train", -1
+
     def __init__(self):
         self.xcoms: dict[str, object] = {}
 
@@ -35,6 +38,7 @@ def docker_client():
         client = mock.Mock(spec=APIClient)
         client.create_container.return_value = {"Id": CONTAINER_ID}
         client.images.return_value = [{"Id": "dermaops-data"}]  # present: no pull
+        client.containers.return_value = []  # no container left by an earlier try of this task
         client.create_host_config.return_value = mock.Mock()
         client.ping.return_value = True
         patcher.return_value = client

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -57,6 +58,9 @@ class EmbeddedS3:
             except OSError as exc:
                 raise RuntimeError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
 
+        # One access-log line per S3 request is noise; in a process that also runs a stage (tests, the
+        # dev runner) it would interleave with the stage's own log lines on stderr.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
         self._server.start()
         return self
