@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 DATA_STAGES = ("ingest", "validate", "split", "train_baseline", "notify")
-TORCH_STAGES = ("train", "evaluate")
+TORCH_STAGES = ("train", "evaluate", "predict")
 
 
 def _image_tag() -> str:
@@ -23,7 +23,7 @@ def _image_tag() -> str:
 class StageSpec:
     stage: str
     image: str
-    gpu: bool  # wants the GPU when DERMAOPS_GPU=1 (train, evaluate)
+    gpu: bool  # wants the GPU when DERMAOPS_GPU=1 (train, evaluate, predict)
     shm_size: int | None  # bytes of /dev/shm for PyTorch data loaders; None: Docker's default
 
 

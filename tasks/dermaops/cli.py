@@ -29,6 +29,7 @@ STAGES = {
     "train": "dermaops.stages.train",
     "evaluate": "dermaops.stages.evaluate",
     "notify": "dermaops.stages.notify",
+    "predict": "dermaops.stages.predict",
 }
 
 
