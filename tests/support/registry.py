@@ -64,7 +64,11 @@ def promoted_registry(small_split, small_models, s3_server, tmp_path_factory) ->
     store = ArtifactStore()
     store.ensure_bucket(name)
     run_id = "run-fitted"
-    summary = evaluate_and_promote(name, small_split, small_models["fitted"], run_id, tmp_path_factory.mktemp("ev"))
+    # The DAG's layout: the run's train output at runs/<run_id>/models/cnn, its evaluation beside it.
+    source, model = S3Uri.parse(small_models["fitted"]), S3Uri(name, f"runs/{run_id}/models/cnn")
+    for uri, _ in store.list(source):
+        store.put_bytes(model.join(uri.name), store.get_bytes(uri))
+    summary = evaluate_and_promote(name, small_split, str(model), run_id, tmp_path_factory.mktemp("ev"))
     assert summary["promoted"] is True, summary
     registry = S3Uri(name, "registry/ham10000")
     return {
