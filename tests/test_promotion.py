@@ -148,7 +148,11 @@ def test_gate_promotes_refuses_and_keeps_every_decision(scored, store, bucket, t
     assert all(h["reason"] and h["primary_metric"] == "macro_f1" for h in history)
     # Both promoted checkpoints stay in the registry, immutable, under their content hash.
     stored = sorted(uri.key for uri, _ in store.list(registry.uri.join("models")))
-    assert len(stored) == 2 and stored[0].startswith(f"{registry.uri.key}/models/run-1-")
+    checkpoints = [key for key in stored if key.endswith("/cnn.pt")]
+    assert len(checkpoints) == 2 and checkpoints[0].startswith(f"{registry.uri.key}/models/run-1-")
+    # Each beside its model card (dermaops.model_card), and nothing else.
+    cards = {key.rsplit("/", 1)[0] + "/" + name for key in checkpoints for name in ("model_card.json", "model_card.md")}
+    assert set(stored) == set(checkpoints) | cards
     assert store.exists(weak_record["model_uri"])
 
 

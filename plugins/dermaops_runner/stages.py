@@ -28,7 +28,7 @@ def _image_tag() -> str:
 class StageSpec:
     stage: str
     image: str
-    gpu: bool  # wants the GPU when DERMAOPS_GPU=1 (train, evaluate)
+    gpu: bool  # wants the GPU when DERMAOPS_GPU=1 (train, evaluate, predict)
     shm_size: int | None  # bytes of /dev/shm for PyTorch data loaders; None: Docker's default
     secrets: tuple[str, ...] = ("s3",)  # credential sets resolved at execute time
 

@@ -18,6 +18,7 @@ class Stage:
     image: str  # "data" (light image) or "torch" (PyTorch image)
     gpu: bool  # can use a GPU (DERMAOPS_GPU=1 in docker mode; the gpu queue on Celery)
     secrets: tuple[str, ...] = ("s3",)  # credential sets the runner hands it: "s3", "slack"
+    dag: str = "retrain"  # the DAG that runs it: "retrain" (dags/ham10000_retrain.py) or "predict"
 
 
 STAGES: tuple[Stage, ...] = (
@@ -28,10 +29,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "dermaops.stages.train", "torch", gpu=True),
     Stage("evaluate", "dermaops.stages.evaluate", "torch", gpu=True),
     Stage("notify", "dermaops.stages.notify", "data", gpu=False, secrets=("s3", "slack")),
+    Stage("predict", "dermaops.stages.predict", "torch", gpu=True, dag="predict"),
 )
 BY_NAME = {s.name: s for s in STAGES}
+# The retraining DAG's tasks, in run order.
+RETRAIN = tuple(s.name for s in STAGES if s.dag == "retrain")
 # The stages whose outcome a run report describes (notify reports on them, it is not one of them).
-PIPELINE = tuple(s.name for s in STAGES if s.name != "notify")
+PIPELINE = tuple(name for name in RETRAIN if name != "notify")
 IMAGES = ("data", "torch")
 
 

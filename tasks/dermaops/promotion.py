@@ -340,6 +340,10 @@ def run_gate(
     }
     history_uri = registry.append_history(entry)
     if decision.decision == "promoted":
+        from dermaops.model_card import write_model_card
+
+        # Beside the immutable copy, before champion.json: a champion always has its card.
+        write_model_card(registry, challenger, entry, S3Uri.parse(model_uri), sha256)
         registry.store.put_json(
             registry.champion_uri,
             {

@@ -1,0 +1,104 @@
+"""DermaOps batch prediction: the production model (or any stored checkpoint) on a folder of new images.
+
+Thin like the retraining DAG: no heavy imports, no connection or Variable look-ups at parse time.
+One task, the `predict` stage, in the torch image (GPU with DERMAOPS_GPU=1), built by the same
+runner factory.
+
+Two ways in:
+- the UI's Trigger form, with the folder (`images`: an s3:// prefix or a folder/zip on the worker);
+- an Asset event on `s3://<bucket>/incoming/ham10000` when a folder of new images has landed; the
+  event's extra `{"images": "s3://<bucket>/incoming/ham10000/<batch>/"}` names the folder
+  (dermaops_runner.incoming), e.g. from the uploading task's `outlet_events[INCOMING_IMAGES].extra`
+  or `POST /api/v2/assets/events {"asset_id": <id>, "extra": {"images": "..."}}`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from airflow.sdk import DAG, Asset, Param
+from dermaops_runner import stage_task
+from dermaops_runner.alerts import alert_dag_failure
+from dermaops_runner.incoming import images_to_predict
+from dermaops_runner.templating import MACROS
+
+DAG_ID = "dermaops_predict"
+BUCKET = os.environ.get("DERMAOPS_BUCKET", "dermaops")
+REGISTRY = f"s3://{BUCKET}/registry/ham10000"
+INCOMING = f"s3://{BUCKET}/incoming/ham10000"
+PREDICTIONS = f"s3://{BUCKET}/predictions"
+
+INCOMING_IMAGES = Asset(uri=INCOMING, group="dermaops")
+PREDICTIONS_ASSET = Asset(uri=PREDICTIONS, group="dermaops")
+
+PARAMS = {
+    "images": Param(
+        INCOMING,
+        type="string",
+        minLength=1,
+        title="Images",
+        description="The JPEGs to predict: an s3:// prefix, or a folder or zip on the worker. A run started by an "
+        "Asset event reads the folder the event names instead.",
+    ),
+    "model": Param(
+        "champion",
+        type="string",
+        minLength=1,
+        description="champion (the registry's production model) or the s3:// URI of a checkpoint or model prefix.",
+    ),
+    "gradcam": Param(
+        "none",
+        enum=["none", "predicted", "mel"],
+        description="Also write a Grad-CAM PNG per image, of the predicted class or of the melanoma score.",
+    ),
+    "tta": Param(
+        True, type="boolean", description="Average over the 8 flips/quarter turns, as evaluation scores the model."
+    ),
+    "force": Param(False, type="boolean", description="Predict again even if this run's outputs are finished."),
+}
+
+DOC = f"""
+# DermaOps: batch prediction
+
+`predict`: `python -m dermaops predict --model <champion|s3 uri> --images <folder> --out ...` in the
+torch image. Writes `{PREDICTIONS}/<run_id>/predictions.csv` (per image: class probabilities, calibrated
+when the model carries a temperature; the melanoma flag at the stored operating point; optional
+Grad-CAM) and `predictions.json` (which model, which rule).
+
+Trigger it with a folder, or emit an event on the Asset `{INCOMING}` with
+`extra={{"images": "{INCOMING}/<batch>/"}}` once a folder of new images has landed.
+"""
+
+with DAG(
+    dag_id=DAG_ID,
+    description="Predict a folder of new dermatoscopic images with the champion model",
+    doc_md=DOC,
+    schedule=[INCOMING_IMAGES],
+    start_date=dt.datetime(2026, 1, 5, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    tags=["dermaops", "ham10000", "prediction"],
+    params=PARAMS,
+    user_defined_macros={**MACROS, "dermaops_images_to_predict": images_to_predict},
+    on_failure_callback=alert_dag_failure,
+    default_args={"owner": "dermaops", "retries": 1, "retry_delay": dt.timedelta(seconds=60)},
+) as dag:
+    predict = stage_task(
+        "predict",
+        [
+            "--model",
+            "{{ params.model }}",
+            "--images",
+            "{{ dermaops_images_to_predict(params, triggering_asset_events) }}",
+            "--registry",
+            REGISTRY,
+            "--out",
+            f"{PREDICTIONS}/{{{{ dermaops_run_key(run_id) }}}}",
+            "--gradcam",
+            "{{ params.gradcam }}",
+            "{{ '--tta' if params.tta else '--no-tta' }}",
+            "{{ '--force' if params.force else '' }}",
+        ],
+        outlets=[PREDICTIONS_ASSET],
+    )

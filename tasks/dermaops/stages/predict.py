@@ -1,0 +1,178 @@
+"""Batch prediction: run a stored model on a folder of new dermatoscopic JPEGs.
+
+--model is `champion` (resolved through --registry's champion.json, checksum-verified) or an s3://
+URI of a checkpoint or of a prefix holding cnn.pt. --images is a local folder, a zip, or an s3://
+prefix (see dermaops.prediction for what counts as an image). Every image goes through training's
+preprocessing at the model's size. Writes to --out:
+
+    predictions.csv     one row per image: image (its path in --images), image_id, predicted class,
+                        p_<class> for the 7 classes (calibrated when the checkpoint's meta carries a
+                        `temperature`), mel_flag (at the stored `mel_threshold` operating point, else
+                        argmax == mel), gradcam (URI of its Grad-CAM PNG, with --gradcam)
+    gradcam/<n>.png     with --gradcam predicted|mel: the image at model size beside its Grad-CAM
+    predictions.json    what was predicted with: model URI and sha256, calibration, melanoma rule,
+                        preprocessing, counts per predicted class, files ignored
+    manifest.json       written last
+
+Same model (by sha256), same images (by sha256), same options: the stage skips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import time
+
+from dermaops.errors import StageError
+from dermaops.prediction import GRADCAM_TARGETS
+from dermaops.stage import fingerprint, skipped, utcnow
+from dermaops.store import S3Uri
+
+HELP = "batch prediction: class probabilities and the melanoma flag for a folder of JPEGs, with a stored model"
+# Bump when what predict computes changes: part of the fingerprint, so a re-run recomputes.
+PREDICT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="'champion' (the registry's production model) or an s3:// URI of a checkpoint (.pt) or of a prefix "
+        "holding cnn.pt (a run's models/cnn or a registry models/<run_id>-<sha12>)",
+    )
+    parser.add_argument(
+        "--images", required=True, help="a local folder or zip of JPEGs, or an s3:// prefix holding JPEGs or zips"
+    )
+    parser.add_argument("--out", required=True, help="output prefix (e.g. s3://<b>/predictions/<name>)")
+    parser.add_argument(
+        "--registry",
+        default=None,
+        help="model registry prefix (s3://<b>/registry/ham10000); needed for --model champion",
+    )
+    parser.add_argument(
+        "--gradcam",
+        choices=GRADCAM_TARGETS,
+        default="none",
+        help="write a Grad-CAM PNG per image, of the predicted class or of the melanoma score",
+    )
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average the softmax over the 8 flips/quarter turns, as evaluate scores the model (8x the compute)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at once")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
+
+
+def run(args, ctx) -> dict:
+    if args.batch_size < 1:
+        raise StageError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    out_uri = S3Uri.parse(args.out)
+    registry = str(S3Uri.parse(args.registry)) if args.registry else None
+
+    from dermaops.dataset import CLASSES
+    from dermaops.imagecache import CACHE_FORMAT
+    from dermaops.models import pick_device
+    from dermaops.prediction import collect_images, load_model, operating_point, resolve_model, temperature_of
+
+    resolved = resolve_model(ctx.store, args.model, registry, ctx.scratch)
+    inputs = collect_images(args.images, ctx.store, ctx.scratch)
+    device = pick_device(args.device)
+    model, meta = load_model(resolved, device)
+    temperature = temperature_of(meta)
+    point = operating_point(meta, resolved.champion)
+    log.info(
+        "predicting %d images from %s with %s (%s, %d px); calibration: %s; melanoma rule: %s",
+        len(inputs.images),
+        args.images,
+        resolved.uri,
+        meta["arch"],
+        meta["image_size"],
+        f"temperature {temperature}" if temperature else "none",
+        point.rule,
+    )
+
+    out = ctx.output(
+        out_uri,
+        "predict",
+        fingerprint(
+            version=PREDICT_VERSION,
+            model_sha256=resolved.sha256,
+            images=inputs.files,
+            mel_threshold=point.threshold,
+            gradcam=args.gradcam,
+            tta=args.tta,
+            decode=CACHE_FORMAT,
+        ),
+    )
+    if (manifest := out.finished()) and not args.force:
+        log.info("predictions at %s are finished for this model and these images; skipping", out_uri)
+        return skipped(manifest)
+    out.unpublish()
+
+    import pandas as pd
+
+    from dermaops.prediction import draw_gradcams, predict_batches
+
+    mel = CLASSES.index("mel")
+    rows = []
+    started = time.monotonic()
+    for n_batch, batch in enumerate(
+        predict_batches(model, meta, inputs, batch_size=args.batch_size, device=device, tta=args.tta)
+    ):
+        flags = point.flags(batch.proba, mel)
+        cams = []
+        if args.gradcam != "none":
+            paths = draw_gradcams(model, meta, batch, args.gradcam, device, ctx.scratch / "gradcam" / str(n_batch))
+            for offset, path in enumerate(paths):
+                name = f"gradcam/{len(rows) + offset:06d}.png"
+                cams.append(str(out.put_file(name, path, content_type="image/png")))
+        for i, item in enumerate(batch.images):
+            row = {"image": item.name, "image_id": item.image_id, "predicted": CLASSES[int(batch.proba[i].argmax())]}
+            row |= {f"p_{cls}": round(float(batch.proba[i, c]), 6) for c, cls in enumerate(CLASSES)}
+            row["mel_flag"] = bool(flags[i])
+            row["gradcam"] = cams[i] if cams else ""
+            rows.append(row)
+        log.info("predicted %d/%d images (%.1f s)", len(rows), len(inputs.images), time.monotonic() - started)
+
+    table = pd.DataFrame(rows)
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    csv_uri = out.put_text("predictions.csv", buffer.getvalue(), "text/csv")
+    counts = {cls: int((table["predicted"] == cls).sum()) for cls in CLASSES}
+    summary = {
+        "images": args.images,
+        "n_images": len(rows),
+        "n_ignored": len(inputs.ignored),
+        "predicted_counts": counts,
+        "n_mel_flagged": int(table["mel_flag"].sum()),
+        "mel_rule": point.rule,
+        "mel_threshold": point.threshold,
+        "calibration": f"temperature {temperature:g} (checkpoint meta)" if temperature else "none",
+        **resolved.describe,
+        "arch": meta["arch"],
+        "image_size": meta["image_size"],
+        "tta": args.tta,
+        "gradcam": args.gradcam,
+        "predictions_uri": str(csv_uri),
+    }
+    out.put_json(
+        "predictions.json",
+        {
+            **summary,
+            "created_at": utcnow(),
+            "classes": list(CLASSES),
+            "temperature": temperature,
+            "preprocessing": f"{CACHE_FORMAT} to {meta['image_size']} px, the training image cache's recipe; "
+            f"then the model's normalisation (mean {meta['mean']}, std {meta['std']})"
+            + ("; logit adjustment from the checkpoint" if meta.get("logit_bias") is not None else ""),
+            "ignored": inputs.ignored,
+            "champion": resolved.champion,
+        },
+    )
+    summary["summary_uri"] = str(out.uri("predictions.json"))
+    out.publish(summary)
+    return summary

@@ -1,0 +1,93 @@
+"""Model cards: written by promotion beside every promoted model (real registry, real evaluate stage),
+and built from whatever the producing stages recorded (intervals, calibration, operating point)."""
+
+from __future__ import annotations
+
+from dermaops.dataset import CLASSES
+from dermaops.model_card import CARD_JSON, CARD_MD, build_card, render_card
+from dermaops.store import S3Uri
+
+SECTIONS = (
+    "## Model details",
+    "## Intended use",
+    "## Factors",
+    "## Training and evaluation data",
+    "## Recipe",
+    "## Metrics (test split",
+    "## Calibration",
+    "## Melanoma operating point",
+    "## Caveats and known limitations",
+    "## Ethical considerations",
+    "## Decision history",
+)
+
+
+def test_promotion_writes_the_card_beside_the_immutable_copy(promoted_registry, store):
+    champion = promoted_registry["champion"]
+    folder = S3Uri.parse(champion["model_uri"].rsplit("/", 1)[0])
+    card = store.get_json(folder.join(CARD_JSON))
+    text = store.get_bytes(folder.join(CARD_MD)).decode()
+
+    assert card["model_details"]["model_sha256"] == champion["model_sha256"]
+    assert card["data"]["dataset_version"] == champion["dataset_version"]
+    assert card["data"]["split_uri"] == champion["split_uri"] and card["data"]["split_strategy"] == "lesion"
+    assert sum(card["data"]["split_counts"].values()) > 0
+    assert card["metrics"]["headline"]["macro_f1"]["value"] == champion["metrics"]["macro_f1"]
+    assert set(card["metrics"]["per_class"]) == set(CLASSES)
+    assert [h["run_id"] for h in card["decision_history"]] == [promoted_registry["run_id"]]
+    assert card["decision_history"][0]["this_model"] is True
+
+    assert all(section in text for section in SECTIONS), text
+    assert "Not for diagnosis without a clinician" in text
+    assert f"Dataset version `{champion['dataset_version']}`" in text
+    for cls in CLASSES:
+        assert f"\n| {cls} | " in text
+    assert "28x28 px" in text  # the resolution limitation names the model's real input size
+    assert "no external validation" in text.lower()
+    assert f"| {promoted_registry['run_id']} (this model) | promoted |" in text
+
+
+def test_card_shows_intervals_calibration_operating_point_and_recipe():
+    per_class = {c: {"precision": 0.5, "recall": 0.6, "f1": 0.55, "auc": 0.8, "support": 10} for c in CLASSES}
+    per_class["mel"]["recall_ci"] = [0.41, 0.77]
+    metrics = {
+        "n": 70,
+        "accuracy": 0.7,
+        "accuracy_ci": [0.6, 0.8],
+        "balanced_accuracy": 0.6,
+        "macro_f1": 0.55,
+        "weighted_f1": 0.68,
+        "macro_auc": None,
+        "ece": 0.031,
+        "per_class": per_class,
+        "mel_operating_point": {"threshold": 0.2, "sensitivity": 0.86, "specificity": 0.7},
+    }
+    meta = {"arch": "resnet18", "image_size": 64, "stem": "imagenet", "pretrained": "none", "classes": list(CLASSES)}
+    meta |= {"phase": 2, "epoch": 7, "temperature": 1.7, "mel_threshold": 0.2}
+    decision = {"run_id": "r2", "decided_at": "2026-02-01T00:00:00", "decision": "promoted", "reason": "beats | it"}
+    history = [
+        {"run_id": "r1", "decided_at": "2026-01-01", "decision": "refused", "reason": "below the floor"},
+        {**decision, "challenger": {"model_sha256": "ab" * 32}},
+    ]
+    card = build_card(
+        run_id="r2",
+        model_uri="s3://b/registry/ham10000/models/r2-abababababab/cnn.pt",
+        model_sha256="ab" * 32,
+        meta=meta,
+        metrics=metrics,
+        dataset_version="v1",
+        split_uri="s3://b/runs/r2/split",
+        decision=decision,
+        history=history,
+        train_manifest={"config": {"epochs": 20, "lr": 0.002, "arch": "resnet18", "out": "s3://ignored"}},
+        split_manifest=None,
+    )
+    text = render_card(card)
+    assert "| accuracy | 0.7000 [0.6000, 0.8000] |" in text and "| macro_auc | n/a |" in text
+    assert "| mel | 0.5000 | 0.6000 [0.4100, 0.7700] | 0.5500 | 0.8000 | 10 |" in text
+    assert "Temperature scaling: 1.7" in text and "Expected calibration error (test): 0.031" in text
+    assert "Rule: flag melanoma when p(mel) >= 0.2" in text and "'sensitivity': 0.86" in text
+    assert "- epochs: 20" in text and "- lr: 0.002" in text and "out" not in card["recipe"]
+    assert "64x64 px" in text
+    # The whole history, the refused challenger before this model included; a '|' cannot break the table.
+    assert "| r1 | refused | below the floor |" in text and "| r2 (this model) | promoted | beats / it |" in text
