@@ -15,7 +15,7 @@ from dermaops.pipeline import STAGES as REGISTRY
 from tests.support.airflow_env import ROOT, airflow_base_env
 
 STAGES = tuple(s.name for s in REGISTRY if s.dag == "retrain")
-TORCH_STAGES = tuple(s.name for s in REGISTRY if s.image == "torch")
+TORCH_STAGES = tuple(s.name for s in REGISTRY if s.dag == "retrain" and s.image == "torch")
 
 
 class ParseTimeLookup(AssertionError):
