@@ -94,7 +94,7 @@ def test_env_example_validates_and_defines_the_deployment(compose):
         env = env_of(config, service)
         assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
         assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://:@redis:6379/0"
-        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://airflow:")
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://airflow:")
         assert (env["DERMAOPS_DEFAULT_QUEUE"], env["DERMAOPS_GPU_QUEUE"]) == ("default", "gpu")
         assert env["DERMAOPS_RUNNER"] == "docker"
         assert env["DERMAOPS_DATA_IMAGE"] == f"dermaops-data:{__version__}"

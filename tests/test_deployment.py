@@ -20,6 +20,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from dermaops_runner.templating import run_key
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
@@ -44,6 +45,7 @@ FORM = {
     "batch_size": 64,
     "baseline_trees": 20,
 }
+ARCH = "resnet18"
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +130,25 @@ def login(browser, stack: Stack) -> None:
 
 
 def set_field(browser, name: str, value) -> None:
-    field = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, f"element_{name}")))
+    field = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.NAME, f"element_{name}")))
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
     field.click()
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(Keys.DELETE)
     field.send_keys(str(value))
     field.send_keys(Keys.TAB)
+
+
+def choose(browser, name: str, value: str) -> None:
+    """Pick an option of an enum param's select (react-select: type, then Enter)."""
+    select = browser.find_element(By.ID, f"element_{name}")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", select)
+    select.click()
+    typed = select.find_element(By.CSS_SELECTOR, "input[type=text]")
+    typed.send_keys(value)
+    typed.send_keys(Keys.ENTER)
+    hidden = browser.find_element(By.NAME, f"element_{name}")
+    WebDriverWait(browser, 10).until(lambda b: hidden.get_attribute("value") == value)
 
 
 def click_button(browser, *labels: str, timeout: float = 30):
@@ -154,22 +168,27 @@ def click_button(browser, *labels: str, timeout: float = 30):
     return el
 
 
-def trigger_from_the_form(browser, stack: Stack, source: str, artifacts: Path) -> Path:
+def trigger_from_the_form(browser, stack: Stack, api, source: str, artifacts: Path) -> Path:
     browser.get(f"{stack.url}/dags/{DAG_ID}")
-    wait = WebDriverWait(browser, 60)
+    wait = WebDriverWait(browser, 180)
+    # The DAG page is there once its Trigger button is (the first load is slow on 2 cores).
+    trigger = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "button[aria-label='Trigger Dag']")))
     # Unpause: the switch in the DAG's header.
-    toggle = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[role=switch], input[type=checkbox]")))
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", toggle)
-    try:
-        toggle.click()
-    except Exception:  # noqa: BLE001 - a hidden checkbox: click its label instead
-        browser.execute_script("arguments[0].click()", toggle)
-    click_button(browser, "Trigger")
+    control = browser.find_element(By.CSS_SELECTOR, "label[data-scope=switch] [data-part=control]")
+    ActionChains(browser).move_to_element(control).click().perform()
+    wait_for(
+        "the DAG to be unpaused",
+        lambda: api.get(f"{stack.url}/api/v2/dags/{DAG_ID}", timeout=10).json()["is_paused"] is False,
+        60,
+        every=1,
+    )
+    trigger.click()
     # The form: this DAG's params as fields (element_<param>).
-    wait.until(ec.presence_of_element_located((By.ID, "element_source")))
+    wait.until(ec.presence_of_element_located((By.NAME, "element_source")))
     set_field(browser, "source", source)
     for name, value in FORM.items():
         set_field(browser, name, value)
+    choose(browser, "arch", ARCH)
     form_shot = artifacts / "trigger-form.png"
     browser.save_screenshot(str(form_shot))
     dialog_buttons = browser.find_elements(By.CSS_SELECTOR, "[role=dialog] button")
@@ -226,7 +245,7 @@ def test_the_deployment_end_to_end(stack, s3, slack, tmp_path, pack_28px):
     browser = chromium(tmp_path / "chromium-profile")
     try:
         login(browser, stack)
-        form_shot = trigger_from_the_form(browser, stack, source, artifacts)
+        form_shot = trigger_from_the_form(browser, stack, api, source, artifacts)
 
         def our_run():
             runs = api.get(f"{stack.url}/api/v2/dags/{DAG_ID}/dagRuns", timeout=10).json()["dag_runs"]
@@ -237,7 +256,7 @@ def test_the_deployment_end_to_end(stack, s3, slack, tmp_path, pack_28px):
         run_id = run["dag_run_id"]
         triggered = time.monotonic()
         assert run["conf"]["source"] == source
-        for name, value in FORM.items():
+        for name, value in {**FORM, "arch": ARCH}.items():
             assert run["conf"][name] == value, (name, run["conf"])
         dag = api.get(f"{stack.url}/api/v2/dags/{DAG_ID}", timeout=10).json()
         assert dag["is_paused"] is False
