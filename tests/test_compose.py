@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,6 +38,7 @@ SECRET_VARS = (
     "AIRFLOW__API_AUTH__JWT_SECRET",
     "POSTGRES_PASSWORD",
     "MINIO_ROOT_PASSWORD",
+    "DERMAOPS_S3_SECRET_KEY",
     "SLACK_BOT_TOKEN",
 )
 
@@ -135,7 +137,15 @@ def test_secrets_come_from_the_env_file(compose, secret_env_file):
     assert api["AIRFLOW__API__SECRET_KEY"] == values["AIRFLOW__API__SECRET_KEY"]
     assert api["AIRFLOW__API_AUTH__JWT_SECRET"] == values["AIRFLOW__API_AUTH__JWT_SECRET"]
     assert f":{values['POSTGRES_PASSWORD']}@postgres/" in api["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-    assert api["AWS_SECRET_ACCESS_KEY"] == values["MINIO_ROOT_PASSWORD"]
+    # Least privilege: the stages get their own bucket-only key; MinIO's root account stays with MinIO
+    # and the init service that creates that key.
+    assert api["AWS_SECRET_ACCESS_KEY"] == values["DERMAOPS_S3_SECRET_KEY"]
+    for name, service in config["services"].items():
+        if name not in ("minio", "minio-init"):
+            assert values["MINIO_ROOT_PASSWORD"] not in json.dumps(service), name
+    init = config["services"]["minio-init"]
+    assert init["entrypoint"] == ["sh", "/scripts/minio-least-privilege.sh"]
+    assert init["environment"]["DERMAOPS_S3_SECRET_KEY"] == values["DERMAOPS_S3_SECRET_KEY"]
     assert api["SLACK_BOT_TOKEN"] == values["SLACK_BOT_TOKEN"]
     assert env_of(config, "postgres")["POSTGRES_PASSWORD"] == values["POSTGRES_PASSWORD"]
     assert env_of(config, "minio")["MINIO_ROOT_PASSWORD"] == values["MINIO_ROOT_PASSWORD"]
@@ -158,7 +168,7 @@ def test_missing_secrets_stop_compose_with_the_variable_name(compose, tmp_path):
     proc = compose(empty)
     assert proc.returncode != 0
     assert "in .env" in proc.stderr
-    assert any(name in proc.stderr for name in SECRET_VARS + ("MINIO_ROOT_USER",)), proc.stderr
+    assert any(name in proc.stderr for name in SECRET_VARS + ("MINIO_ROOT_USER", "DERMAOPS_S3_ACCESS_KEY")), proc.stderr
 
 
 def test_airflow_reaches_docker_and_stage_containers_reach_minio(compose):
@@ -178,8 +188,9 @@ def test_airflow_reaches_docker_and_stage_containers_reach_minio(compose):
 def test_minio_bucket_is_created_before_airflow_starts(compose):
     config = resolved(compose, ROOT / ".env.example")
     init = config["services"]["minio-init"]
-    script = " ".join(init["command"])
-    assert "mc mb --ignore-existing" in script and "${DERMAOPS_BUCKET}" in script
+    mounted = {v["target"]: v["source"] for v in init["volumes"]}
+    script = Path(mounted[init["entrypoint"][1]]).read_text()
+    assert 'mc mb --ignore-existing "dermaops/$BUCKET"' in script and "mc admin user add" in script
     assert init["environment"]["DERMAOPS_BUCKET"] == "dermaops"
     assert init["depends_on"]["minio"]["condition"] == "service_healthy"
     for service in AIRFLOW_SERVICES:
