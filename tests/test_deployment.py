@@ -19,7 +19,8 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
-from dermaops_runner.templating import run_key
+from dermaops.pipeline import RETRAIN, run_key
+from dermaops.pipeline import STAGES as REGISTRY
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -33,8 +34,8 @@ from tests.support.stack import Stack, chromium, docker_bridge_gateway, wait_for
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 SOURCE_PREFIX = "sources/ham10000-28px"
-STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate", "notify")
-GPU_STAGES = {"train", "evaluate"}
+STAGES = RETRAIN
+GPU_STAGES = {s.name for s in REGISTRY if s.gpu and s.name in RETRAIN}
 # Set through the trigger form's own fields. Tiny, so the run takes minutes on CPU; four epochs so
 # that the fault below lands between two epoch checkpoints.
 FORM = {
