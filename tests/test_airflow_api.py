@@ -152,7 +152,7 @@ def test_trigger_through_the_rest_api_with_form_params(airflow_services, small_p
     assert dag["is_paused"] is False and dag["max_active_runs"] == 1
 
     # A value outside a Param's bounds is refused at trigger time, like the form does.
-    refused = api.post(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {"epochs": 0}})
+    refused = api.post(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {"epochs": -1}})
     assert refused.status_code == 400 and "epochs" in refused.text
 
     response = api.post(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": form})

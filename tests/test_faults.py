@@ -189,15 +189,26 @@ TINY_TRAIN = [
 
 
 def test_a_diverging_training_stops_at_the_first_non_finite_loss_and_publishes_nothing(
-    small_split, run_stage, bucket, store
+    small_split, small_models, run_stage, bucket, store, tmp_path
 ):
+    # `--lr inf` no longer gets past the flag checks, so the loss is made non-finite another way: initial
+    # weights (--pretrained) whose head is NaN, a corrupt weights file a user could hand the stage.
+    import torch
+    from dermaops.models import load_checkpoint
+
+    model, _ = load_checkpoint(store.download(S3Uri.parse(small_models["fitted"]).join("cnn.pt"), tmp_path / "f.pt"))
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    weights = tmp_path / "nan-head.pt"
+    torch.save(model.state_dict(), weights)
     out = S3Uri.parse(f"s3://{bucket.bucket}/runs/diverged/models/cnn")
     result = run_stage(
-        "train", "--split", small_split["split_uri"], "--out", str(out), *TINY_TRAIN, "--lr", "1e30", check=False
-    )
+        "train", "--split", small_split["split_uri"], "--out", str(out), *TINY_TRAIN, "--pretrained", str(weights),
+        check=False,
+    )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     error = one_error_line(result)
-    assert "training diverged: the loss is nan at epoch 1 (phase 1) step" in error and "lower --lr (now 1e+30)" in error
+    assert "training diverged: the loss is nan at epoch 1 (phase 1) step 1/" in error and "lower --lr" in error
     assert "epoch 1 (phase 1) done" not in result.stderr  # it stopped inside the first epoch
     assert not store.exists(out.join("manifest.json"))
     assert not store.exists(out.join("cnn.pt"))

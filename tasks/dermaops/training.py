@@ -437,10 +437,12 @@ class Trainer:
         if bool(torch.isfinite(loss)):
             return
         flag = "--lr" if phase == 1 else "--finetune-lr"
+        # Before any update the weights are the initial ones: a non-finite first loss is not the recipe's doing.
+        first = " (the very first step: check the initial weights, --pretrained)" if (epoch, step) == (1, 0) else ""
         raise StageError(
             f"training diverged: the loss is {float(loss)} at epoch {epoch} (phase {phase}) step "
-            f"{step + 1}/{self.steps_per_epoch}; nothing is published: lower {flag} (now {self.cfg.phase_lr(phase):g})"
-            f" or --weight-decay (now {self.cfg.weight_decay:g})"
+            f"{step + 1}/{self.steps_per_epoch}{first}; nothing is published: lower {flag} "
+            f"(now {self.cfg.phase_lr(phase):g}) or --weight-decay (now {self.cfg.weight_decay:g})"
         )
 
     def _epoch(self, phase: int, learn, optimizer, scheduler) -> dict:

@@ -20,6 +20,16 @@ from dermaops.store import ArtifactStore, S3Uri
 def evaluate_and_promote(bucket: str, split: dict, model_prefix: str, run_id: str, scratch, floor: float = 0.0) -> dict:
     """Run the real evaluate stage with --registry: writes runs/<run_id>/evaluation and the gate's decision."""
     root = f"s3://{bucket}"
+    env = {**os.environ, "DERMAOPS_SCRATCH_DIR": str(scratch)}
+    baseline = f"{root}/runs/{run_id}/models/baseline"
+    # The gate wants the run's own Random Forest beaten, even by a first champion: a forest of stumps here,
+    # since the small models are weak on purpose (a linear head on a random backbone).
+    stumps = ["train_baseline", "--split", split["split_uri"], "--out", baseline, "--n-estimators", "10"]
+    fitted = subprocess.run(
+        [sys.executable, "-m", "dermaops", *stumps, "--max-depth", "1"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert fitted.returncode == 0, f"train_baseline failed:\n{fitted.stderr[-4000:]}"
     proc = subprocess.run(
         [
             sys.executable,
@@ -30,6 +40,8 @@ def evaluate_and_promote(bucket: str, split: dict, model_prefix: str, run_id: st
             split["split_uri"],
             "--model",
             model_prefix,
+            "--baseline",
+            baseline,
             "--out",
             f"{root}/runs/{run_id}/evaluation",
             "--registry",
@@ -38,13 +50,18 @@ def evaluate_and_promote(bucket: str, split: dict, model_prefix: str, run_id: st
             run_id,
             "--mel-recall-floor",
             str(floor),
+            # The absolute floors are off: these small models exist to exercise the registry, not to be good.
+            "--min-macro-f1",
+            "0",
+            "--min-macro-auc",
+            "0",
             "--gradcam-images",
             "4",
             "--no-tta",
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "DERMAOPS_SCRATCH_DIR": str(scratch)},
+        env=env,
         timeout=600,
     )
     assert proc.returncode == 0, f"evaluate failed:\n{proc.stderr[-4000:]}"
