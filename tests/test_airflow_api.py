@@ -4,11 +4,9 @@ the run must succeed with those params reaching the stages."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.airflow_env import AIRFLOW, DAG_ID, airflow_base_env
+from tests.support.airflow_env import AIRFLOW, DAG_ID, api_server_env
 
 USER, PASSWORD = "dermaops", "trigger-form-" + secrets.token_hex(4)
 # Non-default values for the knobs a user sets in the trigger form (tiny, so the run is quick).
@@ -32,12 +30,6 @@ FORM = {
     "promotion_margin": 0.0,
     "mel_recall_floor": 0.0,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Services:
@@ -80,29 +72,21 @@ class Services:
 def airflow_services(tmp_path, s3_server, bucket):
     home = tmp_path / "airflow"
     home.mkdir()
-    port = free_port()
-    passwords = home / "passwords.json"
-    passwords.write_text(json.dumps({USER: PASSWORD}))
-    env = {
-        **airflow_base_env(home),
-        **s3_server.env,
-        "DERMAOPS_RUNNER": "local",
-        "DERMAOPS_BUCKET": bucket.bucket,
-        "SLACK_BOT_TOKEN": "",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        # The scheduler signs task tokens that the API server checks: one shared secret.
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-        # Only the triggered run: no scheduled run may start (and queue ours behind max_active_runs=1).
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-    }
+    env, port = api_server_env(home, USER, PASSWORD, "admin")
+    env.update(
+        {
+            **s3_server.env,
+            "DERMAOPS_RUNNER": "local",
+            "DERMAOPS_BUCKET": bucket.bucket,
+            "SLACK_BOT_TOKEN": "",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            # Only the triggered run: no scheduled run may start (and queue ours behind max_active_runs=1).
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        }
+    )
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
     services = Services(env, home)
     services.start("api-server", "api-server")

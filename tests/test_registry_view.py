@@ -5,7 +5,6 @@ bearer token) sees the champion, the decision history, the rendered run report a
 
 from __future__ import annotations
 
-import json
 import secrets
 import subprocess
 
@@ -14,8 +13,8 @@ import requests
 from dermaops.registry_view import RegistrySnapshot, render_markdown, render_page
 from dermaops.store import S3Uri
 
-from tests.support.airflow_env import AIRFLOW, airflow_base_env
-from tests.test_airflow_api import Services, free_port, wait_for
+from tests.support.airflow_env import AIRFLOW, api_server_env
+from tests.test_airflow_api import Services, wait_for
 
 USER, PASSWORD = "reviewer", "registry-" + secrets.token_hex(4)
 VIEW = "/dermaops-registry"
@@ -38,20 +37,8 @@ def test_stored_text_cannot_inject_markup():
 def api_server(tmp_path, s3_server, promoted_registry):
     home = tmp_path / "airflow"
     home.mkdir()
-    port = free_port()
-    passwords = home / "passwords.json"
-    passwords.write_text(json.dumps({USER: PASSWORD}))
-    env = {
-        **airflow_base_env(home),
-        **s3_server.env,
-        "DERMAOPS_BUCKET": promoted_registry["bucket"],
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:viewer",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-    }
+    env, port = api_server_env(home, USER, PASSWORD, "viewer")
+    env.update({**s3_server.env, "DERMAOPS_BUCKET": promoted_registry["bucket"]})
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
     services = Services(env, home)
     services.start("api-server", "api-server")

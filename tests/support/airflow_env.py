@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dermaops.embedded_s3 import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # Airflow puts the plugins folder on sys.path; tests that use the runner's helpers do the same.
@@ -88,6 +90,25 @@ def airflow_base_env(home: Path) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
     }
+
+
+def api_server_env(home: Path, user: str, password: str, role: str) -> tuple[dict[str, str], int]:
+    """airflow_base_env plus an API server on a free loopback port whose one user (SimpleAuthManager) is
+    `user` with `role`; returns (env, port)."""
+    port = free_port()
+    passwords = home / "passwords.json"
+    passwords.write_text(json.dumps({user: password}))
+    env = {
+        **airflow_base_env(home),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{user}:{role}",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        # The scheduler signs task tokens that the API server checks: one shared secret.
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+    }
+    return env, port
 
 
 @pytest.fixture(scope="session")
