@@ -351,6 +351,8 @@ class EvaluateConfig(StageConfig):
         "test-time augmentation: average the softmax over the 8 flips/quarter turns of each image (every one is a "
         "valid view of a dermatoscopic image and training augments with them); applied alike to the challenger, "
         "the frozen model and the re-scored champion",
+        param=True,
+        title="Test-time augmentation",
     )
     batch_size: int = setting(256, "inference batch size", lo=1, hi=65536, fingerprint=False)
     device: str = setting("auto", "inference device", choices=DEVICES, fingerprint=False)
@@ -382,6 +384,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.1,
         "class_weight_power": 0.5,
         "baseline_trees": 100,
+        # 8-view TTA multiplies every evaluation pass by 8: on a CPU worker evaluate would cost more than
+        # training itself (it gave +0.011 accuracy on the official split).
+        "tta": False,
     },
     "full-gpu": {
         "arch": "resnet50",
@@ -395,6 +400,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
         "class_weight_power": 1.0,
         "baseline_trees": 300,
+        "tta": True,
     },
 }
 DEFAULT_RECIPE = "quick-cpu"
