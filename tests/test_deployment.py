@@ -31,7 +31,7 @@ from tests.support.airflow_env import DAG_ID
 from tests.support.slack_api import CHANNEL, TOKEN, SlackApiServer, block_text
 from tests.support.stack import Stack, chromium, docker_bridge_gateway, wait_for
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.deployment, pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 SOURCE_PREFIX = "sources/ham10000-28px"
 STAGES = RETRAIN
