@@ -61,7 +61,9 @@ def test_champion_predicts_the_full_resolution_sample_through_trainings_preproce
     assert np.allclose(rows.to_numpy(), expected, atol=1e-5)
 
     details = store.get_json(prefix.join("predictions.json"))
-    assert details["preprocessing"].startswith("pil-rgb-bicubic-squash-v1 to 28 px")
+    from dermaops.imagecache import CACHE_FORMAT
+
+    assert details["preprocessing"].startswith(f"{CACHE_FORMAT} to 28 px")
     assert sorted(details["ignored"]) == ["HAM10000_metadata.csv", "SHA256SUMS"]
     manifest = store.get_json(prefix.join("manifest.json"))
     assert {"predictions.csv", "predictions.json"} <= set(manifest["files"])
