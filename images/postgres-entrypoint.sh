@@ -4,6 +4,10 @@
 # create POSTGRES_DB; every start: run `postgres` as the postgres user, listening on the
 # container's interfaces (the stack network; the compose file publishes no port).
 set -eu
+# Any other command (psql, pg_dump, a shell) runs as given, without a cluster, as in the official image.
+if [ "${1:-}" != postgres ]; then
+  exec "$@"
+fi
 : "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is not set}"
 POSTGRES_USER="${POSTGRES_USER:-postgres}"
 POSTGRES_DB="${POSTGRES_DB:-$POSTGRES_USER}"
@@ -30,9 +34,6 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   echo "postgres-entrypoint: initialised $PGDATA (user $POSTGRES_USER, database $POSTGRES_DB)"
 fi
 
-if [ "$1" = postgres ]; then
-  shift
-  exec setpriv --reuid=postgres --regid=postgres --init-groups postgres -D "$PGDATA" \
-    -c listen_addresses='*' -c unix_socket_directories=/var/run/postgresql "$@"
-fi
-exec "$@"
+shift
+exec setpriv --reuid=postgres --regid=postgres --init-groups postgres -D "$PGDATA" \
+  -c listen_addresses='*' -c unix_socket_directories=/var/run/postgresql "$@"
