@@ -118,7 +118,7 @@ class ArtifactStore:
             self.client.head_object(Bucket=u.bucket, Key=u.key)
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return False
             raise self._translate(exc, u, "check") from exc
         except Exception as exc:
@@ -132,11 +132,7 @@ class ArtifactStore:
             raise self._translate(exc, u, "read") from exc
 
     def get_json(self, uri: str | S3Uri) -> Any:
-        data = self.get_bytes(uri)
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise StageError(f"not valid JSON: {uri} ({exc})") from exc
+        return _parse_json(self.get_bytes(uri), uri)
 
     def get_json_or_none(self, uri: str | S3Uri) -> Any:
         """The JSON object at `uri`, or None when there is none (one request instead of exists + get)."""
@@ -146,15 +142,12 @@ class ArtifactStore:
         try:
             data = self.client.get_object(Bucket=u.bucket, Key=u.key)["Body"].read()
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return None
             raise self._translate(exc, u, "read") from exc
         except Exception as exc:
             raise self._translate(exc, u, "read") from exc
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise StageError(f"not valid JSON: {uri} ({exc})") from exc
+        return _parse_json(data, uri)
 
     def open(self, uri: str | S3Uri, start: int = 0) -> BinaryIO:
         """A streaming body (file-like, `.read(n)` / `.iter_chunks()`), optionally from a byte offset."""
@@ -245,3 +238,15 @@ def sha256_file(path: Path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _missing(exc) -> bool:
+    """A botocore ClientError that means "no such object"."""
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def _parse_json(data: bytes, uri) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise StageError(f"not valid JSON: {uri} ({exc})") from exc
