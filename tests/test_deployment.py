@@ -82,7 +82,18 @@ def stack(tmp_path_factory, slack, docker_engine):
         print(f"\nstack up in {stack.up_seconds:.0f} s:\n{up.stdout}")
         yield stack
     finally:
-        stack.run("down", "-v", timeout=600)
+        # test_down_v_leaves_nothing takes it down; this is for a failure before that.
+        if stack.is_up:
+            print(f"\ncompose logs: {stack.save_logs(workdir / 'compose.log')}")
+            stack.run("down", "-v", timeout=600)
+
+
+@pytest.fixture
+def compose_logs(stack, tmp_path):
+    """The services' logs of the end-to-end test, kept beside its screenshots, pass or fail."""
+    yield
+    if stack.is_up:
+        print(f"\ncompose logs: {stack.save_logs(tmp_path / 'compose.log')}")
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +238,7 @@ def xcom_values(api, stack: Stack, run_id: str) -> list:
     return values
 
 
-def test_the_deployment_end_to_end(stack, s3, slack, tmp_path, pack_28px):
+def test_the_deployment_end_to_end(stack, compose_logs, s3, slack, tmp_path, pack_28px):
     t0 = time.monotonic()
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
@@ -284,7 +295,13 @@ def test_the_deployment_end_to_end(stack, s3, slack, tmp_path, pack_28px):
         run_seconds = time.monotonic() - triggered
         tis = task_instances(api, stack, run_id)
         states = {t: ti["state"] for t, ti in tis.items()}
-        assert run["state"] == "success", states
+        if run["state"] != "success":
+            failed = [t for t, state in states.items() if state not in ("success", "skipped")]
+            tails = {t: task_log(api, stack, run_id, t, tis[t]["try_number"])[-4000:] for t in failed}
+            raise AssertionError(
+                f"run {run_id} ended {run['state']}: {states}\n"
+                + "\n".join(f"--- {t} try {tis[t]['try_number']} ---\n{tail}" for t, tail in tails.items())
+            )
         assert set(states) == set(STAGES) and set(states.values()) == {"success"}, states
 
         browser.get(f"{stack.url}/dags/{DAG_ID}/runs/{run_id}")

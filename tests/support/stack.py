@@ -100,6 +100,16 @@ class Stack:
             raise AssertionError(f"scripts/stack {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
         return proc
 
+    @property
+    def is_up(self) -> bool:
+        """scripts/stack up leaves this marker (whether it added the offline file); down removes it."""
+        return (ROOT / ".dermaops" / f"stack-offline-{self.project}").exists()
+
+    def save_logs(self, path: Path) -> Path:
+        """Every service's log, kept before `down -v` removes the containers."""
+        path.write_text(self.compose("logs", "--no-color", "--timestamps", timeout=120).stdout)
+        return path
+
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         offline = (ROOT / ".dermaops" / f"stack-offline-{self.project}").read_text().strip() == "1"
         files = ["-f", str(ROOT / "docker-compose.yaml")]
