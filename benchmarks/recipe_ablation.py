@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import tempfile
 import time
 import zipfile
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--pack", type=Path, default=PACK)
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dermaops-recipe")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the Trainer's epoch lines
 
     import torch
     from dermaops.config import RECIPES, TrainConfig
