@@ -232,6 +232,30 @@ def test_logit_adjustment_recovers_an_under_predicted_rare_class():
     assert fit_logit_adjustment(perfect, y, train_labels, classes)["logit_adjustment"]["tau"] == 0.0
 
 
+def test_the_logit_adjusted_loss_learns_the_balanced_posterior_and_plain_cross_entropy_the_prior(tmp_path):
+    """Fitting constant logits to imbalanced labels: plain cross-entropy ends at the class frequencies,
+    the logit-adjusted loss (tau 1) at equal probabilities, i.e. the posterior without the training prior."""
+    from dermaops.config import TrainConfig
+    from dermaops.training import Split, Trainer
+
+    classes = ["a", "b", "c"]
+    labels = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)
+    images = torch.zeros((len(labels), 8, 8, 3), dtype=torch.uint8)
+    fitted = {}
+    for tau in (0.0, 1.0):
+        cfg = TrainConfig(arch="resnet18", image_size=8, class_weights=False, loss_tau=tau)
+        trainer = Trainer(cfg, classes, Split(images, labels), Split(images, labels), "cpu", tmp_path, {}, print)
+        logits = torch.zeros(3, requires_grad=True)
+        optimizer = torch.optim.SGD([logits], lr=1.0)
+        for _ in range(500):
+            optimizer.zero_grad()
+            trainer.criterion(logits.expand(len(labels), 3), labels).backward()
+            optimizer.step()
+        fitted[tau] = torch.softmax(logits.detach(), 0).numpy()
+    assert np.allclose(fitted[0.0], [0.80, 0.15, 0.05], atol=0.01)
+    assert np.allclose(fitted[1.0], [1 / 3] * 3, atol=0.01)
+
+
 def test_calibrate_fits_the_adjustment_on_validation_predictions(run_stage, split_uri, bucket, store, tmp_path):
     import pandas as pd
 

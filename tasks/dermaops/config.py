@@ -248,6 +248,18 @@ class TrainConfig(StageConfig):
         param=True,
         title="Class weight power",
     )
+    loss_tau: float = setting(
+        0.0,
+        "logit-adjusted cross-entropy (Menon et al., 2021): the loss sees logits + tau * log(training class prior), "
+        "so the model's own logits learn the class-balanced posterior; 1 = balanced softmax, 0 = plain "
+        "cross-entropy. It corrects for the imbalance as class weights do, without their noisy large gradients on "
+        "a few rare images: use one or the other (--class-weight-power 0 with tau > 0)",
+        lo=0,
+        hi=3,
+        param=True,
+        title="Logit-adjusted loss tau",
+        fingerprint="if-set",
+    )
     augment: bool = setting(True, "augment training batches")
     patience: int = setting(5, "early stopping: epochs without a better val macro F1 (0 = off)", lo=0, hi=1000)
     calibrate: bool = setting(
@@ -255,6 +267,8 @@ class TrainConfig(StageConfig):
         "after training, fit a logit adjustment (bias = -tau * log train prior, one tau maximising val macro F1 on "
         "test-time-augmented val predictions) and store it in cnn.pt's meta; every predict_proba of that "
         "checkpoint applies it",
+        param=True,
+        title="Fit a decision rule on validation",
     )
     seed: int = setting(42, "random seed (init, shuffling, augmentation)", lo=0, hi=SEED_MAX, param=True, owner=False)
     num_threads: int = setting(0, "CPU threads for torch (0 = torch's default)", lo=0, hi=1024, fingerprint=False)

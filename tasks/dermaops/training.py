@@ -12,6 +12,10 @@ the same numbering and its full history. `Trainer.resume` is the one place that 
 Shuffling and augmentation draw from generators seeded by (seed, epoch), so a resumed epoch sees the
 same batches as an uninterrupted one would.
 
+With `loss_tau` > 0 the loss is the logit-adjusted cross-entropy (Menon et al., 2021): the training prior,
+scaled by tau, is added to the logits inside the loss only, so the model's logits learn the class-balanced
+posterior and the rare classes are predicted without any per-image reweighting.
+
 With `ema_decay` > 0 an exponential moving average of the weights is kept alongside the model; it is
 what validation scores and what the best checkpoints hold (so evaluate scores it too).
 
@@ -167,6 +171,12 @@ def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> n
     return weights
 
 
+def log_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """log of the class frequencies of `labels`; a class absent from them counts as one image (finite)."""
+    counts = np.maximum(np.bincount(labels, minlength=num_classes).astype(np.float64), 1.0)
+    return np.log(counts / counts.sum())
+
+
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
     """The per-epoch subset of the shared classification metrics (the same code scores the test split)."""
     m = classification_metrics(y_true, y_pred, classes=classes)
@@ -210,7 +220,15 @@ class Trainer:
             counts = class_weights(train.labels.cpu().numpy(), len(classes), cfg.class_weight_power)
             weights = torch.tensor(counts, dtype=torch.float32, device=self.device)
             log.info("class weights: %s", {c: round(float(w), 3) for c, w in zip(classes, counts, strict=True)})
-        self.criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        ce = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+        if cfg.loss_tau > 0:
+            shift = torch.tensor(
+                cfg.loss_tau * log_prior(train.labels.cpu().numpy(), len(classes)), dtype=torch.float32,
+                device=self.device,
+            )  # fmt: skip
+            self.criterion = lambda logits, y: ce(logits + shift, y)
+        else:
+            self.criterion = ce
         self.steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.state = TrainState()
@@ -508,17 +526,16 @@ def fit_logit_adjustment(proba_val: np.ndarray, y_val: np.ndarray, train_labels:
     with the prior from the training labels and the one scalar tau that maximises val macro F1 (ties go to the
     smallest |tau|). One parameter instead of one per class, because the rare classes have only a few
     dozen validation images (df, vasc) and a per-class bias would fit their noise."""
-    counts = np.bincount(train_labels, minlength=len(classes)).astype(np.float64)
-    log_prior = np.log(np.maximum(counts, 1.0) / counts.sum())
+    prior = log_prior(train_labels, len(classes))
     log_p = np.log(np.clip(proba_val, 1e-12, None))
 
     def score(tau: float) -> dict:
-        return metrics(y_val, (log_p - tau * log_prior).argmax(axis=1), classes)
+        return metrics(y_val, (log_p - tau * prior).argmax(axis=1), classes)
 
     best = max(ADJUSTMENT_TAUS, key=lambda tau: (round(score(tau)["macro_f1"], 6), -abs(tau)))
     before, after = score(0.0), score(best)
     return {
-        "logit_bias": [float(b) for b in -best * log_prior],
+        "logit_bias": [float(b) for b in -best * prior],
         "logit_adjustment": {
             "tau": float(best) + 0.0,  # never -0.0
             "fitted_on": "val",
