@@ -164,9 +164,19 @@ def run(args, ctx) -> dict:
     state = trainer.run()
 
     adjustment = None
+    val_images = cache.rows(val_df["image_id"].tolist())
     if cfg.calibrate:
-        adjustment = _calibrate(work / "cnn.pt", cache.rows(val_df["image_id"].tolist()), val_df, train_df, device)
-        upload("cnn.pt", work / "cnn.pt")
+        adjustment = _calibrate(work / "cnn.pt", val_images, val_df, train_df, device)
+    # Calibration hook (dermaops.calibration): temperature and melanoma threshold, fitted on validation
+    # after any logit adjustment, stored in cnn.pt's meta for every consumer.
+    from dermaops.calibration import calibrate_checkpoint
+
+    calibration = calibrate_checkpoint(
+        work / "cnn.pt", val_images, val_df["label"].to_numpy(), cfg.mel_sensitivity, cfg.tta, device
+    )
+    log.info("calibrated on val: temperature %.4f, mel_threshold %.4f, %s",
+             calibration["temperature"], calibration["mel_threshold"], calibration["calibration"])  # fmt: skip
+    upload("cnn.pt", work / "cnn.pt")
     history = state.history
     out.put_json("history.json", history)
     for name, path in plot_history(history, work / "curves").items():
@@ -190,6 +200,9 @@ def run(args, ctx) -> dict:
         "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
         "resumed": resumed,
         "logit_adjustment": adjustment,
+        "temperature": round(calibration["temperature"], 4),
+        "mel_threshold": round(calibration["mel_threshold"], 4),
+        "calibration": calibration["calibration"],
         "n_train": len(train_df),
         "n_val": len(val_df),
         "dataset_version": dataset.version,
