@@ -37,8 +37,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100)
     """The temperature T minimising the mean NLL of softmax(logits / T) on `labels` (L-BFGS on log T)."""
     import torch
 
-    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    z = torch.tensor(np.asarray(logits, dtype=np.float64))
+    y = torch.tensor(np.asarray(labels, dtype=np.int64))
     if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
         raise ValueError(f"logits {tuple(z.shape)} and labels {tuple(y.shape)} must be (N, C) and (N,), N > 0")
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)

@@ -9,13 +9,25 @@ cnn_phase1.pt = best frozen-backbone checkpoint) and optionally the baseline (--
     per_class.csv                      precision, recall, F1, one-vs-rest AUC, support per class
     confusion_matrix.png               counts (rows = true class)
     confusion_matrix_normalized.png    row-normalised (diagonal = per-class recall)
-    gradcam_mel.png                    Grad-CAM of the melanoma score over the last conv block
+    reliability.png                    reliability diagram before / after the stored temperature
+    gradcam_mel.png                    Grad-CAM of the melanoma score (layer chosen for a >= 6x6 map)
     model_comparison.csv               baseline vs frozen (phase 1) vs fine-tuned
     report.md                          all of it, with the plots linked
     manifest.json                      written last
 
+Cost. Each model is scored once: the softmax of every scored view is kept (`Scored`), and the
+variants (with or without test-time augmentation or the logit adjustment, before or after the
+temperature) are derived from it. The optional passes are settings: --score-phase1 (skipped anyway
+when cnn_phase1.pt holds cnn.pt's weights), --tta-ablation (8 views when --no-tta), --gradcam.
+
+Uncertainty. The headline metrics, and the test sensitivity / specificity at the checkpoint's
+melanoma threshold (`mel_threshold`, fitted on validation by train), get 95 % lesion-level bootstrap
+intervals (dermaops.bootstrap). Calibration: test ECE (15 bins) without and with the checkpoint's
+`temperature` (dermaops.calibration).
+
 With --registry, the gate of dermaops.promotion decides whether this model replaces the champion
-(re-scored on this same test split) and records the decision in the registry's history.
+(re-scored on this same test split, compared by a paired bootstrap) and records the decision in the
+registry's history.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ With --calibrate, a post-hoc logit adjustment (bias = -tau * log training prior,
 maximises val macro F1 on test-time-augmented val predictions) goes into cnn.pt's meta; predict_proba
 applies it wherever the checkpoint is scored. The test split is never looked at.
 
+Always, after training: temperature scaling and the melanoma operating point (dermaops.calibration)
+are fitted on the validation probabilities of cnn.pt, scored as evaluate and predict score it (--tta,
+the logit adjustment when there is one), and stored in its meta as `temperature` and `mel_threshold`
+(the highest threshold on the calibrated p(mel) reaching --mel-sensitivity on validation).
+
 Outputs: cnn.pt (best validation macro F1 overall), cnn_phase1.pt (best of phase 1), history.json,
 curves_{loss,accuracy,f1}.png, checkpoints/last.pt (written every epoch), manifest.json last.
 A re-run after a crash resumes from checkpoints/last.pt ("resuming from epoch N"), with or without
