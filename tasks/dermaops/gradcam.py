@@ -94,26 +94,31 @@ def _gradcam_batch(model, layer, images_uint8_nhwc: np.ndarray, meta: dict, targ
 
     captured: dict[str, torch.Tensor] = {}
 
-    def keep_activation(_module, _inputs, output):
+    def start_graph_here(_module, _inputs, output):
+        # The layer's output, cut from what came before, becomes the leaf the gradient is taken for: the
+        # backward pass runs through the later layers only, and no weight gradient is computed.
+        output = output.detach().requires_grad_(True)
         captured["activation"] = output
-        output.register_hook(lambda grad: captured.__setitem__("gradient", grad))
+        return output
 
     model = model.to(device).eval()
-    handle = layer.register_forward_hook(keep_activation)
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    handle = layer.register_forward_hook(start_graph_here)
     try:
+        for p in params:
+            p.requires_grad_(False)
         x = to_input(torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).to(device), meta)
-        # The input needs a gradient so that the graph reaches the block even when its weights are frozen.
-        x.requires_grad_(True)
         with torch.enable_grad():
             logits = model(x)
-            model.zero_grad(set_to_none=True)
-            # Images are independent in eval mode, so one backward of the summed scores gives each
+            # Images are independent in eval mode, so the gradient of the summed scores gives each
             # image's own gradient.
-            logits[:, target].sum().backward()
+            (gradient,) = torch.autograd.grad(logits[:, target].sum(), captured["activation"])
     finally:
         handle.remove()
+        for p, flag in zip(params, trainable, strict=True):
+            p.requires_grad_(flag)
     activation = captured["activation"].detach()
-    gradient = captured["gradient"].detach()
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     raw = F.relu((weights * activation).sum(dim=1, keepdim=True))
     size = images_uint8_nhwc.shape[1:3]
