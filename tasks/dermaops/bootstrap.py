@@ -32,7 +32,7 @@ HEADLINE_CI = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macr
 class Resamples:
     """Lesion-level bootstrap weights of one test set: weights[b, i] = times image i is in resample b."""
 
-    weights: np.ndarray  # (B, N) float64
+    weights: np.ndarray  # (B, N) float32
     n_groups: int
 
     @classmethod
@@ -44,7 +44,9 @@ class Resamples:
         # One bincount over all resamples: resample b's draws are shifted into [b * G, (b + 1) * G).
         offsets = (np.arange(n_resamples) * n_groups)[:, None]
         counts = np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_groups).reshape(n_resamples, -1)
-        return cls(counts[:, codes].astype(np.float64), n_groups)
+        # float32 halves the memory traffic, and stays exact: every weighted count or rank sum here is an
+        # integer or half-integer far below 2**24.
+        return cls(counts[:, codes].astype(np.float32), n_groups)
 
     @property
     def n(self) -> int:
@@ -59,7 +61,7 @@ def _codes(groups) -> tuple[np.ndarray, np.ndarray]:
 def weighted_confusion(weights: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
     """(B, K, K) confusion matrices, rows true, columns predicted, of each weight row."""
     cell = np.asarray(y_true) * k + np.asarray(y_pred)
-    onehot = np.zeros((len(cell), k * k))
+    onehot = np.zeros((len(cell), k * k), dtype=weights.dtype)
     onehot[np.arange(len(cell)), cell] = 1.0
     return (weights @ onehot).reshape(-1, k, k)
 
@@ -80,15 +82,15 @@ def weighted_auc(weights: np.ndarray, positive: np.ndarray, scores: np.ndarray) 
     starts = np.flatnonzero(new_group)
     ends = np.r_[starts[1:], len(scores)]
     negatives = order[~positive[order]]
-    neg_sorted = np.zeros((weights.shape[0], len(scores) + 1))
+    neg_sorted = np.zeros((weights.shape[0], len(scores) + 1), dtype=weights.dtype)
     neg_sorted[:, 1:][:, ~positive[order]] = weights[:, negatives]
     running = np.cumsum(neg_sorted, axis=1)
     pos_at = np.flatnonzero(positive[order])
     g = group[pos_at]
     credit = 0.5 * (running[:, starts[g]] + running[:, ends[g]])
     pos_w = weights[:, order[pos_at]]
-    numerator = np.sum(pos_w * credit, axis=1)
-    denominator = pos_w.sum(axis=1) * running[:, -1]
+    numerator = np.sum(pos_w * credit, axis=1, dtype=np.float64)
+    denominator = pos_w.sum(axis=1, dtype=np.float64) * running[:, -1].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
 
@@ -106,7 +108,7 @@ def resample_metrics(
     y_true = np.asarray(y_true, dtype=int)
     proba = np.asarray(proba, dtype=np.float64)
     k = proba.shape[1]
-    cm = weighted_confusion(weights, y_true, proba.argmax(axis=1), k)
+    cm = weighted_confusion(weights, y_true, proba.argmax(axis=1), k).astype(np.float64)
     tp = np.diagonal(cm, axis1=1, axis2=2)
     support = cm.sum(axis=2)
     predicted = cm.sum(axis=1)
@@ -131,10 +133,13 @@ def resample_metrics(
     if mel_threshold is not None:
         flagged = proba[:, mel] >= mel_threshold
         is_mel = y_true == mel
-        mel_w, other_w = weights @ is_mel, weights @ ~is_mel
+        counts = weights @ np.stack([is_mel, ~is_mel, flagged & is_mel, ~flagged & ~is_mel], axis=1).astype(
+            weights.dtype
+        )
+        mel_w, other_w, caught, cleared = counts.astype(np.float64).T
         with np.errstate(invalid="ignore", divide="ignore"):
-            out["mel_sensitivity"] = (weights @ (flagged & is_mel)) / mel_w
-            out["mel_specificity"] = (weights @ (~flagged & ~is_mel)) / other_w
+            out["mel_sensitivity"] = caught / mel_w
+            out["mel_specificity"] = cleared / other_w
     return out
 
 
