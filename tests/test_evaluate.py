@@ -21,6 +21,7 @@ FILES = {
     "confusion_matrix.png",
     "confusion_matrix_normalized.png",
     "gradcam_mel.png",
+    "reliability.png",
     "model_comparison.csv",
     "report.md",
 }
@@ -88,7 +89,8 @@ def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
     assert 0.0 <= m["macro_auc"] <= 1.0 and summary["macro_auc"] == round(m["macro_auc"], 4)
     assert summary["mel_recall"] == round(m["per_class"]["mel"]["recall"], 4)
     # Scored with test-time augmentation (the default); the ablation re-scores the same model without it.
-    assert summary["tta"] is True and metrics["inference"] == {"tta": True, "logit_adjustment": None}
+    assert summary["tta"] is True
+    assert metrics["inference"] == {"tta": True, "logit_adjustment": None, "temperature": None}
     assert set(summary["ablation"]) == {"tta_off"} and summary["ablation"] == metrics["ablation"]
     per_class = _csv(store, out.join("per_class.csv"))
     assert per_class["class"].tolist() == list(CLASSES) and per_class["support"].tolist() == supports
@@ -136,6 +138,74 @@ def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
     bad = run_stage(*argv, "--force", "--promotion-margin", "-1", check=False)
     assert bad.returncode == 2 and "--promotion-margin" in bad.error_line
     assert store.get_json(out.join("manifest.json")) == published
+
+
+def test_evaluate_reports_calibration_operating_point_intervals_and_localization(
+    small_split, small_models, run_stage, bucket, store, tmp_path
+):
+    """The `calibrated` model (temperature and mel_threshold fitted on validation, as train does): every
+    derived figure is checked against a recomputation from the checkpoint and the test split."""
+    from dermaops.calibration import reliability
+    from dermaops.models import predict_proba
+    from dermaops.prediction import apply_temperature
+
+    split = S3Uri.parse(small_split["split_uri"])
+    out = S3Uri.parse(f"s3://{bucket.bucket}/runs/cal/evaluation")
+    argv = ["evaluate", "--split", str(split), "--model", small_models["calibrated"], "--out", str(out)]
+    summary = run_stage(*argv, "--no-score-phase1", "--bootstrap-resamples", "500").summary
+    metrics = store.get_json(out.join("metrics.json"))
+
+    test = _csv(store, split.join("test.csv"))
+    dataset = Dataset.open(store, small_split["dataset_uri"], tmp_path)
+    images = load_images(Context(store, tmp_path), dataset, 28).rows(test["image_id"].tolist())
+    checkpoint = store.download(S3Uri.parse(small_models["calibrated"]).join("cnn.pt"), tmp_path / "cnn.pt")
+    model, meta = load_checkpoint(checkpoint)
+    raw = predict_proba(model, images, meta, tta=True)
+    calibrated = apply_temperature(raw, meta["temperature"])
+    labels = test["label"].to_numpy()
+    mel = CLASSES.index("mel")
+
+    # Scored once, with TTA; the single-view ablation is derived from the stored views and equals a real
+    # single-view scoring.
+    assert np.isclose(metrics["test"]["macro_f1"], summary["macro_f1"], atol=1e-4)
+    single = predict_proba(model, images, meta, tta=False).argmax(1)
+    assert summary["ablation"]["tta_off"]["accuracy"] == round(float((single == labels).mean()), 4)
+    # Calibration: the stored temperature, ECE before and after recomputed.
+    cal = metrics["calibration"]
+    assert cal["temperature"] == meta["temperature"] and cal["fitted"]["fitted_on"] == "val"
+    assert np.isclose(cal["ece_before"], reliability(raw, labels)["ece"], atol=1e-5)
+    assert np.isclose(cal["ece_after"], reliability(calibrated, labels)["ece"], atol=1e-5)
+    assert summary["ece_calibrated"] == round(cal["ece_after"], 4) and metrics["test"]["ece"] == cal["ece_after"]
+    # The operating point: the checkpoint's threshold, its test sensitivity and specificity, intervals.
+    point = metrics["mel_operating_point"]
+    flagged = calibrated[:, mel] >= meta["mel_threshold"]
+    assert point["threshold"] == meta["mel_threshold"] and point["target_sensitivity"] == 0.85
+    assert np.isclose(point["sensitivity"], flagged[labels == mel].mean(), atol=1e-6)
+    assert np.isclose(point["specificity"], (~flagged[labels != mel]).mean(), atol=1e-6)
+    for name in ("sensitivity", "specificity"):
+        low, high = point[f"{name}_ci"]
+        assert low <= point[name] <= high and low < high
+    assert summary["mel_operating_point"]["threshold"] == round(meta["mel_threshold"], 4)
+    # Every headline metric has a lesion-bootstrap interval around its value.
+    intervals = metrics["intervals"]
+    assert intervals["resamples"] == 500 and intervals["lesions"] == test["lesion_id"].nunique()
+    for name, entry in intervals["metrics"].items():
+        value = metrics["test"]["per_class"]["mel"]["recall"] if name == "mel_recall" else metrics["test"][name]
+        assert entry["low"] <= value <= entry["high"] and np.isclose(entry["value"], value), name
+        assert summary["intervals"][name] == [round(entry["low"], 4), round(entry["high"], 4)]
+    # Grad-CAM on the deepest layer with a map >= 6x6 (layer3, 7x7 at 28 px), over every test melanoma.
+    gradcam = metrics["gradcam"]
+    assert gradcam["layer"] == "layer3" and gradcam["map_size"] == [7, 7]
+    assert gradcam["localization_images"] <= int((labels == mel).sum()) and gradcam["localization_ratio"] > 0
+    assert summary["gradcam_localization"] == gradcam["localization_ratio"]
+    # --no-score-phase1: no frozen row.
+    assert list(metrics["comparison"]) == ["fine-tuned (best)"]
+
+    assert store.get_bytes(out.join("reliability.png")).startswith(PNG)
+    report = store.get_bytes(out.join("report.md")).decode()
+    assert "## Calibration" in report and "](reliability.png)" in report and "## Melanoma operating point" in report
+    assert f"[{intervals['metrics']['macro_f1']['low']:.4f}, {intervals['metrics']['macro_f1']['high']:.4f}]" in report
+    assert f"mean **{gradcam['localization_ratio']:.4f}**" in report
 
 
 def test_gradcam_uses_real_gradients_and_maps_differ_inside_the_image(small_split, small_models, store, tmp_path):

@@ -29,6 +29,15 @@ SUCCESS_RESULTS = {
             "weighted_f1": 0.7745,
             "macro_auc": 0.9312,
             "mel_recall": 0.5811,
+            "intervals": {"macro_f1": [0.5712, 0.6321], "mel_recall": [0.4903, 0.6652]},
+            "mel_operating_point": {
+                "threshold": 0.1834,
+                "target_sensitivity": 0.85,
+                "sensitivity": 0.8288,
+                "sensitivity_ci": [0.7526, 0.8969],
+                "specificity": 0.7102,
+                "specificity_ci": [0.6781, 0.7411],
+            },
             "promoted": True,
             "promotion_reason": "first model: mel recall 0.5811 clears the floor 0.5",
             "champion_uri": "s3://b/registry/ham10000/champion.json",
@@ -68,13 +77,18 @@ def test_success_posts_outcome_metrics_and_promotion(run_stage, slack_api, store
     for expected in ("3f9a0c1d2e4b", "10,015 images", "0.7812", "0.6034", "0.7745", "0.5811", "*promoted*"):
         assert expected in text, expected
     assert "first model: mel recall 0.5811 clears the floor 0.5" in text
+    # Intervals beside the figures, and the melanoma operating point with its test sensitivity/specificity.
+    assert "0.6034 [0.5712, 0.6321]" in text and "0.5811 [0.4903, 0.6652]" in text
+    point = "p(mel) >= 0.183 (chosen on validation for sensitivity 0.85): test sensitivity 0.83 [0.75, 0.90], "
+    assert point + "specificity 0.71 [0.68, 0.74]" in text
     assert all(f":white_check_mark: `{task}` success" in text for task in SUCCESS_STATES)
     assert summary["report_uri"] in text
     assert TOKEN not in result.stdout + result.stderr
 
     report = store.get_bytes(summary["report_uri"]).decode()
     assert "Outcome: **success**" in report
-    assert "| Macro F1 | 0.6034 |" in report and "| Melanoma recall | 0.5811 |" in report
+    assert "| Macro F1 | 0.6034 | [0.5712, 0.6321] |" in report and "| Melanoma recall | 0.5811 |" in report
+    assert "| Accuracy | 0.7812 | n/a |" in report and point in report
     assert "**promoted to champion**" in report
     assert "evaluate.report_uri" in report and "ingest.dataset_uri" in report
 

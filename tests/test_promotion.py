@@ -86,8 +86,9 @@ def scored(small_split, small_models, tmp_path_factory):
     models = {}
     for name, prefix in small_models.items():
         path = store.download(S3Uri.parse(prefix).join("cnn.pt"), scratch / name / "cnn.pt")
-        _, meta, proba = scorer.score_checkpoint(path, name)
-        models[name] = (path, meta, scorer.metrics(proba), f"{prefix}/cnn.pt")
+        scored = scorer.score_checkpoint(path, name)
+        proba = scored.proba(scorer.tta)
+        models[name] = (path, scored.meta, scorer.metrics(proba), f"{prefix}/cnn.pt", proba)
     return {"scorer": scorer, "models": models, "dataset_version": dataset.version, "split": str(split)}
 
 
@@ -96,8 +97,8 @@ def _gate(
 ) -> dict:
     """The gate with the absolute floors off and a Random Forest that scored 0: these tests are about
     the champion (small_models are weak on purpose); the absolute rules have their own test."""
-    path, meta, metrics, source = scored["models"][name]
-    challenger = Challenger(run_id, path, source, metrics, meta, scored["dataset_version"], scored["split"])
+    path, meta, metrics, source, proba = scored["models"][name]
+    challenger = Challenger(run_id, path, source, metrics, meta, scored["dataset_version"], scored["split"], proba)
     floors = Floors(mel_recall=floor, macro_f1=0.0, macro_auc=0.0)
     return run_gate(
         registry,
@@ -109,6 +110,7 @@ def _gate(
         tmp_path / run_id,
         baseline={"macro_f1": 0.0},
         allow_broken_champion=override,
+        compare=scored["scorer"].compare,
     )
 
 
@@ -134,6 +136,16 @@ def test_gate_promotes_refuses_and_keeps_every_decision(scored, store, bucket, t
 
     better = _gate(registry, scored, "fitted", "run-4", tmp_path)
     assert better["decision"] == "promoted" and "beats the champion's" in better["reason"]
+    # Decided by the paired lesion bootstrap of the macro-F1 difference on the same test images: its lower
+    # bound clears the margin, and the record keeps the interval.
+    paired = better["paired_bootstrap"]
+    assert paired["metric"] == "macro_f1" and paired["low"] > 0.005 and paired["low"] <= paired["difference"]
+    assert paired["difference"] == pytest.approx(fitted["macro_f1"] - weak["macro_f1"])
+    assert paired["images"] == fitted["n"] and f"lower bound {paired['low']:+.4f} clears the margin" in better["reason"]
+    # The same pair with a margin inside the interval: the point difference clears it, the lower bound does not.
+    unsure = _gate(registry, scored, "weak", "run-4b", tmp_path, margin=-paired["difference"] - 1e-4)
+    assert unsure["decision"] == "refused" and "does not clear the margin" in unsure["reason"]
+    assert unsure["paired_bootstrap"]["difference"] == pytest.approx(-paired["difference"])
     champion = store.get_json(registry.champion_uri)
     assert champion["run_id"] == "run-4" and champion["previous_champion"]["run_id"] == "run-1"
     assert champion["metrics"]["macro_f1"] == pytest.approx(fitted["macro_f1"])
@@ -144,6 +156,7 @@ def test_gate_promotes_refuses_and_keeps_every_decision(scored, store, bucket, t
         ("run-2", "refused"),
         ("run-3", "refused"),
         ("run-4", "promoted"),
+        ("run-4b", "refused"),
     ]
     assert all(h["reason"] and h["primary_metric"] == "macro_f1" for h in history)
     # Both promoted checkpoints stay in the registry, immutable, under their content hash.

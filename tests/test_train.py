@@ -279,6 +279,17 @@ def test_calibrate_fits_the_adjustment_on_validation_predictions(run_stage, spli
     assert np.allclose(refit["logit_bias"], meta["logit_bias"], atol=1e-6)
     assert refit["logit_adjustment"]["val_macro_f1_after"] == meta["logit_adjustment"]["val_macro_f1_after"]
 
+    # The calibration hook: temperature and melanoma threshold refit from the adjusted TTA val probabilities
+    # (what every consumer scores) are the stored ones, and the threshold reaches the default target on val.
+    from dermaops.calibration import fit
+
+    labels = frames["val"]["label"].to_numpy()
+    calibration = fit(predict_proba(model, val_images, meta, tta=True), labels, meta["classes"].index("mel"), 0.85)
+    assert meta["temperature"] == pytest.approx(calibration["temperature"], rel=1e-6) and meta["temperature"] > 0
+    assert meta["mel_threshold"] == pytest.approx(calibration["mel_threshold"], abs=1e-6)
+    assert meta["calibration"]["val_mel_sensitivity"] >= 0.85 and meta["calibration"]["tta"] is True
+    assert summary["temperature"] == round(meta["temperature"], 4) and summary["calibration"] == meta["calibration"]
+
 
 def test_weight_ema_averages_float_weights_copies_counters_and_round_trips():
     from dermaops.training import WeightEMA

@@ -271,6 +271,26 @@ class TrainConfig(StageConfig):
         title="Fit a decision rule on validation",
     )
     seed: int = setting(42, "random seed (init, shuffling, augmentation)", lo=0, hi=SEED_MAX, param=True, owner=False)
+    mel_sensitivity: float = setting(
+        0.85,
+        "target melanoma sensitivity of the operating point: after training, the highest threshold on the "
+        "calibrated p(mel) that finds this share of the VALIDATION melanomas is stored as mel_threshold in cnn.pt's "
+        "meta (with the temperature fitted on validation); evaluate reports test sensitivity and specificity at it",
+        lo=0,
+        lo_open=True,
+        hi=1,
+        param=True,
+        title="Melanoma target sensitivity",
+        fingerprint="if-set",
+    )
+    tta: bool = setting(
+        True,
+        "score validation with test-time augmentation when fitting the temperature and the melanoma threshold: "
+        "the same inference evaluate and predict use (the DAG passes evaluate's tta param)",
+        param=True,
+        owner=False,
+        fingerprint="if-set",
+    )
     num_threads: int = setting(0, "CPU threads for torch (0 = torch's default)", lo=0, hi=1024, fingerprint=False)
     device: str = setting("auto", "training device", choices=DEVICES, fingerprint=False)
     max_train_images: int | None = setting(
@@ -360,6 +380,32 @@ class EvaluateConfig(StageConfig):
         title="Override a broken champion",
     )
     gradcam_images: int = setting(8, "melanoma test images in the Grad-CAM grid", lo=1, hi=64)
+    gradcam: bool = setting(
+        True,
+        "Grad-CAM of the melanoma score on every melanoma test image: the grid and the localization ratio "
+        "(one forward and backward pass over the melanomas)",
+        fingerprint="if-set",
+    )
+    score_phase1: bool = setting(
+        True,
+        "also score the best phase-1 checkpoint for the model comparison (one more scoring pass; skipped when it is "
+        "the same file as cnn.pt)",
+        fingerprint="if-set",
+    )
+    tta_ablation: bool = setting(
+        False,
+        "with --no-tta, also score the 8-view test-time augmentation for the ablation (8 more scoring passes); with "
+        "--tta the single-view ablation comes free from the stored views",
+        fingerprint="if-set",
+    )
+    bootstrap_resamples: int = setting(
+        1000,
+        "lesion-level bootstrap resamples for the 95 % intervals of the test metrics and the paired champion/"
+        "challenger comparison",
+        lo=100,
+        hi=100_000,
+        fingerprint="if-set",
+    )
     tta: bool = setting(
         True,
         "test-time augmentation: average the softmax over the 8 flips/quarter turns of each image (every one is a "

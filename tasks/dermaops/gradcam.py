@@ -1,9 +1,21 @@
-"""Grad-CAM (Selvaraju et al., 2017) over a model's last convolutional block, and its PNG grid.
+"""Grad-CAM (Selvaraju et al., 2017) over a convolutional layer chosen for resolution, how well it
+localizes the lesion, and its PNG grid.
 
-For a target class c, the block's activations A_k (k = channels) are weighted by the spatial mean of
-d score_c / d A_k, summed, passed through ReLU and scaled to [0, 1]: where the block's features push
+For a target class c, the layer's activations A_k (k = channels) are weighted by the spatial mean of
+d score_c / d A_k, summed, passed through ReLU and scaled to [0, 1]: where the layer's features push
 the class score up. Gradients are the real ones, captured with hooks during one backward pass; the
-map (4x4 for a 28 px input with the small stem) is upsampled bilinearly to the image size.
+map is upsampled bilinearly to the image size.
+
+Which layer. The last block of a ResNet sees 1/32 of the input: 2x2 at 48 px, which can only say
+"this quarter of the image". `pick_target_layer` probes the model with one dummy forward pass at its
+trained size and takes the deepest convolutional module (a conv, or a block or stage made of them)
+whose output is still at least MIN_MAP x MIN_MAP: deep enough to carry class evidence, fine enough to
+point at the lesion. No layer name is assumed.
+
+How well it localizes. Without segmentation labels, an Otsu threshold of the grey image separates
+the (darker) lesion from the skin. The localization ratio of one image is the share of the CAM's mass
+inside that mask divided by the mask's share of the image: 1 is no better than spreading the mass
+evenly, above 1 the map concentrates on the lesion.
 """
 
 from __future__ import annotations
@@ -14,18 +26,67 @@ import numpy as np
 
 # Overlays are drawn at least this big so 28 px images stay readable.
 DISPLAY_MIN_PX = 112
+# The coarsest map a target layer may give (the issue's bar: a 2x2 map cannot localize a lesion).
+MIN_MAP = 6
 
 
 @dataclass
 class GradCam:
     heatmaps: np.ndarray  # (N, H, W) float in [0, 1], upsampled to the image size
-    raw: np.ndarray  # (N, h, w) the ReLU'd map at the block's resolution, before scaling
+    raw: np.ndarray  # (N, h, w) the ReLU'd map at the layer's resolution, before scaling
+    mass: np.ndarray  # (N, H, W) the ReLU'd map upsampled, unscaled: where the evidence is, and how much
     gradient_norms: np.ndarray  # (N,) L2 norm of d score / d activations: 0 would mean no signal
     target_proba: np.ndarray  # (N,) softmax probability of the target class
 
 
-def gradcam(model, layer, images_uint8_nhwc: np.ndarray, meta: dict, target: int, device: str = "cpu") -> GradCam:
-    """Grad-CAM maps of `target` for each image, through `layer` (e.g. models.target_layer(model))."""
+def pick_target_layer(model, meta: dict, min_map: int = MIN_MAP):
+    """(module, name, (h, w)): the deepest convolutional module whose output at the model's input size is
+    at least `min_map` on both sides; the finest one there is when none reaches it. "Deepest" is the
+    order in which modules finish their forward pass, seen with hooks on one dummy image; a module
+    counts when it is a Conv2d or contains one (a residual block or stage: its output is the block's)."""
+    import torch
+
+    size = int(meta["image_size"])
+    finished: list[tuple[str, torch.nn.Module, tuple[int, int]]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name or not any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+            continue
+
+        def record(mod, _inputs, output, name=name):
+            if isinstance(output, torch.Tensor) and output.ndim == 4:
+                finished.append((name, mod, (int(output.shape[2]), int(output.shape[3]))))
+
+        handles.append(module.register_forward_hook(record))
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not finished:
+        raise ValueError("the model has no convolutional layer to compute Grad-CAM on")
+    fine = [entry for entry in finished if min(entry[2]) >= min_map]
+    name, module, shape = fine[-1] if fine else max(finished, key=lambda entry: min(entry[2]))
+    return module, name, shape
+
+
+def gradcam(
+    model, layer, images_uint8_nhwc: np.ndarray, meta: dict, target: int, device: str = "cpu", batch_size: int = 256
+) -> GradCam:
+    """Grad-CAM maps of `target` for each image, through `layer` (e.g. pick_target_layer(model, meta)[0])."""
+    parts = [
+        _gradcam_batch(model, layer, images_uint8_nhwc[start : start + batch_size], meta, target, device)
+        for start in range(0, len(images_uint8_nhwc), batch_size)
+    ]
+    return GradCam(*(np.concatenate([getattr(p, f) for p in parts]) for f in GradCam.__dataclass_fields__))
+
+
+def _gradcam_batch(model, layer, images_uint8_nhwc: np.ndarray, meta: dict, target: int, device: str) -> GradCam:
     import torch
     import torch.nn.functional as F
 
@@ -33,26 +94,31 @@ def gradcam(model, layer, images_uint8_nhwc: np.ndarray, meta: dict, target: int
 
     captured: dict[str, torch.Tensor] = {}
 
-    def keep_activation(_module, _inputs, output):
+    def start_graph_here(_module, _inputs, output):
+        # The layer's output, cut from what came before, becomes the leaf the gradient is taken for: the
+        # backward pass runs through the later layers only, and no weight gradient is computed.
+        output = output.detach().requires_grad_(True)
         captured["activation"] = output
-        output.register_hook(lambda grad: captured.__setitem__("gradient", grad))
+        return output
 
     model = model.to(device).eval()
-    handle = layer.register_forward_hook(keep_activation)
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    handle = layer.register_forward_hook(start_graph_here)
     try:
+        for p in params:
+            p.requires_grad_(False)
         x = to_input(torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).to(device), meta)
-        # The input needs a gradient so that the graph reaches the block even when its weights are frozen.
-        x.requires_grad_(True)
         with torch.enable_grad():
             logits = model(x)
-            model.zero_grad(set_to_none=True)
-            # Images are independent in eval mode, so one backward of the summed scores gives each
+            # Images are independent in eval mode, so the gradient of the summed scores gives each
             # image's own gradient.
-            logits[:, target].sum().backward()
+            (gradient,) = torch.autograd.grad(logits[:, target].sum(), captured["activation"])
     finally:
         handle.remove()
+        for p, flag in zip(params, trainable, strict=True):
+            p.requires_grad_(flag)
     activation = captured["activation"].detach()
-    gradient = captured["gradient"].detach()
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     raw = F.relu((weights * activation).sum(dim=1, keepdim=True))
     size = images_uint8_nhwc.shape[1:3]
@@ -63,9 +129,42 @@ def gradcam(model, layer, images_uint8_nhwc: np.ndarray, meta: dict, target: int
     return GradCam(
         heatmaps=heatmaps.cpu().numpy(),
         raw=raw[:, 0].cpu().numpy(),
+        mass=up.cpu().numpy(),
         gradient_norms=gradient.flatten(1).norm(dim=1).cpu().numpy(),
         target_proba=torch.softmax(logits.detach().float(), dim=1)[:, target].cpu().numpy(),
     )
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 255]: the cut that maximises the between-class variance."""
+    hist, edges = np.histogram(values, bins=bins, range=(0, 256))
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(hist * centers)
+    mean_low = np.divide(sum_low, weight_low, out=np.zeros(bins), where=weight_low > 0)
+    mean_high = np.divide(sum_low[-1] - sum_low, weight_high, out=np.zeros(bins), where=weight_high > 0)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def lesion_mask(image_uint8_hwc: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels darker than the Otsu threshold of the grey image (lesions are darker than
+    the surrounding skin in dermoscopy)."""
+    grey = image_uint8_hwc.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return grey < otsu_threshold(grey)
+
+
+def localization_ratios(mass: np.ndarray, images_uint8_nhwc: np.ndarray) -> np.ndarray:
+    """(N,) per image: share of the map's mass inside the lesion mask / the mask's share of the image.
+    NaN where it is undefined (a map with no mass, a mask that is empty or the whole image)."""
+    out = np.full(len(mass), np.nan)
+    for i, (m, image) in enumerate(zip(mass, images_uint8_nhwc, strict=True)):
+        mask = lesion_mask(image)
+        total, area = float(m.sum()), float(mask.mean())
+        if total > 0 and 0 < area < 1:
+            out[i] = float(m[mask].sum()) / total / area
+    return out
 
 
 def pick_spread(scores: np.ndarray, count: int) -> np.ndarray:

@@ -342,13 +342,12 @@ def draw_gradcams(model, meta: dict, batch: Batch, target: str, device: str, out
     """One PNG per image (the model-size image beside its Grad-CAM overlay) of the predicted class's
     or the melanoma score; returned in the batch's order."""
     from dermaops.dataset import CLASSES
-    from dermaops.gradcam import draw_grid, gradcam
-    from dermaops.models import target_layer
+    from dermaops.gradcam import draw_grid, gradcam, pick_target_layer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     predicted = batch.proba.argmax(axis=1)
     targets = np.full(len(batch.images), CLASSES.index("mel")) if target == "mel" else predicted
-    layer = target_layer(model)
+    layer = pick_target_layer(model, meta)[0]
     heatmaps = np.zeros(batch.pixels.shape[:3], dtype=np.float32)
     for cls in np.unique(targets):
         rows = np.flatnonzero(targets == cls)

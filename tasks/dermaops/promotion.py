@@ -21,7 +21,11 @@ The gate. A challenger is promoted only if, in this order (the first failed rule
      worth serving), so a run without a baseline promotes nothing;
   5. it beats the current champion on the primary metric by more than the margin, where the champion
      is RE-SCORED on this run's test split (the metrics stored at its own promotion came from another
-     split, possibly another dataset version, and are not comparable).
+     split, possibly another dataset version, and are not comparable). With both models' test
+     probabilities (evaluate always has them), "beats" is a paired lesion-level bootstrap of the
+     difference on these same images (dermaops.bootstrap.paired_difference): promoted only when the
+     LOWER bound of its 95 % interval is above the margin, so a difference the test split cannot tell
+     from noise keeps the champion. The interval is in the decision record and its reason.
 Rules 1-4 hold for the first champion too.
 
 Fail closed: a registry whose champion record exists but cannot be read, or whose checkpoint is
@@ -120,11 +124,14 @@ def decide(
     no_champion_because: str = "no champion yet",
     baseline: dict | None = None,
     subset: str | None = None,
+    paired: dict | None = None,
 ) -> Decision:
     """The gate on classification_metrics dicts (test split); pure, no I/O. `mel_recall_floor` is the
     melanoma floor alone (the other floors then off, as before they existed) or all the Floors;
     `baseline` is the run's Random Forest on the same split (None: not scored), `subset` says how the
-    challenger's training set was cut down (None: the whole training split)."""
+    challenger's training set was cut down (None: the whole training split); `paired` is the paired
+    bootstrap of challenger minus champion on the primary metric (bootstrap.paired_difference), which
+    decides rule 5 when given (its lower bound must clear the margin), else the point difference does."""
     floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else None
     if floors is None:
         floors = Floors(mel_recall=mel_recall_floor, macro_f1=0.0, macro_auc=0.0, allow_subset=True)
@@ -148,6 +155,27 @@ def decide(
     if incumbent is None:
         return Decision(True, "promoted", f"the champion's {primary_metric} is undefined on this test split")
     gain = value - incumbent
+    if paired is not None and paired.get("low") is not None:
+        low, high = paired["low"], paired["high"]
+        interval = (
+            f"paired lesion bootstrap of the difference {gain:+.4f}: {paired['level']:.0%} interval "
+            f"[{low:+.4f}, {high:+.4f}] over {paired['resamples']} resamples of {paired['lesions']} lesions"
+        )
+        if low > margin:
+            return Decision(
+                True,
+                "promoted",
+                f"{primary_metric} {value:.4f} beats the champion's {incumbent:.4f} (re-scored on this test split): "
+                f"{interval}; its lower bound {low:+.4f} clears the margin {margin:.4f}; melanoma recall "
+                f"{mel:.4f} >= floor {floors.mel_recall:.4f}",
+            )
+        return Decision(
+            False,
+            "refused",
+            f"{primary_metric} {value:.4f} does not beat the champion's {incumbent:.4f} (re-scored on this test "
+            f"split) by more than the margin {margin:.4f} with confidence: {interval}; its lower bound "
+            f"{low:+.4f} does not clear the margin",
+        )
     if gain > margin:
         return Decision(
             True,
@@ -172,6 +200,7 @@ class Challenger:
     meta: dict  # checkpoint meta (arch, image_size, ...)
     dataset_version: str
     split_uri: str
+    proba: object = None  # (N, C) test probabilities, for the paired comparison with the champion
 
 
 @dataclass
@@ -235,13 +264,16 @@ class Registry:
         return [self.store.get_json(uri) for uri in uris]
 
 
-ChampionScorer = Callable[[Path], dict]
-"""Loads a champion checkpoint and returns its classification_metrics on this run's test split;
-raises StageError when the checkpoint cannot be loaded or scored."""
+ChampionScorer = Callable[[Path], tuple[dict, object]]
+"""Loads a champion checkpoint and returns (its classification_metrics, its (N, C) probabilities) on this
+run's test split, scored exactly like the challenger; raises StageError when it cannot be loaded or scored."""
+PairedComparison = Callable[[object, object, str], dict]
+"""(challenger probabilities, champion probabilities, metric) -> bootstrap.paired_difference's record."""
 
 
 def _rescore(registry: Registry, record: dict, score_champion: ChampionScorer, scratch: Path):
-    """(the champion's metrics on this test split, "") or (None, why it cannot be re-scored)."""
+    """((the champion's metrics, its probabilities) on this test split, "") or (None, why it cannot be
+    re-scored)."""
     path, problem = registry.fetch_champion_model(record, scratch / "champion" / "cnn.pt")
     if path is None:
         return None, problem
@@ -268,23 +300,29 @@ def run_gate(
     baseline: dict | None = None,
     subset: str | None = None,
     allow_broken_champion: bool = False,
+    compare: PairedComparison | None = None,
 ) -> dict:
     """Decide, record the decision in the history, and (if promoted) write champion.json last.
     Returns the decision record (also what the history holds). Raises ChampionIncident (after
-    recording it) when the champion cannot be loaded and `allow_broken_champion` is False."""
+    recording it) when the champion cannot be loaded and `allow_broken_champion` is False. With
+    `compare` and the challenger's probabilities, rule 5 is the paired bootstrap (module docstring)."""
     floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else Floors(mel_recall=mel_recall_floor)
     sha256 = sha256_file(challenger.checkpoint)
     record, problem = registry.champion_record()
     champion_info = {"run_id": record["run_id"], "model_uri": record["model_uri"]} if record else None
+    paired = None
     if record is not None and record["model_sha256"] == sha256:
         reason = f"this checkpoint is already the champion (run {record['run_id']})"
         decision = Decision(True, "already_champion", reason)
     else:
         champion_metrics = None
         if record is not None:
-            champion_metrics, problem = _rescore(registry, record, score_champion, scratch)
-            if champion_metrics is not None:
+            rescored, problem = _rescore(registry, record, score_champion, scratch)
+            if rescored is not None:
+                champion_metrics, champion_proba = rescored
                 champion_info["rescored"] = headline(champion_metrics)
+                if compare is not None and challenger.proba is not None:
+                    paired = compare(challenger.proba, champion_proba, primary_metric)
         if problem:
             champion_info = {**(champion_info or {}), "problem": problem}
             if not allow_broken_champion:
@@ -305,6 +343,7 @@ def run_gate(
             no_champion_because=f"{problem}; treated as no champion (override)" if problem else "no champion yet",
             baseline=baseline,
             subset=subset,
+            paired=paired,
         )
     log.info("promotion decision: %s (%s)", decision.decision, decision.reason)
 
@@ -336,6 +375,7 @@ def run_gate(
             "metrics": headline(challenger.metrics),
         },
         "champion_before": champion_info,
+        "paired_bootstrap": paired,
         "champion_uri": model_uri or (record or {}).get("model_uri"),
     }
     history_uri = registry.append_history(entry)

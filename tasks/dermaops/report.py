@@ -90,9 +90,15 @@ def render(
     confusion: np.ndarray,
     gradcam: dict | None,
     promotion: dict | None,
+    intervals: dict | None = None,
+    n_resamples: int | None = None,
+    calibration: dict | None = None,
+    operating_point: dict | None = None,
 ) -> str:
-    """report.md. `models` maps a display name to its test metrics, the evaluated model LAST."""
+    """report.md. `models` maps a display name to its test metrics, the evaluated model LAST; `intervals`
+    the lesion-bootstrap intervals of its headline metrics ({metric: {value, low, high}})."""
     name, metrics = list(models.items())[-1]
+    intervals = intervals or {}
     out = [
         f"# DermaOps evaluation: run `{run_id}`",
         "",
@@ -104,9 +110,15 @@ def render(
         "## Test metrics",
         "",
         _table(
-            ["metric", "value", "seed report (224 px, image-level split)"],
-            [[k, value, SEED_REPORT.get(k)] for k, value in headline(metrics, COMPARISON_COLUMNS, digits=None).items()],
+            ["metric", "value", "95 % interval", "seed report (224 px, image-level split)"],
+            [
+                [k, value, interval_text(intervals.get(k)), SEED_REPORT.get(k)]
+                for k, value in headline(metrics, COMPARISON_COLUMNS, digits=None).items()
+            ],
         ),
+        "",
+        f"Intervals: percentile, {n_resamples or 'no'} bootstrap resamples of the test split's LESIONS (all "
+        "images of a lesion drawn together).",
         "",
         "## Model comparison",
         "",
@@ -144,20 +156,88 @@ def render(
         "![confusion matrix, row-normalised](confusion_matrix_normalized.png)",
         "",
     ]
+    out += _calibration_section(calibration)
+    out += _operating_point_section(operating_point)
     out += _gradcam_section(gradcam)
     out += _promotion_section(promotion)
     return "\n".join(out) + "\n"
 
 
+def interval_text(entry: dict | None) -> str:
+    if not entry or entry.get("low") is None:
+        return "n/a"
+    return f"[{entry['low']:.4f}, {entry['high']:.4f}]"
+
+
+def _calibration_section(calibration: dict | None) -> list[str]:
+    if calibration is None:
+        return []
+    lines = ["## Calibration", ""]
+    if calibration.get("temperature") is None:
+        lines.append(
+            f"The checkpoint carries no temperature (trained before calibration was fitted): test ECE "
+            f"{calibration['ece_before']:.4f} (15 bins), uncalibrated."
+        )
+    else:
+        fitted = calibration.get("fitted") or {}
+        lines += [
+            f"Temperature scaling, T = {calibration['temperature']:.4f}, fitted on the validation split "
+            f"(validation ECE {format_number(fitted.get('val_ece_before'))} -> "
+            f"{format_number(fitted.get('val_ece_after'))}).",
+            "",
+            _table(
+                ["expected calibration error (15 bins), test", "value"],
+                [["before temperature scaling", calibration["ece_before"]], ["after", calibration["ece_after"]]],
+            ),
+        ]
+    return lines + ["", "![reliability diagram](reliability.png)", ""]
+
+
+def _operating_point_section(point: dict | None) -> list[str]:
+    lines = ["## Melanoma operating point", ""]
+    if point is None:
+        return lines + ["The checkpoint carries no mel_threshold: melanoma is flagged when it is the argmax.", ""]
+    target = point.get("target_sensitivity")
+    return lines + [
+        f"Rule: {point['rule']}" + (f", chosen on validation for a target sensitivity of {target}" if target else "")
+        + (f" (validation sensitivity {point['val_sensitivity']})" if point.get("val_sensitivity") is not None else "")
+        + ".",
+        "",
+        _table(
+            ["on the test split", "value", "95 % interval", "images"],
+            [
+                ["sensitivity (melanomas flagged)", point["sensitivity"], _pair(point["sensitivity_ci"]),
+                 point["n_mel"]],
+                ["specificity (others not flagged)", point["specificity"], _pair(point["specificity_ci"]),
+                 point["n_other"]],
+            ],
+        ),
+        "",
+    ]  # fmt: skip
+
+
+def _pair(pair) -> str:
+    return "n/a" if not pair or pair[0] is None else f"[{pair[0]:.4f}, {pair[1]:.4f}]"
+
+
 def _gradcam_section(gradcam: dict | None) -> list[str]:
     if not gradcam:
-        return ["## Grad-CAM", "", "No melanoma image in the test split: no Grad-CAM grid.", ""]
+        return ["## Grad-CAM", "", "No melanoma image in the test split (or --no-gradcam): no Grad-CAM.", ""]
+    h, w = gradcam["map_size"]
     return [
         "## Grad-CAM (melanoma test images)",
         "",
-        f"{len(gradcam['image_ids'])} melanoma test images, spread from the highest to the lowest predicted "
-        f"melanoma probability; each is shown beside the Grad-CAM map of the `mel` score over `{gradcam['layer']}` "
-        "(red = regions that raise the melanoma score).",
+        f"Target layer `{gradcam['layer']}` ({h}x{w} map), chosen as the deepest convolutional layer whose map is "
+        "at least 6x6 at the trained size.",
+        "",
+        f"Localization ratio (share of the map inside an Otsu lesion mask / the mask's share of the image; 1 = "
+        f"no better than uniform): mean **{format_number(gradcam['localization_ratio'])}**, median "
+        f"{format_number(gradcam['localization_ratio_median'])} over {gradcam['localization_images']} melanoma "
+        "test images.",
+        "",
+        f"{len(gradcam['image_ids'])} of them, spread from the highest to the lowest predicted melanoma "
+        "probability, each beside its Grad-CAM map of the `mel` score (red = regions that raise it; `loc` = "
+        "its localization ratio):",
         "",
         "![Grad-CAM grid](gradcam_mel.png)",
         "",
@@ -175,6 +255,14 @@ def _promotion_section(promotion: dict | None) -> list[str]:
         f"- primary metric: `{promotion['primary_metric']}`, margin {promotion['promotion_margin']}, "
         f"melanoma recall floor {promotion['mel_recall_floor']}",
         f"- champion now: `{promotion['champion_uri']}`",
+        *(
+            [
+                f"- paired lesion bootstrap, challenger minus champion ({paired['metric']}): "
+                f"{paired['difference']:+.4f}, 95 % interval [{paired['low']:+.4f}, {paired['high']:+.4f}]"
+            ]
+            if (paired := promotion.get("paired_bootstrap")) and paired.get("low") is not None
+            else []
+        ),
         f"- decision record: `{promotion['history_uri']}`",
     ]
     before = promotion.get("champion_before")

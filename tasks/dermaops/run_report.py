@@ -48,6 +48,8 @@ class RunReport:
     dataset_version: str | None = None
     n_images: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, list] = field(default_factory=dict)  # metric -> [low, high], lesion bootstrap 95 %
+    operating_point: dict | None = None  # evaluate's mel_operating_point
     promoted: bool | None = None
     promotion_reason: str | None = None
     champion_uri: str | None = None
@@ -97,6 +99,14 @@ def build_report(
         dataset_version=ingest.get("dataset_version"),
         n_images=ingest.get("n_images"),
         metrics={k: evaluation[k] for k, _ in METRIC_LABELS if isinstance(evaluation.get(k), int | float)},
+        intervals={
+            k: v
+            for k, v in (evaluation.get("intervals") or {}).items()
+            if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int | float) for x in v)
+        },
+        operating_point=evaluation.get("mel_operating_point")
+        if isinstance(evaluation.get("mel_operating_point"), dict)
+        else None,
         promoted=evaluation.get("promoted"),
         promotion_reason=evaluation.get("promotion_reason"),
         champion_uri=evaluation.get("champion_uri"),
@@ -122,12 +132,14 @@ def render_markdown(report: RunReport) -> str:
     lines += [f"| {task} | {state} | {report.errors.get(task, '')} |" for task, state in report.states]
     lines += ["", "## Test metrics", ""]
     if report.metrics:
-        lines += ["| metric | value |", "|---|---|"]
+        lines += ["| metric | value | 95 % interval (lesion bootstrap) |", "|---|---|---|"]
         lines += [
-            f"| {label} | {format_number(report.metrics[key])} |"
+            f"| {label} | {format_number(report.metrics[key])} | {_interval(report.intervals.get(key))} |"
             for key, label in METRIC_LABELS
             if key in report.metrics
         ]
+        if report.operating_point:
+            lines += ["", operating_point_line(report.operating_point)]
     else:
         lines.append("No evaluation in this run.")
     lines += ["", "## Promotion", ""]
@@ -141,6 +153,28 @@ def render_markdown(report: RunReport) -> str:
     lines += ["", "## Artifacts", ""]
     lines += [f"- {name}: {uri}" for name, uri in sorted(report.artifacts.items())] or ["None."]
     return "\n".join(lines) + "\n"
+
+
+def _interval(pair) -> str:
+    return f"[{pair[0]:.4f}, {pair[1]:.4f}]" if pair else "n/a"
+
+
+def operating_point_line(point: dict) -> str:
+    """One line: the melanoma threshold and its test sensitivity / specificity with their intervals."""
+
+    def figure(name: str) -> str:
+        value, pair = point.get(name), point.get(f"{name}_ci") or [None, None]
+        if value is None:
+            return f"{name} n/a"
+        text = f"{name} {value:.2f}"
+        return text + (f" [{pair[0]:.2f}, {pair[1]:.2f}]" if pair[0] is not None else "")
+
+    target = point.get("target_sensitivity")
+    chosen = f" (chosen on validation for sensitivity {target})" if target is not None else ""
+    return (
+        f"Melanoma operating point p(mel) >= {point.get('threshold', float('nan')):.3f}{chosen}: test "
+        f"{figure('sensitivity')}, {figure('specificity')} (95 % intervals)"
+    )
 
 
 def format_duration(seconds: float | None) -> str:
@@ -181,11 +215,20 @@ def slack_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
     ]
     if report.metrics:
         metric_fields = [
-            {"type": "mrkdwn", "text": f"*{label}*\n{format_number(report.metrics[key])}"}
+            {
+                "type": "mrkdwn",
+                "text": f"*{label}*\n{format_number(report.metrics[key])}"
+                + (f" {_interval(report.intervals[key])}" if key in report.intervals else ""),
+            }
             for key, label in METRIC_LABELS
             if key in report.metrics
         ]
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Test metrics*"}})
+        heading = "*Test metrics*" + (" (95 % lesion-bootstrap intervals)" if report.intervals else "")
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": heading}})
         blocks.append({"type": "section", "fields": metric_fields[:10]})  # Slack allows 10 fields
+        if report.operating_point:
+            blocks.append(
+                {"type": "section", "text": {"type": "mrkdwn", "text": operating_point_line(report.operating_point)}}
+            )
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"Report: {report.report_uri}"}]})
     return text, blocks

@@ -9,6 +9,8 @@
             train images: a genuine, weak phase-1 style model
     weak    the same network whose head always answers `nv` (macro F1 near zero)
     blind   `fitted` with its melanoma logit suppressed: never predicts `mel` (melanoma recall 0)
+    calibrated  `fitted` with the temperature and melanoma threshold train fits on validation
+            (dermaops.calibration.fit on its test-time-augmented validation probabilities) in its meta
 """
 
 from __future__ import annotations
@@ -45,12 +47,12 @@ def small_split(s3_server, shared_bucket, small_pack, tmp_path_factory) -> dict:
     return {"dataset_uri": dataset["dataset_uri"], "split_uri": split_uri}
 
 
-def _train_images(store: ArtifactStore, split: dict, scratch):
+def _train_images(store: ArtifactStore, split: dict, scratch, name: str = "train"):
     import numpy as np
     import pandas as pd
     from dermaops.imagecache import load_images
 
-    train = pd.read_csv(io.BytesIO(store.get_bytes(S3Uri.parse(split["split_uri"]).join("train.csv"))))
+    train = pd.read_csv(io.BytesIO(store.get_bytes(S3Uri.parse(split["split_uri"]).join(f"{name}.csv"))))
     dataset = Dataset.open(store, split["dataset_uri"], scratch)
     images = load_images(Context(store, scratch), dataset, SIZE).rows(train["image_id"].tolist())
     return images, train["label"].to_numpy(dtype=np.int64, copy=True)
@@ -104,6 +106,13 @@ def small_models(small_split, shared_bucket, tmp_path_factory) -> dict[str, str]
     _fit_head(model, meta, images, labels)
     base = f"s3://{shared_bucket}/runs/eval-fixture/models"
     prefixes = {"fitted": _publish(store, f"{base}/fitted", model, meta, scratch)}
+
+    from dermaops.calibration import fit
+    from dermaops.models import predict_proba
+
+    val_images, val_labels = _train_images(store, small_split, scratch, "val")
+    fitted = fit(predict_proba(model, val_images, meta, tta=True), val_labels, CLASSES.index("mel"), 0.85)
+    prefixes["calibrated"] = _publish(store, f"{base}/calibrated", model, {**meta, **fitted}, scratch)
 
     with torch.no_grad():
         model.fc.bias[CLASSES.index("mel")] = -1e4

@@ -9,13 +9,25 @@ cnn_phase1.pt = best frozen-backbone checkpoint) and optionally the baseline (--
     per_class.csv                      precision, recall, F1, one-vs-rest AUC, support per class
     confusion_matrix.png               counts (rows = true class)
     confusion_matrix_normalized.png    row-normalised (diagonal = per-class recall)
-    gradcam_mel.png                    Grad-CAM of the melanoma score over the last conv block
+    reliability.png                    reliability diagram before / after the stored temperature
+    gradcam_mel.png                    Grad-CAM of the melanoma score (layer chosen for a >= 6x6 map)
     model_comparison.csv               baseline vs frozen (phase 1) vs fine-tuned
     report.md                          all of it, with the plots linked
     manifest.json                      written last
 
+Cost. Each model is scored once: the softmax of every scored view is kept (`Scored`), and the
+variants (with or without test-time augmentation or the logit adjustment, before or after the
+temperature) are derived from it. The optional passes are settings: --score-phase1 (skipped anyway
+when cnn_phase1.pt holds cnn.pt's weights), --tta-ablation (8 views when --no-tta), --gradcam.
+
+Uncertainty. The headline metrics, and the test sensitivity / specificity at the checkpoint's
+melanoma threshold (`mel_threshold`, fitted on validation by train), get 95 % lesion-level bootstrap
+intervals (dermaops.bootstrap). Calibration: test ECE (15 bins) without and with the checkpoint's
+`temperature` (dermaops.calibration).
+
 With --registry, the gate of dermaops.promotion decides whether this model replaces the champion
-(re-scored on this same test split) and records the decision in the registry's history.
+(re-scored on this same test split, compared by a paired bootstrap) and records the decision in the
+registry's history.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from dermaops.store import S3Uri
 HELP = "test-split metrics, confusion matrices, Grad-CAM, model comparison, champion/challenger promotion"
 CONFIG = EvaluateConfig
 # Bump when what evaluate computes changes: part of the fingerprint, so a re-run recomputes.
-EVALUATION_VERSION = 2
+EVALUATION_VERSION = 3
 ABLATION_KEYS = ("accuracy", "macro_f1", "macro_auc", "mel_recall")
 log = logging.getLogger(__name__)
 
@@ -106,13 +118,23 @@ class Scores:
     """Test-split results of the challenger and the models it is compared with."""
 
     scorer: SplitScorer
-    model: object  # the challenger, loaded
-    meta: dict  # its checkpoint meta
+    scored: Scored  # the challenger's one scoring pass, kept: every derived figure comes from it
     checkpoint: Path  # its local copy
-    proba: object  # its test probabilities
-    metrics: dict  # its classification_metrics
+    proba: object  # its test probabilities as every consumer sees them (adjusted, tempered)
+    metrics: dict  # its classification_metrics, with `<name>_ci`, `ece` and `mel_operating_point` added
     models: dict  # comparison row name -> metrics (baseline, frozen, fine-tuned)
     ablation: dict  # headline metrics with each inference-time component switched off
+    intervals: dict  # metric -> {value, low, high}: lesion-level bootstrap
+    calibration: dict  # test ECE before / after the stored temperature, reliability bins
+    operating_point: dict | None  # the melanoma threshold's test sensitivity / specificity
+
+    @property
+    def model(self):
+        return self.scored.model
+
+    @property
+    def meta(self) -> dict:
+        return self.scored.meta
 
 
 def run(args, ctx) -> dict:
@@ -177,36 +199,85 @@ def _fingerprint(inputs: Inputs, cfg: EvaluateConfig) -> str:
 
 
 def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path) -> Scores:
-    """The challenger, its phase-1 model and the baseline, each scored on the test split."""
+    """The challenger, its phase-1 model and the baseline, each scored ONCE on the test split; the
+    ablations, calibration figures, operating point and intervals are derived from those outputs."""
     from dermaops.metrics import headline
-    from dermaops.models import pick_device
+    from dermaops.models import DIHEDRAL_VIEWS, pick_device
     from dermaops.report import BASELINE, FINE_TUNED, FROZEN
     from dermaops.split_files import read_split_csv
 
     device = pick_device(cfg.device)
     test = read_split_csv(ctx.store, inputs.split_uri, "test", inputs.split_manifest)
-    scorer = SplitScorer(ctx, dataset, test, cfg.batch_size, device, cfg.tta)
+    scorer = SplitScorer(ctx, dataset, test, cfg.batch_size, device, cfg.tta, cfg.bootstrap_resamples)
     # Every file is checked against the manifest read in locate_inputs: never a model another run wrote since.
     checkpoint = download_verified(ctx.store, inputs.model_prefix, "cnn.pt", local / "cnn.pt", inputs.model_manifest)
-    model, meta, proba = scorer.score_checkpoint(checkpoint, what=str(inputs.cnn_uri))
+    # With --no-tta and --tta-ablation the 8 views are scored once; the headline uses the first.
+    views = DIHEDRAL_VIEWS if cfg.tta or cfg.tta_ablation else 1
+    scored = scorer.score_checkpoint(checkpoint, what=str(inputs.cnn_uri), views=views)
+    proba = scored.proba(scorer.tta)
     models = {}
     if inputs.baseline_uri:
         baseline = download_verified(
             ctx.store, inputs.baseline_prefix, "baseline.joblib", local / "b.joblib", inputs.baseline_manifest
         )
         models[BASELINE] = scorer.score_baseline(baseline)
-    if inputs.phase1_uri:
+    if inputs.phase1_uri and cfg.score_phase1:
         phase1 = download_verified(
             ctx.store, inputs.model_prefix, "cnn_phase1.pt", local / "p1.pt", inputs.model_manifest
         )
-        models[FROZEN] = scorer.metrics(scorer.score_checkpoint(phase1, str(inputs.phase1_uri))[2])
+        if same_weights(phase1, scored.model):
+            log.info("cnn_phase1.pt holds cnn.pt's weights (phase 2 did not improve on it): its scores are reused")
+            models[FROZEN] = scorer.metrics(proba)
+        else:
+            phase1_scored = scorer.score_checkpoint(phase1, str(inputs.phase1_uri))
+            models[FROZEN] = scorer.metrics(phase1_scored.proba(scorer.tta))
     metrics = models[FINE_TUNED] = scorer.metrics(proba)
     log.info("test: %s", ", ".join(f"{k} {v}" for k, v in headline(metrics).items()))
-    return Scores(scorer, model, meta, checkpoint, proba, metrics, models, scorer.ablation(model, meta))
+    point = scorer.operating_point(scored.meta, proba)
+    intervals = scorer.intervals(proba, point["threshold"] if point else None)
+    calibration = scorer.calibration(scored)
+    add_uncertainty(metrics, intervals, calibration, point)
+    return Scores(
+        scorer=scorer,
+        scored=scored,
+        checkpoint=checkpoint,
+        proba=proba,
+        metrics=metrics,
+        models=models,
+        ablation=scorer.ablation(scored),
+        intervals=intervals,
+        calibration=calibration,
+        operating_point=point,
+    )
+
+
+def same_weights(path: Path, model) -> bool:
+    """Whether the checkpoint at `path` holds exactly `model`'s weights (the files differ in their meta)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True).get("model_state", {})
+    own = model.state_dict()
+    return state.keys() == own.keys() and all(torch.equal(state[k], own[k].cpu()) for k in own)
+
+
+def add_uncertainty(metrics: dict, intervals: dict, calibration: dict, point: dict | None) -> None:
+    """The intervals, the ECE and the operating point in the challenger's metrics, under the keys the model
+    card and the promotion record read (`<name>_ci`, `ece`, `mel_operating_point`)."""
+    for name, entry in intervals.items():
+        if entry["low"] is None:
+            continue
+        if name == "mel_recall":
+            metrics["per_class"]["mel"]["recall_ci"] = [entry["low"], entry["high"]]
+        elif name in metrics:
+            metrics[f"{name}_ci"] = [entry["low"], entry["high"]]
+    metrics["ece"] = calibration["ece_after"] if calibration["ece_after"] is not None else calibration["ece_before"]
+    metrics["mel_operating_point"] = point
 
 
 def write_tables_and_plots(out: Output, cfg: EvaluateConfig, scores: Scores, plots: Path):
-    """Confusion matrices, the Grad-CAM grid and the CSV tables; returns (confusion counts, Grad-CAM facts)."""
+    """Confusion matrices, the reliability diagram, the Grad-CAM grid and the CSV tables; returns
+    (confusion counts, Grad-CAM facts or None)."""
+    from dermaops.calibration import draw_reliability
     from dermaops.metrics import confusion_counts, row_normalised
     from dermaops.report import comparison_row, draw_confusion, per_class_rows, to_csv
 
@@ -217,11 +288,19 @@ def write_tables_and_plots(out: Output, cfg: EvaluateConfig, scores: Scores, plo
     draw_confusion(plots / "cmn.png", row_normalised(confusion), "Confusion matrix (row-normalised)", normalised=True)
     out.put_file("confusion_matrix.png", plots / "cm.png", content_type="image/png")
     out.put_file("confusion_matrix_normalized.png", plots / "cmn.png", content_type="image/png")
-    gradcam = explain_melanomas(
-        scorer, scores.model, scores.meta, scores.proba, cfg.gradcam_images, plots / "gradcam.png", scorer.device
+    cal = scores.calibration
+    draw_reliability(
+        plots / "reliability.png",
+        cal["reliability_before"],
+        cal["reliability_after"],
+        f"Reliability on the test split ({len(scorer.labels)} images)",
     )
-    if gradcam:
-        out.put_file("gradcam_mel.png", plots / "gradcam.png", content_type="image/png")
+    out.put_file("reliability.png", plots / "reliability.png", content_type="image/png")
+    gradcam = None
+    if cfg.gradcam:
+        gradcam = explain_melanomas(scorer, scores, cfg.gradcam_images, plots / "gradcam.png")
+        if gradcam:
+            out.put_file("gradcam_mel.png", plots / "gradcam.png", content_type="image/png")
     out.put_text("per_class.csv", to_csv(per_class_rows(scores.metrics)), "text/csv")
     rows = [comparison_row(name, m) for name, m in scores.models.items()]
     out.put_text("model_comparison.csv", to_csv(rows), "text/csv")
@@ -243,6 +322,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         meta=scores.meta,
         dataset_version=dataset_version,
         split_uri=str(inputs.split_uri),
+        proba=scores.proba,
     )
     return run_gate(
         Registry(ctx.store, inputs.registry_uri),
@@ -255,7 +335,18 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         baseline=scores.models.get(BASELINE),
         subset=training_subset(inputs.model_manifest, inputs.split_manifest),
         allow_broken_champion=cfg.allow_broken_champion_override,
+        compare=scores.scorer.compare,
     )
+
+
+def _rounded(value, digits: int = 4):
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    return value
 
 
 def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_version, confusion, gradcam, promotion):
@@ -264,6 +355,7 @@ def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_vers
     from dermaops.report import render
 
     meta, metrics = scores.meta, scores.metrics
+    calibration = {k: v for k, v in scores.calibration.items() if not k.startswith("reliability")}
     report = render(
         run_id=inputs.run_id,
         dataset_version=dataset_version,
@@ -275,6 +367,10 @@ def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_vers
         confusion=confusion,
         gradcam=gradcam,
         promotion=promotion,
+        intervals=scores.intervals,
+        n_resamples=scores.scorer.resamples.n,
+        calibration=calibration,
+        operating_point=scores.operating_point,
     )
     out.put_json(
         "metrics.json",
@@ -286,18 +382,38 @@ def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_vers
             "model_meta": {k: meta.get(k) for k in ("arch", "image_size", "stem", "phase", "epoch")},
             "classes": list(scores.scorer.classes),
             "test": metrics,
+            "intervals": {
+                "method": "percentile, lesion-level bootstrap",
+                "level": 0.95,
+                "resamples": scores.scorer.resamples.n,
+                "lesions": scores.scorer.resamples.n_groups,
+                "metrics": scores.intervals,
+            },
+            "calibration": {**calibration, "reliability_before": scores.calibration["reliability_before"],
+                            "reliability_after": scores.calibration["reliability_after"]},
+            "mel_operating_point": scores.operating_point,
             "confusion_matrix": confusion.tolist(),
             "confusion_matrix_normalized": row_normalised(confusion).round(4).tolist(),
             "comparison": scores.models,
             "gradcam": gradcam,
             "promotion": promotion,
-            "inference": {"tta": cfg.tta, "logit_adjustment": meta.get("logit_adjustment")},
+            "inference": {
+                "tta": cfg.tta,
+                "logit_adjustment": meta.get("logit_adjustment"),
+                "temperature": scores.calibration["temperature"],
+            },
             "ablation": scores.ablation,
         },
-    )
+    )  # fmt: skip
     report_uri = out.put_text("report.md", report, "text/markdown; charset=utf-8")
     summary = {
         **headline(metrics),
+        "intervals": {k: _rounded([v["low"], v["high"]]) for k, v in scores.intervals.items() if v["low"] is not None},
+        "ece": _rounded(calibration["ece_before"]),
+        "ece_calibrated": _rounded(calibration["ece_after"]),
+        "temperature": _rounded(calibration["temperature"]),
+        "mel_operating_point": _rounded(scores.operating_point),
+        "gradcam_localization": gradcam["localization_ratio"] if gradcam else None,
         "n_test": metrics["n"],
         "tta": cfg.tta,
         "ablation": scores.ablation,
@@ -314,19 +430,57 @@ def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_vers
     return summary
 
 
+@dataclass
+class Scored:
+    """One checkpoint's test-split outputs: the softmax of each scored view, before the logit adjustment
+    and the temperature. Every variant evaluate reports (with or without TTA, adjustment, temperature)
+    is derived from these without scoring the model again."""
+
+    model: object
+    meta: dict
+    views: object  # (V, N, C) float32: V = 1, or the 8 dihedral views (view 0 = the image as it is)
+
+    def proba(self, tta: bool, adjust: bool = True, temperature: bool = True):
+        """The probabilities as predict_proba gives them (mean softmax over the views with `tta`), then
+        the checkpoint's logit adjustment and temperature, as every consumer applies them."""
+        from dermaops.models import adjust_proba
+        from dermaops.prediction import apply_temperature, temperature_of
+
+        if tta and len(self.views) == 1:
+            raise ValueError("test-time augmentation asked of a model scored on one view")
+        proba = self.views.mean(axis=0) if tta else self.views[0]
+        if adjust:
+            proba = adjust_proba(proba, self.meta)
+        return apply_temperature(proba, temperature_of(self.meta)) if temperature else proba
+
+
+def dihedral_views_uint8(images, k: int):
+    """View `k` of uint8 NHWC images, equal to models.dihedral_view of the NCHW tensor (k % 4 quarter
+    turns from the first spatial axis towards the second, then a left-right mirror for k >= 4)."""
+    import numpy as np
+
+    view = np.rot90(images, k % 4, axes=(1, 2))
+    return np.ascontiguousarray(view[:, :, ::-1] if k >= 4 else view)
+
+
 class SplitScorer:
     """Scores models on one test split; images are loaded once per image size (the champion or the
-    baseline may use another size than the challenger)."""
+    baseline may use another size than the challenger), the bootstrap resamples drawn once."""
 
-    def __init__(self, ctx, dataset, test, batch_size: int, device: str, tta: bool = True):
+    def __init__(self, ctx, dataset, test, batch_size: int, device: str, tta: bool = True, resamples: int = 1000):
         from dermaops.dataset import CLASSES
 
         self.ctx, self.dataset, self.test = ctx, dataset, test
         self.batch_size, self.device, self.tta = batch_size, device, tta
+        self.n_resamples = resamples
         self.classes = CLASSES
+        self.mel = CLASSES.index("mel")
         self.labels = test["label"].to_numpy()
         self.image_ids = test["image_id"].tolist()
+        # Images of one lesion are resampled together; a split without lesion ids falls back to images.
+        self.groups = (test["lesion_id"] if "lesion_id" in test.columns else test["image_id"]).to_numpy()
         self._images: dict[int, object] = {}
+        self._resamples = None
 
     def images(self, size: int):
         if size not in self._images:
@@ -335,51 +489,129 @@ class SplitScorer:
             self._images[size] = load_images(self.ctx, self.dataset, size).rows(self.image_ids)
         return self._images[size]
 
+    @property
+    def resamples(self):
+        if self._resamples is None:
+            from dermaops.bootstrap import Resamples
+
+            self._resamples = Resamples.of(self.groups, self.n_resamples)
+        return self._resamples
+
     def metrics(self, proba) -> dict:
         from dermaops.metrics import classification_metrics
 
         return classification_metrics(self.labels, proba.argmax(axis=1), proba, self.classes)
 
-    def score_checkpoint(self, path: Path, what: str):
-        """(model, meta, test probabilities) of a checkpoint; StageError if it is not one of ours or
-        predicts other classes."""
-        from dermaops.models import load_checkpoint, predict_proba
+    def score_checkpoint(self, path: Path, what: str, views: int | None = None) -> Scored:
+        """A checkpoint scored on `views` dihedral views (default: 8 with TTA, else 1); StageError if it is
+        not one of ours or predicts other classes."""
+        import numpy as np
+
+        from dermaops.models import DIHEDRAL_VIEWS, load_checkpoint, predict_proba
 
         model, meta = load_checkpoint(path, device=self.device)
         if list(meta.get("classes", [])) != list(self.classes):
             raise StageError(f"{what} predicts classes {meta.get('classes')}, expected {list(self.classes)}")
         images = self.images(meta["image_size"])
+        views = views or (DIHEDRAL_VIEWS if self.tta else 1)
         started = time.monotonic()
         # One log line per model scored keeps the container's log alive (Docker log streaming).
-        log.info("scoring %s (%s, %d px) on %d test images", what, meta["arch"], meta["image_size"], len(images))
-        proba = predict_proba(model, images, meta, self.batch_size, self.device, tta=self.tta)
+        log.info("scoring %s (%s, %d px, %d view%s) on %d test images",
+                 what, meta["arch"], meta["image_size"], views, "s" if views > 1 else "", len(images))  # fmt: skip
+        per_view = np.stack(
+            [
+                predict_proba(model, dihedral_views_uint8(images, k), meta, self.batch_size, self.device, adjust=False)
+                for k in range(views)
+            ]
+        )
         log.info("scored %s in %.1f s", what, time.monotonic() - started)
-        require_finite(proba, what)
-        return model, meta, proba
+        require_finite(per_view.sum(axis=0), what)  # NaN/inf in any view of an image propagates to its sum
+        return Scored(model, meta, per_view)
 
-    def ablation(self, model, meta) -> dict:
-        """Headline test metrics of the model with each inference-time component switched off in turn
-        (test-time augmentation; the logit adjustment, when the checkpoint has one): what each contributes."""
+    def ablation(self, scored: Scored) -> dict:
+        """Headline test metrics of the model with each inference-time component switched off (or, for TTA
+        when it is off, on) in turn, derived from its stored views: what each contributes."""
         from dermaops.metrics import headline
-        from dermaops.models import predict_proba
 
-        images = self.images(meta["image_size"])
-        variants = {"tta_on" if not self.tta else "tta_off": {"tta": not self.tta}}
-        if meta.get("logit_bias") is not None:
+        variants = {}
+        if self.tta:
+            variants["tta_off"] = {"tta": False}
+        elif len(scored.views) > 1:
+            variants["tta_on"] = {"tta": True}
+        if scored.meta.get("logit_bias") is not None:
             variants["logit_adjustment_off"] = {"tta": self.tta, "adjust": False}
-        out = {}
-        for name, kwargs in variants.items():
-            m = self.metrics(predict_proba(model, images, meta, self.batch_size, self.device, **kwargs))
-            out[name] = headline(m, ABLATION_KEYS)
+        return {
+            name: headline(self.metrics(scored.proba(**kwargs)), ABLATION_KEYS) for name, kwargs in variants.items()
+        }
+
+    def calibration(self, scored: Scored) -> dict:
+        """Test ECE (15 bins) and reliability bins of the probabilities without and with the checkpoint's
+        temperature (fitted on validation by train)."""
+        from dermaops.calibration import ECE_BINS, reliability
+        from dermaops.prediction import temperature_of
+
+        temperature = temperature_of(scored.meta)
+        before = reliability(scored.proba(self.tta, temperature=False), self.labels, ECE_BINS)
+        after = reliability(scored.proba(self.tta), self.labels, ECE_BINS) if temperature else None
+        return {
+            "temperature": temperature,
+            "fitted": scored.meta.get("calibration"),
+            "ece_before": before["ece"],
+            "ece_after": after["ece"] if after else None,
+            "reliability_before": before,
+            "reliability_after": after,
+        }
+
+    def operating_point(self, meta: dict, proba) -> dict | None:
+        """Test sensitivity and specificity of the checkpoint's melanoma threshold, with lesion-bootstrap
+        intervals; None when the checkpoint carries no threshold."""
+        from dermaops.bootstrap import interval, resample_metrics
+        from dermaops.prediction import operating_point
+
+        point = operating_point(meta, None)
+        if point.threshold is None:
+            return None
+        samples = resample_metrics(self.resamples.weights, self.labels, proba, self.mel, point.threshold, False)
+        is_mel = self.labels == self.mel
+        flagged = point.flags(proba, self.mel)
+        fitted = meta.get("calibration") or {}
+        out = {
+            "threshold": point.threshold,
+            "rule": point.rule,
+            "target_sensitivity": fitted.get("mel_target_sensitivity"),
+            "val_sensitivity": fitted.get("val_mel_sensitivity"),
+            "n_mel": int(is_mel.sum()),
+            "n_other": int((~is_mel).sum()),
+        }
+        for name, hits in (("sensitivity", flagged[is_mel]), ("specificity", ~flagged[~is_mel])):
+            low, high = interval(samples[f"mel_{name}"])
+            out[name] = float(hits.mean()) if len(hits) else None
+            out[f"{name}_ci"] = [low, high]
         return out
 
-    def score_champion(self, path: Path) -> dict:
-        """Test metrics of the registered champion. Any failure to rebuild it (architecture or tensor
-        shapes its meta does not match) is a StageError: the gate then treats it as no champion."""
+    def intervals(self, proba, mel_threshold: float | None = None) -> dict:
+        from dermaops.bootstrap import HEADLINE_CI, confidence_intervals
+
+        started = time.monotonic()
+        out = confidence_intervals(self.resamples, self.labels, proba, self.mel, mel_threshold)
+        log.info("%d lesion-bootstrap resamples in %.2f s", self.resamples.n, time.monotonic() - started)
+        return {name: out[name] for name in HEADLINE_CI if name in out}
+
+    def score_champion(self, path: Path):
+        """(test metrics, test probabilities) of the registered champion, scored like the challenger. Any
+        failure to rebuild it (architecture or tensor shapes its meta does not match) is a StageError: the
+        gate then treats it as no champion."""
         try:
-            return self.metrics(self.score_checkpoint(path, what="the champion checkpoint")[2])
+            proba = self.score_checkpoint(path, what="the champion checkpoint").proba(self.tta)
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise StageError(f"the champion checkpoint does not load ({type(exc).__name__}: {exc})") from exc
+        return self.metrics(proba), proba
+
+    def compare(self, proba_challenger, proba_champion, metric: str) -> dict:
+        """Paired lesion bootstrap of metric(challenger) - metric(champion) on these same test images."""
+        from dermaops.bootstrap import paired_difference
+
+        return paired_difference(self.resamples, self.labels, proba_challenger, proba_champion, metric, self.mel)
 
     def score_baseline(self, path: Path) -> dict:
         import joblib
@@ -405,35 +637,46 @@ def require_finite(proba, what: str) -> None:
         )
 
 
-def explain_melanomas(scorer: SplitScorer, model, meta, proba, count: int, path: Path, device: str) -> dict | None:
-    """Grad-CAM grid of the `mel` score for up to `count` melanoma test images; None if there are none."""
+def explain_melanomas(scorer: SplitScorer, scores: Scores, count: int, path: Path) -> dict | None:
+    """Grad-CAM of the `mel` score on every melanoma test image: the localization ratio over all of them
+    and a grid of `count`, spread over p(mel); None if there is no melanoma in the test split."""
     import numpy as np
 
-    from dermaops.gradcam import draw_grid, gradcam, pick_spread
-    from dermaops.models import target_layer
+    from dermaops.gradcam import draw_grid, gradcam, localization_ratios, pick_spread, pick_target_layer
 
-    mel = scorer.classes.index("mel")
+    model, meta, proba, mel = scores.model, scores.meta, scores.proba, scorer.mel
     candidates = np.flatnonzero(scorer.labels == mel)
     if len(candidates) == 0:
         log.warning("no melanoma image in the test split: no Grad-CAM grid")
         return None
-    chosen = candidates[pick_spread(proba[candidates, mel], count)]
-    images = scorer.images(meta["image_size"])[chosen]
-    layer = target_layer(model)
-    cam = gradcam(model, layer, images, meta, mel, device)
-    ids = [scorer.image_ids[i] for i in chosen]
-    predicted = [scorer.classes[i] for i in proba[chosen].argmax(axis=1)]
+    started = time.monotonic()
+    images = scorer.images(meta["image_size"])[candidates]
+    layer, layer_name, map_size = pick_target_layer(model, meta)
+    cam = gradcam(model, layer, images, meta, mel, scorer.device, batch_size=scorer.batch_size)
+    ratios = localization_ratios(cam.mass, images)
+    shown = pick_spread(proba[candidates, mel], count)
+    ids = [scorer.image_ids[i] for i in candidates[shown]]
+    predicted = [scorer.classes[i] for i in proba[candidates[shown]].argmax(axis=1)]
+    p_mel = proba[candidates[shown], mel]
     titles = [
-        f"{image_id}\npred {pred}, p(mel) {p_mel:.2f}" + ("" if evidence > 0 else "\nno positive mel evidence")
-        for image_id, pred, p_mel, evidence in zip(
-            ids, predicted, cam.target_proba, cam.raw.max(axis=(1, 2)), strict=True
+        f"{image_id}\npred {pred}, p(mel) {p:.2f}, loc {ratio:.2f}" + ("" if evidence > 0 else "\nno mel evidence")
+        for image_id, pred, p, ratio, evidence in zip(
+            ids, predicted, p_mel, ratios[shown], cam.raw[shown].max(axis=(1, 2)), strict=True
         )
     ]
-    draw_grid(path, images, cam.heatmaps, titles)
+    draw_grid(path, images[shown], cam.heatmaps[shown], titles)
+    defined = ratios[np.isfinite(ratios)]
+    log.info("Grad-CAM over %s (%dx%d) on %d melanomas in %.1f s: mean localization ratio %.3f",
+             layer_name, *map_size, len(candidates), time.monotonic() - started,
+             float(defined.mean()) if len(defined) else float("nan"))  # fmt: skip
     return {
         "image_ids": ids,
         "predicted": predicted,
-        "p_mel": [round(float(q), 4) for q in cam.target_proba],
-        "layer": next(name for name, module in model.named_modules() if module is layer),
-        "map_size": list(cam.raw.shape[1:]),
+        "p_mel": [round(float(q), 4) for q in p_mel],
+        "layer": layer_name,
+        "map_size": list(map_size),
+        "localization_ratio": round(float(defined.mean()), 4) if len(defined) else None,
+        "localization_ratio_median": round(float(np.median(defined)), 4) if len(defined) else None,
+        "localization_images": int(len(defined)),
+        "localization_ratios_shown": [round(float(r), 4) for r in ratios[shown]],
     }

@@ -15,6 +15,11 @@ With --calibrate, a post-hoc logit adjustment (bias = -tau * log training prior,
 maximises val macro F1 on test-time-augmented val predictions) goes into cnn.pt's meta; predict_proba
 applies it wherever the checkpoint is scored. The test split is never looked at.
 
+Always, after training: temperature scaling and the melanoma operating point (dermaops.calibration)
+are fitted on the validation probabilities of cnn.pt, scored as evaluate and predict score it (--tta,
+the logit adjustment when there is one), and stored in its meta as `temperature` and `mel_threshold`
+(the highest threshold on the calibrated p(mel) reaching --mel-sensitivity on validation).
+
 Outputs: cnn.pt (best validation macro F1 overall), cnn_phase1.pt (best of phase 1), history.json,
 curves_{loss,accuracy,f1}.png, checkpoints/last.pt (written every epoch), manifest.json last.
 A re-run after a crash resumes from checkpoints/last.pt ("resuming from epoch N"), with or without
@@ -164,9 +169,19 @@ def run(args, ctx) -> dict:
     state = trainer.run()
 
     adjustment = None
+    val_images = cache.rows(val_df["image_id"].tolist())
     if cfg.calibrate:
-        adjustment = _calibrate(work / "cnn.pt", cache.rows(val_df["image_id"].tolist()), val_df, train_df, device)
-        upload("cnn.pt", work / "cnn.pt")
+        adjustment = _calibrate(work / "cnn.pt", val_images, val_df, train_df, device)
+    # Calibration hook (dermaops.calibration): temperature and melanoma threshold, fitted on validation
+    # after any logit adjustment, stored in cnn.pt's meta for every consumer.
+    from dermaops.calibration import calibrate_checkpoint
+
+    calibration = calibrate_checkpoint(
+        work / "cnn.pt", val_images, val_df["label"].to_numpy(), cfg.mel_sensitivity, cfg.tta, device
+    )
+    log.info("calibrated on val: temperature %.4f, mel_threshold %.4f, %s",
+             calibration["temperature"], calibration["mel_threshold"], calibration["calibration"])  # fmt: skip
+    upload("cnn.pt", work / "cnn.pt")
     history = state.history
     out.put_json("history.json", history)
     for name, path in plot_history(history, work / "curves").items():
@@ -190,6 +205,9 @@ def run(args, ctx) -> dict:
         "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
         "resumed": resumed,
         "logit_adjustment": adjustment,
+        "temperature": round(calibration["temperature"], 4),
+        "mel_threshold": round(calibration["mel_threshold"], 4),
+        "calibration": calibration["calibration"],
         "n_train": len(train_df),
         "n_val": len(val_df),
         "dataset_version": dataset.version,
