@@ -81,17 +81,18 @@ def _resume(ctx, out, trainer, work: Path) -> bool:
     return trainer.resume(last, best)
 
 
-def _calibrate(path, val_images, val_df, train_df, device) -> dict:
+def _calibrate(path, val_images, val_df, train_df, tta: bool, device) -> dict:
     """Fit the logit adjustment of the best checkpoint on the validation split and rewrite the checkpoint with
     it in its meta. Fitted on raw (unadjusted) probabilities, so a resumed run that refits gets the same result."""
     from dermaops.models import load_checkpoint, predict_proba, save_checkpoint
     from dermaops.training import fit_logit_adjustment
 
     model, meta = load_checkpoint(path, device=device)
-    # Test-time augmentation on, as evaluate scores by default: the bias is fitted to the probabilities it adjusts.
-    proba = predict_proba(model, val_images, meta, device=device, tta=True, adjust=False)
+    # Test-time augmentation as evaluate and predict will score (the shared tta param): the bias is fitted
+    # to the probabilities it adjusts.
+    proba = predict_proba(model, val_images, meta, device=device, tta=tta, adjust=False)
     fitted = fit_logit_adjustment(proba, val_df["label"].to_numpy(), train_df["label"].to_numpy(), list(CLASSES))
-    fitted["logit_adjustment"]["tta"] = True
+    fitted["logit_adjustment"]["tta"] = tta
     save_checkpoint(path, model, {**meta, **fitted})
     log.info("logit adjustment fitted on val: %s", fitted["logit_adjustment"])
     return fitted["logit_adjustment"]
@@ -171,7 +172,7 @@ def run(args, ctx) -> dict:
     adjustment = None
     val_images = cache.rows(val_df["image_id"].tolist())
     if cfg.calibrate:
-        adjustment = _calibrate(work / "cnn.pt", val_images, val_df, train_df, device)
+        adjustment = _calibrate(work / "cnn.pt", val_images, val_df, train_df, cfg.tta, device)
     # Calibration hook (dermaops.calibration): temperature and melanoma threshold, fitted on validation
     # after any logit adjustment, stored in cnn.pt's meta for every consumer.
     from dermaops.calibration import calibrate_checkpoint
