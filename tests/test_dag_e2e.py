@@ -21,9 +21,10 @@ from dermaops.store import S3Uri
 from dermaops_runner.templating import run_key
 
 from tests.support.airflow_env import AIRFLOW, ROOT
+from tests.support.registry import evaluate_and_promote
 from tests.support.slack_api import CHANNEL, TOKEN, block_text
 
-STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate")
+STAGES = ("ingest", "validate", "split", "changes", "retrain_needed", "train_baseline", "train", "evaluate")
 # Tiny but real: resnet18 at 28 px, one epoch per phase on a subset, a small forest. A model trained on a
 # subset is never promoted (allow_subset_promotion is off): the run succeeds and says why it was refused.
 QUICK_CONF = {
@@ -94,7 +95,8 @@ def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: 
     assert evaluation["promoted"] is False and evaluation["decision"] == "refused"
     assert "trained on a subset (max_train_images=" in evaluation["promotion_reason"]
 
-    for prefix in ("validation", "split", "models/baseline", "models/cnn", "evaluation", "notify"):
+    assert xcom["changes"]["retrain"] is True and xcom["changes"]["reason"] == "no champion yet"
+    for prefix in ("validation", "split", "changes", "models/baseline", "models/cnn", "evaluation", "notify"):
         assert store.exists(runs.join(prefix, "manifest.json")), prefix
     for name in ("metrics.json", "confusion_matrix.png", "gradcam_mel.png", "report.md"):
         assert store.exists(runs.join("evaluation", name)), name
@@ -151,6 +153,76 @@ def test_local_mode_runs_every_stage(airflow_env, small_pack, dag_env, store, bu
 
 
 @pytest.mark.slow
+def test_unchanged_data_and_recipe_skip_training_unless_forced(
+    airflow_env, small_pack, dag_env, store, bucket, slack_api, tmp_path
+):
+    """Run 1 trains; its model becomes champion; run 2 on the same data and params skips train, train_baseline
+    and evaluate (Airflow's short circuit) and says so; run 3 with force_retrain trains again."""
+    env = {**dag_env, "DERMAOPS_RUNNER": "local"}
+    conf = {**QUICK_CONF, "source": str(small_pack)}
+    champion_uri = bucket.join("registry", "ham10000", "champion.json")
+
+    proc, first, _ = dags_test(airflow_env, conf, env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    xcom = airflow_env.xcoms(first)
+    assert xcom["changes"]["retrain"] is True and xcom["evaluate"]["decision"] == "refused"  # a subset model
+    # The run's evaluate recorded its recipe with its decision, as the DAG rendered it from the params.
+    [decision] = [store.get_json(u) for u, _ in store.list(bucket.join("registry", "ham10000", "history"))]
+    recipe = decision["recipe"]
+    assert (recipe["epochs"], recipe["image_size"], recipe["max_train_images"]) == (1, 28, 200)
+    assert recipe["finetune_lr"] == 3e-4  # blank in the form: the quick-cpu recipe's value
+    # Promote run 1's model the way evaluate does, through the real gate (a stump forest as the floor and
+    # subset promotion allowed: a one-epoch model on 200 images is not meant to be good).
+    runs = bucket.join("runs", run_key(first))
+    split = {"split_uri": str(runs.join("split"))}
+    promoted = evaluate_and_promote(
+        bucket.bucket, split, str(runs.join("models", "cnn")), first, tmp_path / "scratch",
+        extra=("--recipe", json.dumps(recipe), "--allow-subset-promotion"),
+    )  # fmt: skip
+    assert promoted["promoted"] is True, promoted
+    champion = store.get_bytes(champion_uri)
+    assert json.loads(champion)["recipe"] == recipe
+    slack_api.requests.clear()
+
+    proc, second, _ = dags_test(airflow_env, conf, env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert airflow_env.run_state(second) == "success"
+    assert airflow_env.task_states(second) == {
+        "ingest": "success",
+        "validate": "success",
+        "split": "success",
+        "changes": "success",
+        "retrain_needed": "success",
+        "train_baseline": "skipped",
+        "train": "skipped",
+        "evaluate": "skipped",
+        "notify": "success",
+    }
+    xcom = airflow_env.xcoms(second)
+    changes = xcom["changes"]
+    assert changes["retrain"] is False and changes["champion_run_id"] == first
+    assert changes["reason"].startswith("no new data; champion unchanged")
+    assert xcom["notify"]["promotion"] == {"promoted": False, "reason": changes["reason"]}
+    assert not store.exists(bucket.join("runs", run_key(second), "models", "cnn", "manifest.json"))
+    assert store.get_bytes(champion_uri) == champion
+    [message] = slack_api.messages
+    text = block_text(message["blocks"])
+    assert "no new data; champion unchanged" in text and "`train` skipped" in text
+    report = store.get_bytes(bucket.join("runs", run_key(second), "notify", "report.md")).decode()
+    assert "Training skipped, no new data; champion unchanged" in report
+
+    proc, third, _ = dags_test(airflow_env, {**conf, "force_retrain": True}, env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    states = airflow_env.task_states(third)
+    assert {t: states[t] for t in ("train_baseline", "train", "evaluate", "notify")} == dict.fromkeys(
+        ("train_baseline", "train", "evaluate", "notify"), "success"
+    )
+    xcom = airflow_env.xcoms(third)
+    assert (xcom["changes"]["retrain"], xcom["changes"]["reason"]) == (True, "force_retrain is on")
+    assert xcom["train"]["status"] == "done" and xcom["evaluate"]["decision"] in ("refused", "already_champion")
+
+
+@pytest.mark.slow
 def test_invalid_data_stops_before_training_and_is_reported(
     airflow_env, invalid_pack, dag_env, store, bucket, slack_api
 ):
@@ -175,6 +247,8 @@ def test_invalid_data_stops_before_training_and_is_reported(
         "ingest": "success",
         "validate": "failed",
         "split": "upstream_failed",
+        "changes": "upstream_failed",
+        "retrain_needed": "upstream_failed",
         "train_baseline": "upstream_failed",
         "train": "upstream_failed",
         "evaluate": "upstream_failed",

@@ -172,6 +172,7 @@ class Challenger:
     meta: dict  # checkpoint meta (arch, image_size, ...)
     dataset_version: str
     split_uri: str
+    recipe: dict | None = None  # the run's recipe params (dermaops.config.recipe_values); freshness compares it
 
 
 @dataclass
@@ -328,6 +329,7 @@ def run_gate(
         "subset": subset,
         "dataset_version": challenger.dataset_version,
         "split_uri": challenger.split_uri,
+        "recipe": challenger.recipe,
         "challenger": {
             "source_model_uri": challenger.source_uri,
             "model_sha256": sha256,
@@ -355,6 +357,7 @@ def run_gate(
                 "run_id": challenger.run_id,
                 "dataset_version": challenger.dataset_version,
                 "split_uri": challenger.split_uri,
+                "recipe": challenger.recipe,
                 "primary_metric": primary_metric,
                 "metrics": headline(challenger.metrics),
                 "decided_at": decided_at,

@@ -51,6 +51,7 @@ class RunReport:
     promoted: bool | None = None
     promotion_reason: str | None = None
     champion_uri: str | None = None
+    unchanged: str | None = None  # why training was skipped (dermaops.freshness): nothing new to train on
     artifacts: dict[str, str] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
 
@@ -77,6 +78,7 @@ def build_report(
     errors = {t: r["error"] for t, r in results.items() if isinstance(r, dict) and r.get("error")}
     outcome = "failed" if any(s in FAILED_STATES for s in states.values()) else "success"
     ingest, evaluation = summaries.get("ingest", {}), summaries.get("evaluate", {})
+    changes = summaries.get("changes", {})
     duration = None
     if started_at is not None:
         duration = (dt.datetime.now(dt.UTC) - started_at).total_seconds()
@@ -100,6 +102,7 @@ def build_report(
         promoted=evaluation.get("promoted"),
         promotion_reason=evaluation.get("promotion_reason"),
         champion_uri=evaluation.get("champion_uri"),
+        unchanged=changes.get("reason") if changes.get("retrain") is False else None,
         artifacts=artifacts,
         summaries=summaries,
     )
@@ -113,6 +116,7 @@ def render_markdown(report: RunReport) -> str:
         f"- Outcome: **{report.outcome}**",
         f"- Duration: {format_duration(report.duration_s)}",
         f"- Dataset: {report.dataset_version or 'n/a'} ({report.dataset_uri or 'not ingested'})",
+        "",
         "",
         "## Tasks",
         "",
@@ -131,7 +135,9 @@ def render_markdown(report: RunReport) -> str:
     else:
         lines.append("No evaluation in this run.")
     lines += ["", "## Promotion", ""]
-    if report.promoted is None:
+    if report.unchanged:
+        lines.append(f"Training skipped, {report.unchanged}.")
+    elif report.promoted is None:
         lines.append("No decision: evaluation did not run.")
     else:
         verdict = "promoted to champion" if report.promoted else "not promoted"
@@ -157,7 +163,9 @@ def slack_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
     title = f"{'✅' if succeeded else '❌'} DermaOps run {'succeeded' if succeeded else 'failed'}"
     text = f"{title}: {report.dag_id} {report.run_id}"
 
-    if report.promoted is None:
+    if report.unchanged:
+        promotion = f"*training skipped*: {report.unchanged}"
+    elif report.promoted is None:
         promotion = "no decision (evaluation did not run)"
     else:
         promotion = f"{'*promoted*' if report.promoted else '*not promoted*'}: {report.promotion_reason or ''}".strip()

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermaops.config import EvaluateConfig
+from dermaops.config import EvaluateConfig, recipe_arg
 from dermaops.errors import StageError
 from dermaops.stage import Output, download_verified, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
@@ -50,6 +50,13 @@ def add_arguments(parser) -> None:
         "--registry",
         default=None,
         help="model registry prefix (s3://<b>/registry/ham10000); without it the promotion gate is not run",
+    )
+    parser.add_argument(
+        "--recipe",
+        type=recipe_arg,
+        default=None,
+        help="the run's recipe params as a JSON object, recorded with the promotion decision (dermaops.freshness "
+        "compares the next run's with the champion's)",
     )
     parser.add_argument(
         "--run-id",
@@ -99,6 +106,7 @@ class Inputs:
     baseline_manifest: dict | None
     baseline_uri: S3Uri | None
     registry_uri: S3Uri | None
+    recipe: dict | None = None
 
 
 @dataclass
@@ -160,6 +168,7 @@ def locate_inputs(args, ctx) -> Inputs:
             _model_file(baseline_manifest, baseline_prefix, "baseline.joblib") if baseline_manifest else None
         ),
         registry_uri=S3Uri.parse(args.registry) if args.registry else None,
+        recipe=args.recipe,
     )
 
 
@@ -172,6 +181,7 @@ def _fingerprint(inputs: Inputs, cfg: EvaluateConfig) -> str:
         baseline=[str(inputs.baseline_prefix), baseline["fingerprint"]] if baseline else None,
         registry=str(inputs.registry_uri) if inputs.registry_uri else None,
         run_id=inputs.run_id,
+        **({"recipe": inputs.recipe} if inputs.recipe is not None else {}),
         **cfg.fingerprint_inputs(),
     )
 
@@ -243,6 +253,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         meta=scores.meta,
         dataset_version=dataset_version,
         split_uri=str(inputs.split_uri),
+        recipe=inputs.recipe,
     )
     return run_gate(
         Registry(ctx.store, inputs.registry_uri),
