@@ -102,7 +102,19 @@ with DAG(
         max_retry_delay=dt.timedelta(seconds=120),
         outlets=[DATASET_ASSET],
     )
-    validate = stage_task("validate", ["--dataset", DATASET_URI, "--out", f"{RUN}/validation"])
+    validate = stage_task(
+        "validate",
+        [
+            "--dataset",
+            DATASET_URI,
+            "--out",
+            f"{RUN}/validation",
+            "--drift-registry",
+            REGISTRY,
+            "--drift-policy",
+            "{{ params.drift_policy }}",
+        ],
+    )
     split = stage_task("split", ["--dataset", DATASET_URI, "--out", f"{RUN}/split", *dag_argv("split")])
     changes = stage_task(
         "changes",

@@ -438,6 +438,14 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
         "(off, such a run skips train, train_baseline and evaluate: nothing would change), and retrain both models "
         "even if this run already has finished ones.",
     },
+    "drift_policy": {
+        "default": "report",
+        "enum": ["report", "warn", "fail"],
+        "title": "Drift policy",
+        "description": "What drift of this dataset against the champion's training data (labels, metadata, image "
+        "statistics; the data-quality report's drift section) does: report = only the report shows it, warn = also "
+        "a Slack warning, fail = the run stops before training.",
+    },
 }
 
 # The stages whose settings make the model. A run whose dataset version and whose values of these stages'

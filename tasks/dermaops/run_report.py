@@ -52,6 +52,7 @@ class RunReport:
     promotion_reason: str | None = None
     champion_uri: str | None = None
     unchanged: str | None = None  # why training was skipped (dermaops.freshness): nothing new to train on
+    drift: str | None = None  # validate's drift headline when its policy asks for a warning (warn, fail)
     artifacts: dict[str, str] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
 
@@ -103,9 +104,20 @@ def build_report(
         promotion_reason=evaluation.get("promotion_reason"),
         champion_uri=evaluation.get("champion_uri"),
         unchanged=changes.get("reason") if changes.get("retrain") is False else None,
+        drift=_drift_warning(summaries.get("validate", {}), errors.get("validate")),
         artifacts=artifacts,
         summaries=summaries,
     )
+
+
+def _drift_warning(validation: dict, error: str | None) -> str | None:
+    """The drift headline to warn about: validate's summary under policy warn, or its failure under fail."""
+    drift = validation.get("drift") or {}
+    if drift.get("detected") and drift.get("policy") in ("warn", "fail"):
+        return f"{drift['headline']} (drift policy {drift['policy']})"
+    if error and "data drift with --drift-policy fail" in error:
+        return error
+    return None
 
 
 def render_markdown(report: RunReport) -> str:
@@ -117,6 +129,7 @@ def render_markdown(report: RunReport) -> str:
         f"- Duration: {format_duration(report.duration_s)}",
         f"- Dataset: {report.dataset_version or 'n/a'} ({report.dataset_uri or 'not ingested'})",
         "",
+        *([f"- :warning: **Data drift**: {report.drift}"] if report.drift else []),
         "",
         "## Tasks",
         "",
@@ -187,6 +200,11 @@ def slack_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
         {"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in facts]},
         {"type": "section", "text": {"type": "mrkdwn", "text": "*Tasks*\n" + "\n".join(task_lines)}},
     ]
+    if report.drift:
+        blocks.insert(
+            1, {"type": "section", "text": {"type": "mrkdwn", "text": f":warning: *Data drift*: {report.drift}"}}
+        )
+        text += f" (:warning: data drift: {report.drift})"
     if report.metrics:
         metric_fields = [
             {"type": "mrkdwn", "text": f"*{label}*\n{format_number(report.metrics[key])}"}

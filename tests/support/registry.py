@@ -17,11 +17,8 @@ import pytest
 from dermaops.store import ArtifactStore, S3Uri
 
 
-def evaluate_and_promote(
-    bucket: str, split: dict, model_prefix: str, run_id: str, scratch, floor: float = 0.0, extra: tuple = ()
-) -> dict:
-    """Run the real evaluate stage with --registry: writes runs/<run_id>/evaluation and the gate's decision.
-    `extra`: more evaluate flags (--recipe, --allow-subset-promotion)."""
+def evaluate_and_promote(bucket: str, split: dict, model_prefix: str, run_id: str, scratch, floor: float = 0.0) -> dict:
+    """Run the real evaluate stage with --registry: writes runs/<run_id>/evaluation and the gate's decision."""
     root = f"s3://{bucket}"
     env = {**os.environ, "DERMAOPS_SCRATCH_DIR": str(scratch)}
     baseline = f"{root}/runs/{run_id}/models/baseline"
@@ -61,7 +58,6 @@ def evaluate_and_promote(
             "--gradcam-images",
             "4",
             "--no-tta",
-            *extra,
         ],
         capture_output=True,
         text=True,

@@ -138,8 +138,15 @@ def run(args, ctx) -> dict:
     scores = score_models(ctx, cfg, inputs, dataset, local)
     out.unpublish()
     confusion, gradcam = write_tables_and_plots(out, cfg, scores, local / "plots")
+    feature_drift = None
+    if inputs.registry_uri:  # before the gate: the champion the new data is compared with is the current one
+        from dermaops.feature_drift import against_champion
+
+        feature_drift = against_champion(ctx, inputs.registry_uri, dataset, cfg.batch_size, scores.scorer.device)
+        log.info("feature-space drift against the champion's data: %s", feature_drift)
     promotion = promote(ctx, cfg, inputs, scores, dataset.version, local)
-    return write_summary(out, cfg, inputs, scores, dataset.version, confusion, gradcam, promotion)
+    summary = write_summary(out, cfg, inputs, scores, dataset.version, confusion, gradcam, promotion, feature_drift)
+    return summary
 
 
 def locate_inputs(args, ctx) -> Inputs:
@@ -269,7 +276,9 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
     )
 
 
-def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_version, confusion, gradcam, promotion):
+def write_summary(
+    out: Output, cfg, inputs: Inputs, scores: Scores, dataset_version, confusion, gradcam, promotion, feature_drift=None
+):
     """metrics.json, report.md and the manifest; returns the stage summary."""
     from dermaops.metrics import headline, row_normalised
     from dermaops.report import render
@@ -304,6 +313,7 @@ def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_vers
             "promotion": promotion,
             "inference": {"tta": cfg.tta, "logit_adjustment": meta.get("logit_adjustment")},
             "ablation": scores.ablation,
+            "feature_drift": feature_drift,
         },
     )
     report_uri = out.put_text("report.md", report, "text/markdown; charset=utf-8")
@@ -318,6 +328,7 @@ def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_vers
         "decision": promotion["decision"] if promotion else "not_run",
         "promotion_reason": promotion["reason"] if promotion else "no --registry given",
         "champion_uri": promotion["champion_uri"] if promotion else None,
+        "feature_drift": feature_drift,
         "metrics_uri": str(out.uri("metrics.json")),
         "report_uri": str(report_uri),
     }
