@@ -12,12 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 
+from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Asset, Param, TriggerRule
 from dermaops.config import dag_argv, param_names, param_schema
 from dermaops.pipeline import PIPELINE
 from dermaops_runner import stage_task
 from dermaops_runner.alerts import alert_dag_failure
-from dermaops_runner.templating import MACROS
+from dermaops_runner.templating import MACROS, retrain_needed
 
 DAG_ID = "dermaops_ham10000"
 # Deployment setting, not a run knob: the bucket every run reads and writes (env, read at parse time).
@@ -26,6 +27,7 @@ DATASETS = f"s3://{BUCKET}/datasets/ham10000"
 REGISTRY = f"s3://{BUCKET}/registry/ham10000"
 RUN = f"s3://{BUCKET}/runs/{{{{ dermaops_run_key(run_id) }}}}"
 DATASET_URI = "{{ ti.xcom_pull(task_ids='ingest')['dataset_uri'] }}"
+RECIPE = "{{ dermaops_recipe(params) }}"
 
 # Lineage: named by their URIs, so deployments (buckets) sharing one Airflow never collide on a name.
 DATASET_ASSET = Asset(uri=DATASETS, group="dermaops")
@@ -47,7 +49,7 @@ PARAMS = {name: _param(name) for name in param_names()}
 DOC = f"""
 # DermaOps: HAM10000 retraining
 
-`ingest → validate → split → {{train_baseline, train}} → evaluate → notify`
+`ingest → validate → split → changes → retrain_needed → {{train_baseline, train}} → evaluate → notify`
 
 Every task runs one stage, `python -m dermaops <stage> [flags]`, in a container (or a subprocess with
 `DERMAOPS_RUNNER=local`). The trigger form's parameters become the stages' flags. Stages exchange
@@ -61,6 +63,11 @@ artifacts through S3 (bucket `{BUCKET}`):
 **Recipe.** `quick-cpu` (the default) trains a ResNet18 at 48 px for 3 + 1 epochs: minutes on a CPU
 worker. `full-gpu` is the long recipe (ResNet50 at 64 px, 20 + 5 epochs) for a GPU worker. Every
 training param left blank takes the recipe's value; a value typed in overrides it.
+
+**Nothing new, nothing trained.** `changes` compares the ingested dataset version and the recipe (the
+training params as resolved) with the champion's; when both are equal, `retrain_needed` short-circuits
+`train_baseline`, `train` and `evaluate` (skipped) and notify says "no new data; champion unchanged".
+`force_retrain` trains anyway.
 
 **Schedule.** Weekly, Monday 03:00 UTC, without catch-up: unpausing the DAG starts a run for the latest
 weekly interval at once, and then one run a week.
@@ -95,8 +102,43 @@ with DAG(
         max_retry_delay=dt.timedelta(seconds=120),
         outlets=[DATASET_ASSET],
     )
-    validate = stage_task("validate", ["--dataset", DATASET_URI, "--out", f"{RUN}/validation"])
+    validate = stage_task(
+        "validate",
+        [
+            "--dataset",
+            DATASET_URI,
+            "--out",
+            f"{RUN}/validation",
+            "--drift-registry",
+            REGISTRY,
+            "--drift-policy",
+            "{{ params.drift_policy }}",
+        ],
+    )
     split = stage_task("split", ["--dataset", DATASET_URI, "--out", f"{RUN}/split", *dag_argv("split")])
+    changes = stage_task(
+        "changes",
+        [
+            "--dataset",
+            DATASET_URI,
+            "--registry",
+            REGISTRY,
+            "--recipe",
+            RECIPE,
+            "--out",
+            f"{RUN}/changes",
+            flag_if("force_retrain"),
+        ],
+    )
+    # Skips only its direct downstream (the two trainings); evaluate is then skipped by its own
+    # all_success rule, while notify (all_done) still runs and reports why.
+    retrain = ShortCircuitOperator(
+        task_id="retrain_needed",
+        python_callable=retrain_needed,
+        ignore_downstream_trigger_rules=False,
+        retries=0,
+        doc_md="Short-circuits training when `changes` found the data and the recipe equal to the champion's.",
+    )
     train_baseline = stage_task(
         "train_baseline",
         # image_size is the CNN's, so both read one shared decoded-image cache.
@@ -128,6 +170,8 @@ with DAG(
             REGISTRY,
             "--run-id",
             "{{ run_id }}",
+            "--recipe",
+            RECIPE,
             *dag_argv("evaluate"),
         ],
         outlets=[CHAMPION_ASSET],
@@ -154,4 +198,4 @@ with DAG(
     # failure callback) even though notify, which reports the failure, succeeds.
     notify.is_teardown = True
 
-    ingest >> validate >> split >> [train_baseline, train] >> evaluate >> notify
+    ingest >> validate >> split >> changes >> retrain >> [train_baseline, train] >> evaluate >> notify

@@ -152,7 +152,7 @@ def test_trigger_through_the_rest_api_with_form_params(airflow_services, small_p
     states = {ti["task_id"]: ti["state"] for ti in tis["task_instances"]}
     print(f"REST-triggered run: {run['state']} in {time.monotonic() - started:.0f} s (services included); {states}")
     assert run["state"] == "success", states
-    assert set(states.values()) == {"success"} and len(states) == 7
+    assert set(states.values()) == {"success"} and len(states) == 9
     assert run["conf"] == form
 
     def xcom(task_id: str) -> dict:

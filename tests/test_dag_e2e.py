@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from dermaops.config import param_names, param_schema, recipe_values
 from dermaops.store import S3Uri
 from dermaops_runner.templating import run_key
 
 from tests.support.airflow_env import AIRFLOW, ROOT
 from tests.support.slack_api import CHANNEL, TOKEN, block_text
 
-STAGES = ("ingest", "validate", "split", "train_baseline", "train", "evaluate")
+STAGES = ("ingest", "validate", "split", "changes", "retrain_needed", "train_baseline", "train", "evaluate")
 # Tiny but real: resnet18 at 28 px, one epoch per phase on a subset, a small forest. A model trained on a
 # subset is never promoted (allow_subset_promotion is off): the run succeeds and says why it was refused.
 QUICK_CONF = {
@@ -94,7 +95,8 @@ def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: 
     assert evaluation["promoted"] is False and evaluation["decision"] == "refused"
     assert "trained on a subset (max_train_images=" in evaluation["promotion_reason"]
 
-    for prefix in ("validation", "split", "models/baseline", "models/cnn", "evaluation", "notify"):
+    assert xcom["changes"]["retrain"] is True and xcom["changes"]["reason"] == "no champion yet"
+    for prefix in ("validation", "split", "changes", "models/baseline", "models/cnn", "evaluation", "notify"):
         assert store.exists(runs.join(prefix, "manifest.json")), prefix
     for name in ("metrics.json", "confusion_matrix.png", "gradcam_mel.png", "report.md"):
         assert store.exists(runs.join("evaluation", name)), name
@@ -151,6 +153,65 @@ def test_local_mode_runs_every_stage(airflow_env, small_pack, dag_env, store, bu
 
 
 @pytest.mark.slow
+def test_unchanged_data_and_recipe_skip_training_unless_forced(
+    airflow_env, small_pack, dag_env, store, bucket, slack_api, run_stage
+):
+    """A run on the dataset version and the recipe the champion was trained with skips train, train_baseline
+    and evaluate (Airflow's short circuit) and says so; force_retrain decides to train."""
+    env = {**dag_env, "DERMAOPS_RUNNER": "local"}
+    conf = {**QUICK_CONF, "source": str(small_pack)}
+    datasets = f"s3://{bucket.bucket}/datasets/ham10000"
+    registry = bucket.join("registry", "ham10000")
+    champion_uri = registry.join("champion.json")
+    version = run_stage("ingest", "--source", str(small_pack), "--datasets", datasets).summary["dataset_version"]
+    # What a promotion of this data with this recipe leaves in champion.json (dermaops.promotion records
+    # dataset_version and the recipe evaluate was given; the DAG renders both from one macro). Training and
+    # promoting a model first would take this test past its time on a shared 2-core machine.
+    recipe = recipe_values({**{name: param_schema(name)["default"] for name in param_names()}, **conf})
+    assert (recipe["epochs"], recipe["image_size"], recipe["finetune_lr"]) == (1, 28, 3e-4)  # blank: the recipe's
+    record = {"run_id": "an-earlier-run", "model_uri": "s3://x/cnn.pt", "model_sha256": "0" * 64}
+    store.put_json(champion_uri, {**record, "dataset_version": version, "recipe": recipe})
+    champion = store.get_bytes(champion_uri)
+
+    proc, run_id, seconds = dags_test(airflow_env, conf, env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    print(f"unchanged run: {seconds:.0f} s; task seconds {task_seconds(airflow_env, run_id)}")
+    assert airflow_env.run_state(run_id) == "success"
+    assert airflow_env.task_states(run_id) == {
+        "ingest": "success",
+        "validate": "success",
+        "split": "success",
+        "changes": "success",
+        "retrain_needed": "success",
+        "train_baseline": "skipped",
+        "train": "skipped",
+        "evaluate": "skipped",
+        "notify": "success",
+    }
+    xcom = airflow_env.xcoms(run_id)
+    changes = xcom["changes"]
+    assert changes["retrain"] is False and changes["champion_run_id"] == "an-earlier-run"
+    assert changes["reason"].startswith("no new data; champion unchanged")
+    assert xcom["notify"]["promotion"] == {"promoted": False, "reason": changes["reason"]}
+    runs = bucket.join("runs", run_key(run_id))
+    assert not store.exists(runs.join("models", "cnn", "manifest.json"))
+    assert store.get_bytes(champion_uri) == champion
+    [message] = slack_api.messages
+    text = block_text(message["blocks"])
+    assert "no new data; champion unchanged" in text and "`train` skipped" in text
+    report = store.get_bytes(runs.join("notify", "report.md")).decode()
+    assert "Training skipped, no new data; champion unchanged" in report
+
+    # force_retrain (rendered as --force, tests/test_dag_integrity.py) makes the same check say "train";
+    # another recipe does too, naming what changed.
+    argv = ["--dataset", xcom["ingest"]["dataset_uri"], "--registry", str(registry), "--out", str(runs.join("c"))]
+    forced = run_stage("changes", *argv, "--recipe", json.dumps(recipe), "--force").summary
+    assert (forced["retrain"], forced["reason"]) == (True, "force_retrain is on")
+    other = run_stage("changes", *argv, "--recipe", json.dumps({**recipe, "epochs": 2})).summary
+    assert other["retrain"] is True and "epochs: 1 -> 2" in other["reason"]
+
+
+@pytest.mark.slow
 def test_invalid_data_stops_before_training_and_is_reported(
     airflow_env, invalid_pack, dag_env, store, bucket, slack_api
 ):
@@ -175,6 +236,8 @@ def test_invalid_data_stops_before_training_and_is_reported(
         "ingest": "success",
         "validate": "failed",
         "split": "upstream_failed",
+        "changes": "upstream_failed",
+        "retrain_needed": "upstream_failed",
         "train_baseline": "upstream_failed",
         "train": "upstream_failed",
         "evaluate": "upstream_failed",

@@ -65,12 +65,14 @@ def docker_dag(airflow_config, monkeypatch):
 
 def test_dag_shape_schedule_and_docs(docker_dag):
     dag = docker_dag
-    assert set(dag.task_ids) == set(STAGES)
+    assert set(dag.task_ids) == {*STAGES, "retrain_needed"}
     downstream = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
     assert downstream == {
         "ingest": {"validate"},
         "validate": {"split"},
-        "split": {"train_baseline", "train"},
+        "split": {"changes"},
+        "changes": {"retrain_needed"},
+        "retrain_needed": {"train_baseline", "train"},
         "train_baseline": {"evaluate"},
         "train": {"evaluate"},
         "evaluate": {"notify"},
@@ -81,6 +83,10 @@ def test_dag_shape_schedule_and_docs(docker_dag):
     assert {"dermaops", "ham10000"} <= set(dag.tags)
     assert "ingest → validate → split" in dag.doc_md
     assert dag.on_failure_callback is not None
+    # Nothing new: the short circuit skips only the trainings; evaluate follows by its own rule, notify runs.
+    gate = dag.get_task("retrain_needed")
+    assert type(gate).__name__ == "ShortCircuitOperator" and gate.ignore_downstream_trigger_rules is False
+    assert dag.get_task("evaluate").trigger_rule == "all_success"
 
 
 def test_retries_and_delays_follow_the_design_table(docker_dag):
@@ -195,7 +201,7 @@ def test_dag_survives_serialization(docker_dag):
     from airflow.serialization.serialized_objects import DagSerialization
 
     restored = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(docker_dag))
-    assert set(restored.task_ids) == set(STAGES)
+    assert set(restored.task_ids) == {*STAGES, "retrain_needed"}
     assert restored.get_task("notify").is_teardown
     assert [a.uri for a in restored.get_task("ingest").outlets] == ["s3://lesions/datasets/ham10000"]
     assert [a.uri for a in restored.get_task("evaluate").outlets] == ["s3://lesions/registry/ham10000/champion.json"]
@@ -270,6 +276,16 @@ def test_trigger_params_reach_the_stages_as_their_typed_config(docker_dag):
         assert (baseline.n_estimators, baseline.image_size) == (values["baseline_trees"], values["image_size"])
     args = parser.parse_args(["evaluate", *_render_argv(docker_dag, "evaluate", {**defaults, "mel_recall_floor": 0.6})])
     assert mods["evaluate"].CONFIG.from_args(args).mel_recall_floor == 0.6
+    # One recipe, rendered alike for the check that compares it and for evaluate that records it.
+    from dermaops.config import recipe_values
+
+    params = {**defaults, "recipe": "full-gpu", "epochs": 9}
+    changes = parser.parse_args(["changes", *_render_argv(docker_dag, "changes", params)])
+    recorded = parser.parse_args(["evaluate", *_render_argv(docker_dag, "evaluate", params)])
+    assert changes.recipe == recorded.recipe == recipe_values(params)
+    assert (changes.recipe["epochs"], changes.recipe["arch"], changes.force) == (9, "resnet50", False)
+    forced = parser.parse_args(["changes", *_render_argv(docker_dag, "changes", {**params, "force_retrain": True})])
+    assert forced.force is True
 
 
 def test_unpausing_and_recipes_are_explained_where_the_user_triggers(docker_dag):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from dermaops.config import argv_item, resolve
+from dermaops.config import argv_item, recipe_values, resolve
 from dermaops.pipeline import run_key
 
 from dermaops_runner.results import ERROR_XCOM_KEY
@@ -18,6 +18,18 @@ def stage_arg(params, name: str, flag: str) -> str:
     """One argv item from a trigger-form param: `--flag=value`, the recipe's value when the param is
     blank, or "" (dropped) when there is none, so the stage keeps its own default."""
     return argv_item(flag, resolve(params, name))
+
+
+def recipe_json(params) -> str:
+    """This run's recipe (dermaops.config.recipe_values) as one JSON argv item: what `changes` compares with
+    the champion's and what evaluate records with a promotion."""
+    return json.dumps(recipe_values(params), sort_keys=True)
+
+
+def retrain_needed(ti) -> bool:
+    """The short-circuit condition: what the `changes` stage decided (its summary's `retrain`)."""
+    decision = ti.xcom_pull(task_ids="changes") or {}
+    return bool(decision.get("retrain", True))
 
 
 def task_states(ti, dag_run) -> str:
@@ -41,6 +53,7 @@ def stage_results(ti, task_ids: list[str]) -> str:
 MACROS = {
     "dermaops_run_key": run_key,
     "dermaops_arg": stage_arg,
+    "dermaops_recipe": recipe_json,
     "dermaops_task_states": task_states,
     "dermaops_stage_results": stage_results,
 }

@@ -494,9 +494,24 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
         "default": False,
         "type": ["boolean", "null"],
         "title": "Force retrain",
-        "description": "On: retrain both models even if this run already has finished ones.",
+        "description": "On: train and evaluate even when the dataset version and the recipe equal the champion's "
+        "(off, such a run skips train, train_baseline and evaluate: nothing would change), and retrain both models "
+        "even if this run already has finished ones.",
+    },
+    "drift_policy": {
+        "default": "report",
+        "enum": ["report", "warn", "fail"],
+        "title": "Drift policy",
+        "description": "What drift of this dataset against the champion's training data (labels, metadata, image "
+        "statistics; the data-quality report's drift section) does: report = only the report shows it, warn = also "
+        "a Slack warning, fail = the run stops before training.",
     },
 }
+
+# The stages whose settings make the model. A run whose dataset version and whose values of these stages'
+# trigger-form params (the recipe) equal the champion's has nothing new to train (dermaops.freshness);
+# evaluate's params judge the model and are not part of it.
+RECIPE_STAGES = ("split", "train_baseline", "train")
 
 
 @functools.cache
@@ -572,6 +587,32 @@ def resolve(params: typing.Mapping[str, Any], name: str) -> Any:
         if recipe not in RECIPES:
             raise ValueError(f"recipe {recipe!r} is not one of {', '.join(RECIPES)}")
         value = RECIPES[recipe][name]
+    return value
+
+
+def recipe_param_names() -> list[str]:
+    return [name for name, (stage, *_) in param_settings().items() if stage in RECIPE_STAGES]
+
+
+def recipe_values(params: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """This run's recipe: every recipe param's value, blank ones resolved to the named recipe's value."""
+    return {name: resolve(params, name) for name in recipe_param_names()}
+
+
+def recipe_arg(text: str) -> dict[str, Any]:
+    """argparse type of `--recipe`: a JSON object of recipe params (what the DAG renders from its params)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of recipe params, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(recipe_param_names()))
+    if unknown:
+        allowed = ", ".join(recipe_param_names())
+        raise argparse.ArgumentTypeError(f"unknown recipe params {unknown} (allowed: {allowed})")
     return value
 
 

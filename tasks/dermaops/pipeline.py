@@ -25,6 +25,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "dermaops.stages.ingest", "data", gpu=False),
     Stage("validate", "dermaops.stages.validate", "data", gpu=False),
     Stage("split", "dermaops.stages.split", "data", gpu=False),
+    # Nothing new (same dataset version and recipe as the champion): the DAG skips training (force_retrain).
+    Stage("changes", "dermaops.stages.changes", "data", gpu=False),
     Stage("train_baseline", "dermaops.stages.train_baseline", "data", gpu=False),
     Stage("train", "dermaops.stages.train", "torch", gpu=True),
     Stage("evaluate", "dermaops.stages.evaluate", "torch", gpu=True),

@@ -201,6 +201,7 @@ class Challenger:
     dataset_version: str
     split_uri: str
     proba: object = None  # (N, C) test probabilities, for the paired comparison with the champion
+    recipe: dict | None = None  # the run's recipe params (dermaops.config.recipe_values); freshness compares it
 
 
 @dataclass
@@ -367,6 +368,7 @@ def run_gate(
         "subset": subset,
         "dataset_version": challenger.dataset_version,
         "split_uri": challenger.split_uri,
+        "recipe": challenger.recipe,
         "challenger": {
             "source_model_uri": challenger.source_uri,
             "model_sha256": sha256,
@@ -395,6 +397,7 @@ def run_gate(
                 "run_id": challenger.run_id,
                 "dataset_version": challenger.dataset_version,
                 "split_uri": challenger.split_uri,
+                "recipe": challenger.recipe,
                 "primary_metric": primary_metric,
                 "metrics": headline(challenger.metrics),
                 "decided_at": decided_at,

@@ -133,6 +133,7 @@ def render_markdown(
     chart_name: str,
     data_docs_index: str,
     results_files: list[str],
+    extra_sections: list[str] = (),
 ) -> str:
     failed_critical = [o for o in outcomes if o.critical and not o.success]
     failed_other = [o for o in outcomes if not o.critical and not o.success]
@@ -187,6 +188,7 @@ def render_markdown(
         + (f" ({'; '.join(figures.duplicate_byte_groups[:5])})" if figures.duplicate_byte_groups else ""),
         f"- images without a metadata row: {count(figures.images_without_metadata)}",
         "",
+        *extra_sections,
         "## Expectations",
         "",
     ]

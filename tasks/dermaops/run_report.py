@@ -53,6 +53,8 @@ class RunReport:
     promoted: bool | None = None
     promotion_reason: str | None = None
     champion_uri: str | None = None
+    unchanged: str | None = None  # why training was skipped (dermaops.freshness): nothing new to train on
+    drift: str | None = None  # validate's drift headline when its policy asks for a warning (warn, fail)
     artifacts: dict[str, str] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
 
@@ -79,6 +81,7 @@ def build_report(
     errors = {t: r["error"] for t, r in results.items() if isinstance(r, dict) and r.get("error")}
     outcome = "failed" if any(s in FAILED_STATES for s in states.values()) else "success"
     ingest, evaluation = summaries.get("ingest", {}), summaries.get("evaluate", {})
+    changes = summaries.get("changes", {})
     duration = None
     if started_at is not None:
         duration = (dt.datetime.now(dt.UTC) - started_at).total_seconds()
@@ -110,9 +113,21 @@ def build_report(
         promoted=evaluation.get("promoted"),
         promotion_reason=evaluation.get("promotion_reason"),
         champion_uri=evaluation.get("champion_uri"),
+        unchanged=changes.get("reason") if changes.get("retrain") is False else None,
+        drift=_drift_warning(summaries.get("validate", {}), errors.get("validate")),
         artifacts=artifacts,
         summaries=summaries,
     )
+
+
+def _drift_warning(validation: dict, error: str | None) -> str | None:
+    """The drift headline to warn about: validate's summary under policy warn, or its failure under fail."""
+    drift = validation.get("drift") or {}
+    if drift.get("detected") and drift.get("policy") in ("warn", "fail"):
+        return f"{drift['headline']} (drift policy {drift['policy']})"
+    if error and "data drift with --drift-policy fail" in error:
+        return error
+    return None
 
 
 def render_markdown(report: RunReport) -> str:
@@ -123,6 +138,8 @@ def render_markdown(report: RunReport) -> str:
         f"- Outcome: **{report.outcome}**",
         f"- Duration: {format_duration(report.duration_s)}",
         f"- Dataset: {report.dataset_version or 'n/a'} ({report.dataset_uri or 'not ingested'})",
+        "",
+        *([f"- :warning: **Data drift**: {report.drift}"] if report.drift else []),
         "",
         "## Tasks",
         "",
@@ -143,7 +160,9 @@ def render_markdown(report: RunReport) -> str:
     else:
         lines.append("No evaluation in this run.")
     lines += ["", "## Promotion", ""]
-    if report.promoted is None:
+    if report.unchanged:
+        lines.append(f"Training skipped, {report.unchanged}.")
+    elif report.promoted is None:
         lines.append("No decision: evaluation did not run.")
     else:
         verdict = "promoted to champion" if report.promoted else "not promoted"
@@ -191,7 +210,9 @@ def slack_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
     title = f"{'✅' if succeeded else '❌'} DermaOps run {'succeeded' if succeeded else 'failed'}"
     text = f"{title}: {report.dag_id} {report.run_id}"
 
-    if report.promoted is None:
+    if report.unchanged:
+        promotion = f"*training skipped*: {report.unchanged}"
+    elif report.promoted is None:
         promotion = "no decision (evaluation did not run)"
     else:
         promotion = f"{'*promoted*' if report.promoted else '*not promoted*'}: {report.promotion_reason or ''}".strip()
@@ -213,6 +234,11 @@ def slack_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
         {"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in facts]},
         {"type": "section", "text": {"type": "mrkdwn", "text": "*Tasks*\n" + "\n".join(task_lines)}},
     ]
+    if report.drift:
+        blocks.insert(
+            1, {"type": "section", "text": {"type": "mrkdwn", "text": f":warning: *Data drift*: {report.drift}"}}
+        )
+        text += f" (:warning: data drift: {report.drift})"
     if report.metrics:
         metric_fields = [
             {

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermaops.config import EvaluateConfig
+from dermaops.config import EvaluateConfig, recipe_arg
 from dermaops.errors import StageError
 from dermaops.stage import Output, download_verified, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
@@ -62,6 +62,13 @@ def add_arguments(parser) -> None:
         "--registry",
         default=None,
         help="model registry prefix (s3://<b>/registry/ham10000); without it the promotion gate is not run",
+    )
+    parser.add_argument(
+        "--recipe",
+        type=recipe_arg,
+        default=None,
+        help="the run's recipe params as a JSON object, recorded with the promotion decision (dermaops.freshness "
+        "compares the next run's with the champion's)",
     )
     parser.add_argument(
         "--run-id",
@@ -111,6 +118,7 @@ class Inputs:
     baseline_manifest: dict | None
     baseline_uri: S3Uri | None
     registry_uri: S3Uri | None
+    recipe: dict | None = None
 
 
 @dataclass
@@ -152,8 +160,15 @@ def run(args, ctx) -> dict:
     scores = score_models(ctx, cfg, inputs, dataset, local)
     out.unpublish()
     confusion, gradcam = write_tables_and_plots(out, cfg, scores, local / "plots")
+    feature_drift = None
+    if inputs.registry_uri:  # before the gate: the champion the new data is compared with is the current one
+        from dermaops.feature_drift import against_champion
+
+        feature_drift = against_champion(ctx, inputs.registry_uri, dataset, cfg.batch_size, scores.scorer.device)
+        log.info("feature-space drift against the champion's data: %s", feature_drift)
     promotion = promote(ctx, cfg, inputs, scores, dataset.version, local)
-    return write_summary(out, cfg, inputs, scores, dataset.version, confusion, gradcam, promotion)
+    summary = write_summary(out, cfg, inputs, scores, dataset.version, confusion, gradcam, promotion, feature_drift)
+    return summary
 
 
 def locate_inputs(args, ctx) -> Inputs:
@@ -182,6 +197,7 @@ def locate_inputs(args, ctx) -> Inputs:
             _model_file(baseline_manifest, baseline_prefix, "baseline.joblib") if baseline_manifest else None
         ),
         registry_uri=S3Uri.parse(args.registry) if args.registry else None,
+        recipe=args.recipe,
     )
 
 
@@ -194,6 +210,7 @@ def _fingerprint(inputs: Inputs, cfg: EvaluateConfig) -> str:
         baseline=[str(inputs.baseline_prefix), baseline["fingerprint"]] if baseline else None,
         registry=str(inputs.registry_uri) if inputs.registry_uri else None,
         run_id=inputs.run_id,
+        **({"recipe": inputs.recipe} if inputs.recipe is not None else {}),
         **cfg.fingerprint_inputs(),
     )
 
@@ -323,6 +340,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         dataset_version=dataset_version,
         split_uri=str(inputs.split_uri),
         proba=scores.proba,
+        recipe=inputs.recipe,
     )
     return run_gate(
         Registry(ctx.store, inputs.registry_uri),
@@ -349,7 +367,9 @@ def _rounded(value, digits: int = 4):
     return value
 
 
-def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_version, confusion, gradcam, promotion):
+def write_summary(
+    out: Output, cfg, inputs: Inputs, scores: Scores, dataset_version, confusion, gradcam, promotion, feature_drift=None
+):
     """metrics.json, report.md and the manifest; returns the stage summary."""
     from dermaops.metrics import headline, row_normalised
     from dermaops.report import render
@@ -403,6 +423,7 @@ def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_vers
                 "temperature": scores.calibration["temperature"],
             },
             "ablation": scores.ablation,
+            "feature_drift": feature_drift,
         },
     )  # fmt: skip
     report_uri = out.put_text("report.md", report, "text/markdown; charset=utf-8")
@@ -423,6 +444,7 @@ def write_summary(out: Output, cfg, inputs: Inputs, scores: Scores, dataset_vers
         "decision": promotion["decision"] if promotion else "not_run",
         "promotion_reason": promotion["reason"] if promotion else "no --registry given",
         "champion_uri": promotion["champion_uri"] if promotion else None,
+        "feature_drift": feature_drift,
         "metrics_uri": str(out.uri("metrics.json")),
         "report_uri": str(report_uri),
     }

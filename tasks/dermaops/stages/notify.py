@@ -105,8 +105,9 @@ def run(args, ctx) -> dict:
         # The promotion decision and its reason, on the run in the UI (this task's XCom); when evaluate
         # failed (e.g. a champion incident) its one-line error is the reason.
         "promotion": {
-            "promoted": report.promoted,
-            "reason": report.promotion_reason if report.promoted is not None else report.errors.get("evaluate"),
+            "promoted": False if report.unchanged else report.promoted,
+            "reason": report.unchanged
+            or (report.promotion_reason if report.promoted is not None else report.errors.get("evaluate")),
         },
         **posted,
     }

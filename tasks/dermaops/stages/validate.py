@@ -10,6 +10,12 @@ results), data_docs/ (GX Data Docs, open data_docs/index.html), dq_report.md (cl
 imbalance ratio, missing values, image facts, every expectation's outcome), class_distribution.png,
 image_facts.csv, and manifest.json last, whose summary says "success".
 
+With --drift-registry, the dataset is also compared with the one the registry's champion was trained on
+(dermaops.drift: label, metadata and image statistics): drift.json, drift.png and a drift section in
+dq_report.md. --drift-policy decides what drift does: `report` only reports it, `warn` also flags it
+in the summary (notify posts a Slack warning), `fail` fails the stage after publishing, like a critical
+expectation, so nothing is trained on drifted data.
+
 A failed critical expectation fails the stage (exit 2, one line naming the expectation, column,
 unexpected count and examples) AFTER those outputs are published with "success": false, so the
 report explains the failure. Re-running on the same inputs gives the same verdict without redoing
@@ -25,6 +31,7 @@ import mimetypes
 import shutil
 from pathlib import Path
 
+from dermaops import drift as drift_lib
 from dermaops import quality_report
 from dermaops.dataset import Dataset
 from dermaops.errors import StageError
@@ -36,6 +43,8 @@ from dermaops.store import S3Uri
 HELP = "Great Expectations suites on metadata and per-image facts; data-quality report"
 REPORT = "dq_report.md"
 CHART = "class_distribution.png"
+DRIFT_PLOT = "drift.png"
+DRIFT_JSON = "drift.json"
 FACTS = "image_facts.csv"
 DOCS = "data_docs"
 log = logging.getLogger(__name__)
@@ -76,6 +85,31 @@ def add_arguments(parser) -> None:
         help="fewest distinct lesions of each class (default: one per split, 3): a lesion-grouped split must put "
         "every class in train, val and test",
     )
+    parser.add_argument(
+        "--drift-registry",
+        default=None,
+        help="model registry prefix (s3://<b>/registry/ham10000): compare this dataset with the champion's "
+        "training data (no comparison without it, or without a champion)",
+    )
+    parser.add_argument(
+        "--drift-policy",
+        choices=drift_lib.POLICIES,
+        default="report",
+        help="what drift does: report (the report shows it), warn (also a Slack warning from notify), fail (the "
+        "stage fails, so the run stops before training)",
+    )
+    parser.add_argument(
+        "--drift-threshold",
+        type=float,
+        default=drift_lib.DEFAULT_PSI,
+        help="PSI at or above which a feature drifts (0.1 moderate, 0.25 major)",
+    )
+    parser.add_argument(
+        "--drift-max-images",
+        type=int,
+        default=2000,
+        help="images per dataset sampled (by id hash) for the image statistics",
+    )
     parser.add_argument("--min-image-side", type=int, default=8, help="smallest plausible image width/height (px)")
     parser.add_argument("--max-image-side", type=int, default=10000, help="largest plausible image width/height (px)")
 
@@ -87,6 +121,11 @@ def _parameters(args) -> dict:
     if args.min_image_side < 1 or args.max_image_side < args.min_image_side:
         raise StageError(
             f"need 1 <= --min-image-side <= --max-image-side (got {args.min_image_side} and {args.max_image_side})"
+        )
+    if not (0 < args.drift_threshold < 100) or not args.drift_max_images >= 10:
+        raise StageError(
+            f"need 0 < --drift-threshold < 100 and --drift-max-images >= 10 (got {args.drift_threshold} and "
+            f"{args.drift_max_images})"
         )
     from dermaops.splitting import SPLITS
 
@@ -126,12 +165,53 @@ def class_table(metadata):
 
 def _verdict(summary: dict) -> dict:
     """The summary if the data passed, else the stage's one-line failure."""
-    if not summary["success"]:
+    if summary["critical_failures"]:
         raise StageError(
             f"validation of {summary['dataset_uri']} failed {len(summary['critical_failures'])} critical "
             f"expectation(s): {' | '.join(summary['critical_failures'])} (report: {summary['report_uri']})"
         )
+    drift = summary.get("drift") or {}
+    if drift.get("detected") and drift.get("policy") == "fail":
+        raise StageError(
+            f"data drift with --drift-policy fail: {drift['headline']}; nothing is trained on it (report: "
+            f"{summary['report_uri']}; re-run with drift_policy warn or report to train anyway)"
+        )
     return summary
+
+
+def reference_dataset(ctx, args, dataset: Dataset) -> tuple[Dataset | None, str]:
+    """The champion's training data, or (None, why there is nothing to compare with)."""
+    if not args.drift_registry:
+        return None, "no comparison: no --drift-registry given"
+    from dermaops.promotion import Registry
+
+    registry = Registry(ctx.store, S3Uri.parse(args.drift_registry))
+    record, problem = registry.champion_record()
+    if record is None:
+        return None, f"no comparison: {problem or 'no champion yet'}"
+    version = record.get("dataset_version")
+    if not version:
+        return None, f"no comparison: {registry.champion_uri} records no dataset_version"
+    if version == dataset.version:
+        return None, f"no comparison needed: the champion (run {record.get('run_id')}) was trained on this version"
+    uri = S3Uri(dataset.uri.bucket, dataset.uri.key.rstrip("/").rsplit("/", 1)[0]).join(version)
+    try:
+        return Dataset.open(ctx.store, uri, ctx.scratch / "drift-reference"), ""
+    except StageError as exc:
+        return None, f"no comparison: the champion's dataset version is not readable ({exc})"
+
+
+def measure_drift(ctx, args, dataset: Dataset, reference: Dataset, n_images: int):
+    """The drift report of this dataset against the reference (dermaops.drift)."""
+    log.info("drift: comparing %s with the champion's %s", dataset.version, reference.version)
+    ref_meta = reference.metadata
+    ref_stats = drift_lib.image_stats_table(reference.iter_images(), len(ref_meta), args.drift_max_images)
+    cur_stats = drift_lib.image_stats_table(dataset.iter_images(), n_images, args.drift_max_images)
+    report = drift_lib.compare(
+        reference.version, dataset.version, ref_meta, dataset.metadata, ref_stats, cur_stats, args.drift_threshold
+    )
+    (log.warning if report.detected else log.info)("drift: %s", report.headline())
+    return report
 
 
 def _upload_docs(out, docs_dir: Path) -> None:
@@ -148,6 +228,15 @@ def run(args, ctx) -> dict:
     out_uri = S3Uri.parse(args.out)
     suite_configs = read_suite_files(expectations_dir, parameters)
     dataset = Dataset.open(ctx.store, args.dataset, ctx.scratch)
+    reference, drift_note = reference_dataset(ctx, args, dataset)
+    drift_inputs = {"policy": args.drift_policy, "note": drift_note}
+    if reference is not None:
+        drift_inputs |= {
+            **{f"reference_{k}": v for k, v in reference.identity.items()},
+            "threshold": args.drift_threshold,
+            "max_images": args.drift_max_images,
+            "version": 1,
+        }
     out = ctx.output(
         out_uri,
         "validate",
@@ -155,6 +244,7 @@ def run(args, ctx) -> dict:
             **dataset.identity,
             suites=suite_configs,
             parameters=parameters,
+            **({"drift": drift_inputs} if args.drift_registry else {}),
         ),
     )
     finished = out.finished()
@@ -175,6 +265,20 @@ def run(args, ctx) -> dict:
     results = run_suites(suites, tables, parameters, docs_dir)
     found = outcomes(results)
     figures = quality_report.compute_figures(metadata, facts)
+    drift = measure_drift(ctx, args, dataset, reference, len(facts)) if reference is not None else None
+    drift_plot = None
+    if drift is not None:
+        drift_plot = drift_lib.render_plot(drift, ctx.scratch / "validate" / DRIFT_PLOT)
+    policy_note = f"policy `{args.drift_policy}`" + (
+        {"report": ": reported only", "warn": ": notify posts a warning", "fail": ": the run stops before training"}[
+            args.drift_policy
+        ]
+        if drift is not None and drift.detected
+        else ""
+    )
+    drift_section = drift_lib.render_section(
+        drift, DRIFT_PLOT if drift_plot else None, note=drift_note if drift is None else policy_note
+    )
     results_files = [f"results/{name}.json" for name in results]
     report = quality_report.render_markdown(
         figures,
@@ -184,6 +288,7 @@ def run(args, ctx) -> dict:
         chart_name=CHART,
         data_docs_index=f"{DOCS}/index.html",
         results_files=results_files,
+        extra_sections=drift_section,
     )
     chart = quality_report.render_chart(figures, ctx.scratch / "validate" / CHART)
 
@@ -195,6 +300,9 @@ def run(args, ctx) -> dict:
     facts.to_csv(facts_csv, index=False)
     out.put_text(FACTS, facts_csv.getvalue(), "text/csv")
     out.put_file(CHART, chart, content_type="image/png")
+    if drift is not None:
+        out.put_json(DRIFT_JSON, drift.to_json())
+        out.put_file(DRIFT_PLOT, drift_plot, content_type="image/png")
     report_uri = out.put_text(REPORT, report, "text/markdown; charset=utf-8")
 
     critical = [o.describe() for o in found if o.critical and not o.success]
@@ -217,6 +325,11 @@ def run(args, ctx) -> dict:
         "results_uris": [str(out.uri(name)) for name in results_files],
         "image_facts_uri": str(out.uri(FACTS)),
         "chart_uri": str(out.uri(CHART)),
+        "drift": (
+            {**drift.summary(), "policy": args.drift_policy, "drift_uri": str(out.uri(DRIFT_JSON))}
+            if drift is not None
+            else {"detected": False, "policy": args.drift_policy, "headline": drift_note}
+        ),
     }
     out.publish(summary)
     for line in summary["findings"]:
