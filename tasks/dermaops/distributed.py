@@ -33,6 +33,7 @@ from dermaops.errors import StageError, TransientError
 # Set by the launcher for its ranks: where they report back, and the scratch directory holding the cache.
 LAUNCH_DIR_ENV = "DERMAOPS_LAUNCH_DIR"
 CACHE_SCRATCH_ENV = "DERMAOPS_LAUNCH_SCRATCH"
+LAUNCHER_PID_ENV = "DERMAOPS_LAUNCHER_PID"
 SUMMARY_FILE = "summary.json"
 
 log = logging.getLogger(__name__)
@@ -169,12 +170,29 @@ def init(dist: Dist, device: str) -> None:
 
     import torch.distributed as tdist
 
+    _die_with_launcher()
     if not dist.primary:
         logging.getLogger("dermaops").setLevel(logging.WARNING)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     # Generous: rank 0 alone uploads checkpoints between collectives, and a large one to a slow S3 takes a while.
     tdist.init_process_group(backend, timeout=dt.timedelta(minutes=30))
     log.info("rank %d of %d joined the %s process group", dist.rank, dist.world_size, backend)
+
+
+def _die_with_launcher() -> None:
+    """The agent starts each rank in a session of its own, so a launcher killed outright (SIGKILL, the OOM
+    killer) would leave its ranks training, and rank 0 publishing, with nobody waiting for them. The kernel
+    sends them SIGTERM when it dies instead (PR_SET_PDEATHSIG; Linux, where the images run)."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != int(launcher):  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def shutdown(dist: Dist) -> None:
@@ -224,7 +242,7 @@ def launch(argv: list[str], nproc: int, scratch: Path) -> dict:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="dermaops-launch-") as tmp:
         where = Path(tmp)
-        env = {LAUNCH_DIR_ENV: str(where), CACHE_SCRATCH_ENV: str(scratch)}
+        env = {LAUNCH_DIR_ENV: str(where), CACHE_SCRATCH_ENV: str(scratch), LAUNCHER_PID_ENV: str(os.getpid())}
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)  # the agent starts the ranks with this process's environment
         config = LaunchConfig(
