@@ -10,8 +10,8 @@ size N trains N times the images per step. Prints one JSON object:
     images_per_s_by_world_size  {1: ..., N: ...}: median over --rounds epochs, all ranks together
     scaling_efficiency          images/s(N) / (N x images/s(1)); 1.0 = perfectly linear
 
-    python benchmarks/ddp_throughput.py --nproc 8                 # a GPU host: 1 GPU against 8
-    python benchmarks/ddp_throughput.py --device cpu --nproc 2 --image-size 32 --batch-size 8 --steps 2
+    python benchmarks/ddp_throughput.py --world-size 8                # a GPU host: 1 GPU against 8
+    python benchmarks/ddp_throughput.py --device cpu --world-size 2 --image-size 32 --batch-size 8 --steps 2
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--nproc", type=int, default=None, help="the larger world size (default: every visible GPU)")
+    p.add_argument("--world-size", type=int, default=None, help="the larger world size (default: every visible GPU)")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=128, help="images per rank and step")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("ddp_throughput: error: torch sees no CUDA device (use --device cpu)")
-    nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
+    nproc = args.world_size or (torch.cuda.device_count() if args.device == "cuda" else 2)
     started = time.monotonic()
     rates = {1: run_world(args, argv, 1)}
     if nproc > 1:

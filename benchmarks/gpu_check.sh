@@ -31,7 +31,7 @@ export PYTHONPATH="$PWD/tasks${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${1:-}" = "--smoke" ]; then
     timeout 600 "$PY" benchmarks/train_throughput.py --device cpu --arch resnet50 --image-size 32 \
         --batch-size 4 --steps 1 --rounds 1
-    exec timeout 600 "$PY" benchmarks/ddp_throughput.py --device cpu --nproc 2 --arch resnet18 --image-size 32 \
+    exec timeout 600 "$PY" benchmarks/ddp_throughput.py --device cpu --world-size 2 --arch resnet18 --image-size 32 \
         --batch-size 4 --steps 2 --rounds 1
 fi
 
@@ -44,7 +44,7 @@ timeout 300 "$PY" benchmarks/train_throughput.py --device cuda --arch resnet50 -
     --batch-size 256 --steps 25 --rounds 3 --num-threads 0
 GPUS="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
 if [ "$GPUS" -gt 1 ]; then
-    exec timeout 900 "$PY" benchmarks/ddp_throughput.py --device cuda --nproc "$GPUS" --arch resnet50 \
+    exec timeout 900 "$PY" benchmarks/ddp_throughput.py --device cuda --world-size "$GPUS" --arch resnet50 \
         --image-size 224 --batch-size 128 --steps 20 --rounds 3 --timeout 420
 fi
 echo "gpu_check: one GPU visible: no multi-GPU case" >&2

@@ -61,6 +61,11 @@ def test_two_gloo_ranks_run_the_same_epochs_as_one_process(run_stage, split_uri,
     # Every training image counted once per epoch across the two ranks.
     assert [r["train_acc"] for r in h2] != [] and s2["n_train"] == 256
     for r1, r2 in zip(h1, h2, strict=True):
+        print(  # the measured gap, for the tolerance above (pytest -rP shows it)
+            f"epoch {r1['epoch']}: val loss {r1['val_loss']:.4f} (1 process) vs {r2['val_loss']:.4f} (2 ranks), "
+            f"val acc {r1['val_acc']:.4f} vs {r2['val_acc']:.4f}, val macro F1 {r1['val_macro_f1']:.4f} vs "
+            f"{r2['val_macro_f1']:.4f}, train loss {r1['train_loss']:.4f} vs {r2['train_loss']:.4f}"
+        )
         assert r2["val_loss"] == pytest.approx(r1["val_loss"], rel=VAL_LOSS_REL_TOL), (r1, r2)
         assert abs(r2["val_acc"] - r1["val_acc"]) <= VAL_ACC_ABS_TOL, (r1, r2)
 
