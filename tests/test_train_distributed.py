@@ -152,15 +152,16 @@ def _collectives(rank: int, world: int, port: int, results) -> None:
         dist = Dist(rank=rank, world_size=world, local_rank=rank, local_world_size=world)
         n = 7  # items r, r + 2, ... on rank r: 4 on rank 0, 3 on rank 1
         mine = torch.tensor([[float(i), -float(i)] for i in range(rank, n, world)])
+        module = torch.nn.Linear(2, 1)
+        torch.nn.init.constant_(module.weight, float(rank))
+        dist.broadcast_module(module)
+        # One assignment: a manager dict hands out copies, so nested updates would be lost.
         results[rank] = {
             "strided": dist.gather_strided(mine, n).tolist(),
             "cat": dist.all_gather_cat(torch.tensor([rank, rank])).tolist(),
             "sum": float(dist.all_reduce_sum(torch.tensor(float(rank + 1)))),
+            "weight": module.weight.detach().flatten().tolist(),
         }
-        module = torch.nn.Linear(2, 1)
-        torch.nn.init.constant_(module.weight, float(rank))
-        dist.broadcast_module(module)
-        results[rank]["weight"] = module.weight.flatten().tolist()
     finally:
         tdist.destroy_process_group()
 
