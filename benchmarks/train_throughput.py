@@ -52,7 +52,7 @@ def measure(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, len(CLASSES), (n,), generator=gen)
-    train = Split(images.to(device), labels.to(device))
+    train = Split.in_memory(images.to(device), labels.to(device))
     cfg = TrainConfig(
         arch=args.arch, image_size=args.image_size, stem=args.stem, pretrained="none", epochs=100,
         finetune_epochs=0, finetune_depth=1, batch_size=args.batch_size, lr=1e-3, finetune_lr=1e-5,

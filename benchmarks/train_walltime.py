@@ -33,7 +33,7 @@ PACK = ROOT.parent / "shared" / "data" / "ham10000-28px"
 
 
 class JpegBatches:
-    """Indexable like the cached uint8 tensor, but decodes the JPEGs of every batch it is asked for."""
+    """Indexable like a uint8 image tensor, but decodes the JPEGs of every batch it is asked for."""
 
     def __init__(self, jpegs: list[bytes], size: int):
         self.jpegs, self.size = jpegs, size
@@ -72,7 +72,7 @@ def no_cache_training(pack: Path, split_frames: dict, args) -> float:
 
     def split(frame) -> Split:
         images = JpegBatches([jpegs[i] for i in frame["image_id"]], args.image_size)
-        return Split(images, torch.tensor(frame["label"].to_numpy(), dtype=torch.int64))
+        return Split.in_memory(images, torch.tensor(frame["label"].to_numpy(), dtype=torch.int64))
 
     cfg = TrainConfig(
         arch=args.arch, image_size=args.image_size, stem="auto", pretrained="none", epochs=args.epochs,

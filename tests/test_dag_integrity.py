@@ -141,7 +141,9 @@ def test_gpu_images_and_network_come_from_the_environment(airflow_config, monkey
         assert task.network_mode == "dermaops_default"
         if gpu:
             [request] = task.device_requests
-            assert request.capabilities == [["gpu"]] and request.count == -1
+            assert request.capabilities == [["gpu"]] and request.count == -1  # every GPU of the host
+            # train runs a process per GPU, their DataLoader workers passing batches through /dev/shm
+            assert task.shm_size == (16 if task_id == "train" else 2) * 1024**3
         else:
             assert task.device_requests is None
 

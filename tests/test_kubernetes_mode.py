@@ -74,7 +74,9 @@ def test_the_provider_builds_the_expected_pods(k8s_dag):
             assert spec["nodeSelector"] == {"pool": "gpu", "gpu-type": "h100"}
             assert tolerations == ["spot", "nvidia.com/gpu"]
             [shm] = spec["volumes"]
-            assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": str(2 * 1024**3)}
+            # train: a process per GPU, each with DataLoader workers passing batches through /dev/shm.
+            shm_gib = 16 if task_id == "train" else 2
+            assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": str(shm_gib * 1024**3)}
             assert container["volumeMounts"] == [{"mountPath": "/dev/shm", "name": shm["name"]}]
         else:
             assert "resources" not in container

@@ -1,7 +1,8 @@
 """Docker mode: DockerOperator running the stage's image with the stage's argv.
 
-Secrets go through `private_environment` (resolved at execute time, hidden from the UI); the GPU
-through `device_requests` for train/evaluate when DERMAOPS_GPU=1; the network is DERMAOPS_DOCKER_NETWORK
+Secrets go through `private_environment` (resolved at execute time, hidden from the UI); every GPU of
+the host through `device_requests` for the GPU stages when DERMAOPS_GPU=1 (train runs one process per
+GPU it sees, with the larger /dev/shm of stages.STAGE_SHM_SIZE); the network is DERMAOPS_DOCKER_NETWORK
 ("host" by default, so a single-machine setup reaches an S3 endpoint on loopback; a compose
 deployment names its network instead). Each container is labelled with its worker and task
 instance, so none outlives its task (containers.py).

@@ -22,7 +22,8 @@ Scheduling, all from environment variables read when the DAG file is parsed (lik
 - DERMAOPS_K8S_TOLERATIONS: JSON list of tolerations (Kubernetes field names), every stage's pods;
   DERMAOPS_K8S_GPU_TOLERATIONS: added for GPU stages (default: tolerate the `nvidia.com/gpu` taint that
   GPU node pools commonly carry);
-- DERMAOPS_GPU=1 and DERMAOPS_K8S_GPUS (default 1): GPU stages get `nvidia.com/gpu: N` as a resource limit;
+- DERMAOPS_GPU=1 and DERMAOPS_K8S_GPUS (default 1): GPU stages get `nvidia.com/gpu: N` as a resource limit
+  (train then runs one process per GPU it sees: `--nproc-per-node` defaults to the visible GPUs);
 - DERMAOPS_K8S_SERVICE_ACCOUNT: the pods' service account (e.g. one bound to an IAM role for S3).
 
 GPU stages get a memory-backed /dev/shm of the stage's shm size (PyTorch DataLoader workers pass batches

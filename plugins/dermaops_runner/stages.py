@@ -11,8 +11,11 @@ from dermaops.pipeline import stage as registered_stage
 
 # The image of each kind: an explicit reference from the environment, else the locally built tag.
 IMAGE_ENV = {"data": "DERMAOPS_DATA_IMAGE", "torch": "DERMAOPS_TORCH_IMAGE"}
-# PyTorch stages get 2 GiB of /dev/shm; the data stages keep Docker's default.
+# PyTorch stages get 2 GiB of /dev/shm; the data stages keep Docker's default. Train runs one process
+# per GPU, each with DataLoader workers handing every batch through /dev/shm and NCCL's intra-host
+# buffers there too: it gets 16 GiB. /dev/shm is a tmpfs, so only what is used takes memory.
 SHM_SIZE = {"data": None, "torch": 2 * 1024**3}
+STAGE_SHM_SIZE = {"train": 16 * 1024**3}
 
 
 def _image_tag() -> str:
@@ -36,4 +39,5 @@ class StageSpec:
 def spec_for(stage: str) -> StageSpec:
     entry = registered_stage(stage)  # ValueError naming the known stages
     image = os.environ.get(IMAGE_ENV[entry.image]) or f"dermaops-{entry.image}:{_image_tag()}"
-    return StageSpec(stage, image, gpu=entry.gpu, shm_size=SHM_SIZE[entry.image], secrets=entry.secrets)
+    shm_size = STAGE_SHM_SIZE.get(stage, SHM_SIZE[entry.image])
+    return StageSpec(stage, image, gpu=entry.gpu, shm_size=shm_size, secrets=entry.secrets)

@@ -111,6 +111,7 @@ def fail(stage: str, reason: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser, mods = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a launcher starts its ranks with the same line
     setup_logging(args.log_level)
     stage = mods[args.stage]
     started = time.monotonic()

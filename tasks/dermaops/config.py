@@ -293,6 +293,24 @@ class TrainConfig(StageConfig):
     )
     num_threads: int = setting(0, "CPU threads for torch (0 = torch's default)", lo=0, hi=1024, fingerprint=False)
     device: str = setting("auto", "training device", choices=DEVICES, fingerprint=False)
+    # Not a DAG param: how many processes fit is a fact of the host the task lands on (its GPUs), not of
+    # the run; and not in the fingerprint, so a run killed on one host resumes on a host with other GPUs.
+    nproc_per_node: int | None = setting(
+        None,
+        "training processes on this host, one per GPU, under torch.distributed's elastic launcher (NCCL on "
+        "GPUs, gloo on CPU; --batch-size stays the global batch); default: the number of visible GPUs, else 1",
+        lo=1,
+        hi=64,
+        fingerprint=False,
+    )
+    loader_workers: int | None = setting(
+        None,
+        "DataLoader worker processes per training process reading the image cache (0: read in the training "
+        "process); default: the CPU cores per training process minus one, at most 8",
+        lo=0,
+        hi=64,
+        fingerprint=False,
+    )
     max_train_images: int | None = setting(
         None,
         "train on a seeded random subset of at most this many training images (quick runs, tests)",

@@ -19,15 +19,23 @@ posterior and the rare classes are predicted without any per-image reweighting.
 With `ema_decay` > 0 an exponential moving average of the weights is kept alongside the model; it is
 what validation scores and what the best checkpoints hold (so evaluate scores it too).
 
-The data is a uint8 tensor already on the training device; each step gathers a batch, augments it
-there and feeds the model: no decoding, no DataLoader workers, nothing between batches but indexing.
+The data comes through DataLoaders over the image cache's shards (`CachedImages.dataset`): worker
+processes copy each batch out of the memory-mapped shards as uint8, so memory does not grow with the
+dataset; the training process moves it to the device, augments it there and feeds the model.
+Distributed (dermaops.distributed), a DistributedSampler gives each rank its share of the same
+shuffled order, `batch_size` stays the GLOBAL batch (each of W ranks takes batch_size / W), so the
+steps per epoch, the learning-rate schedule and a checkpoint's meaning do not depend on the world
+size: a run resumes with another one. Validation is split across the ranks and gathered, so every
+rank takes the same decisions (best epoch, early stopping) from the same numbers.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -38,6 +46,7 @@ import numpy as np
 
 from dermaops.augment import augment_batch
 from dermaops.config import TrainConfig
+from dermaops.distributed import SINGLE, Dist
 from dermaops.errors import StageError
 from dermaops.metrics import classification_metrics
 from dermaops.models import model_meta, normalize, save_checkpoint, to_float
@@ -122,8 +131,42 @@ class WeightEMA:
 
 @dataclass
 class Split:
-    images: object  # uint8 tensor (N, H, W, 3) on the training device
-    labels: object  # int64 tensor (N,) on the training device
+    """A split as the loop reads it: a map-style dataset whose `__getitems__` returns a whole batch as
+    [uint8 images (B, H, W, 3), int64 labels (B,)] (imagecache.ShardDataset), and its labels."""
+
+    dataset: object
+    labels: np.ndarray  # int64 (N,)
+
+    @classmethod
+    def in_memory(cls, images, labels) -> Split:
+        """A split of uint8 images already in memory (benchmarks that time the loop without the cache)."""
+        return cls(_TensorImages(images, labels), np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels))
+
+
+class _TensorImages:
+    def __init__(self, images, labels):
+        import torch
+
+        self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices) -> list:
+        import torch
+
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return [self.images[idx.to(getattr(self.images, "device", "cpu"))], self.labels[idx.to(self.labels.device)]]
+
+
+def _batch(batch):
+    return batch  # the datasets' __getitems__ return collated batches already
+
+
+def loader_workers(cfg: TrainConfig, dist: Dist) -> int:
+    if cfg.loader_workers is not None:
+        return cfg.loader_workers
+    return max(0, min(8, (os.cpu_count() or 1) // dist.local_world_size - 1))
 
 
 def seed_everything(seed: int) -> None:
@@ -201,12 +244,14 @@ class Trainer:
         work_dir: Path,
         extra_meta: dict,
         on_saved: Callable[[str, Path], None],
+        dist: Dist = SINGLE,
     ):
         import torch
 
         from dermaops.models import build_model
 
         self.cfg, self.classes, self.train, self.val = cfg, list(classes), train, val
+        self.dist = dist
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.work_dir, self.on_saved = work_dir, on_saved
@@ -217,7 +262,7 @@ class Trainer:
         self.model = model.to(self.device, memory_format=memory_format)
         weights = None
         if cfg.class_weights:
-            counts = class_weights(train.labels.cpu().numpy(), len(classes), cfg.class_weight_power)
+            counts = class_weights(train.labels, len(classes), cfg.class_weight_power)
             weights = torch.tensor(counts, dtype=torch.float32, device=self.device)
             log.info("class weights: %s", {c: round(float(w), 3) for c, w in zip(classes, counts, strict=True)})
         ce = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
@@ -230,9 +275,69 @@ class Trainer:
         else:
             self.criterion = ce
         self.steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
+        self.net = self.model  # what the training step calls: DDP over the model when distributed (_sync)
+        self.train_loader, self.train_sampler = self._train_loader()
+        self.val_loader = self._val_loader()
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.state = TrainState()
         self._resume_blob: dict | None = None
+
+    # -- data -------------------------------------------------------------------------------
+    def _loader_args(self) -> dict:
+        in_memory = isinstance(self.train.dataset, _TensorImages)  # batches are slices of a resident tensor
+        workers = 0 if in_memory else loader_workers(self.cfg, self.dist)
+        return {
+            "num_workers": workers,
+            "collate_fn": _batch,
+            "pin_memory": self.cuda and not in_memory,
+            # Workers stay between epochs: forking them again costs more than an epoch of a small split.
+            "persistent_workers": workers > 0,
+            **({"prefetch_factor": 4} if workers > 0 else {}),
+        }
+
+    def _train_loader(self):
+        """The global batch split over the ranks. The sampler's order for epoch e is randperm(n) seeded by
+        (seed, e); rank r takes its items r, r + W, ..., so the ranks' batches of a step together are the
+        very batch one process would take, and steps per epoch = n // batch_size at any world size."""
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        n, world = len(self.train.labels), self.dist.world_size
+        global_batch = min(self.cfg.batch_size, n) // world * world
+        if global_batch == 0:
+            raise StageError(f"{n} training images cannot be shared by {world} training processes")
+        if self.cfg.batch_size % world and n >= self.cfg.batch_size:
+            raise StageError(
+                f"--batch-size {self.cfg.batch_size} is not divisible by the {world} training processes "
+                "(it is the global batch, split evenly across them)"
+            )
+        sampler = DistributedSampler(
+            self.train.dataset,
+            num_replicas=world,
+            rank=self.dist.rank,
+            shuffle=True,
+            seed=self.cfg.seed * 100_003,
+            drop_last=True,
+        )
+        loader = DataLoader(
+            self.train.dataset, batch_size=global_batch // world, sampler=sampler, drop_last=True,
+            **self._loader_args(),
+        )  # fmt: skip
+        assert len(loader) == self.steps_per_epoch, (len(loader), self.steps_per_epoch)
+        return loader, sampler
+
+    def _val_loader(self):
+        from torch.utils.data import DataLoader
+
+        shard = range(self.dist.rank, len(self.val.labels), self.dist.world_size)  # see Dist.gather_strided
+        return DataLoader(self.val.dataset, batch_size=EVAL_BATCH, sampler=shard, **self._loader_args())
+
+    def _sync(self) -> None:
+        """Every rank starts the phase from rank 0's weights and average, wrapped for this phase's gradients."""
+        self.net = self.model
+        gc.collect()  # the previous phase's DDP, whose gradient hooks must be gone before the next one's
+        self.net = self.dist.wrap(self.model, self.device)
+        if self.ema is not None:
+            self.dist.broadcast_module(self.ema.module)
 
     @property
     def scored_model(self):
@@ -271,6 +376,8 @@ class Trainer:
     def _save_last(self, optimizer, scheduler) -> None:
         import torch
 
+        if not self.dist.primary:
+            return  # every rank holds the same state; rank 0 alone writes it
         path = self.work_dir / "checkpoints" / "last.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {
@@ -290,6 +397,8 @@ class Trainer:
         self.on_saved("checkpoints/last.pt", path)
 
     def _save_best(self, name: str, row: dict) -> None:
+        if not self.dist.primary:
+            return
         meta = {**self.meta, "phase": row["phase"], "epoch": row["epoch"], "val": _val_metrics(row)}
         path = save_checkpoint(self.work_dir / name, self.scored_model, meta)
         self.on_saved(name, path)
@@ -331,6 +440,7 @@ class Trainer:
                 scheduler.load_state_dict(blob["scheduler_state"])
             else:
                 self._enter_phase(phase)
+            self._sync()
             blob = None
             while st.phase_epoch < n_epochs:
                 row = self._epoch(phase, learn, optimizer, scheduler)
@@ -342,7 +452,7 @@ class Trainer:
         st = self.state
         if phase == 2:
             best1 = self.work_dir / "cnn_phase1.pt"
-            if best1.exists():
+            if best1.exists():  # on rank 0, which wrote it; _sync hands its weights to the other ranks
                 from dermaops.models import load_checkpoint
 
                 best_model, _ = load_checkpoint(best1)
@@ -398,24 +508,23 @@ class Trainer:
         import torch
 
         cfg = self.cfg
-        n = len(self.train.labels)
-        shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=shuffle).to(self.device)
-        aug_rng = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_019 + epoch)
+        self.train_sampler.set_epoch(epoch)  # the shuffle of epoch e is seeded by (seed, e): resumable
+        # Rank 0 draws what a single process would; the others their own stream.
+        aug_seed = cfg.seed * 100_019 + epoch + 1_000_003 * self.dist.rank
+        aug_rng = torch.Generator(device=self.device).manual_seed(aug_seed)
         self._train_mode(learn)
         loss_sum = torch.zeros((), device=self.device)
         preds, targets = [], []
         started = last_log = time.monotonic()
         steps = self.steps_per_epoch
-        for step in range(steps):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = to_float(self.train.images[idx])
+        for step, (images, labels) in enumerate(self.train_loader):
+            x = to_float(images.to(self.device, non_blocking=True))
             if cfg.augment:
                 x = augment_batch(x, aug_rng)
             x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=self.cuda)
-            y = self.train.labels[idx]
+            y = labels.to(self.device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-                logits = self.model(x)
+                logits = self.net(x)
             loss = self.criterion(logits.float(), y)
             self._check_finite(loss, phase, epoch, step)
             optimizer.zero_grad(set_to_none=True)
@@ -424,21 +533,24 @@ class Trainer:
             scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.model)
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(y)
             preds.append(logits.detach().argmax(1))
             targets.append(y)
             now = time.monotonic()
             if now - last_log >= PROGRESS_EVERY_S:
                 last_log = now
-                rate = (step + 1) * cfg.batch_size / (now - started)
+                rate = (step + 1) * len(y) * self.dist.world_size / (now - started)
                 eta = (now - started) / (step + 1) * (self._remaining_steps(phase) - step - 1)
                 log.info("epoch %d (phase %d) step %d/%d: %.0f images/s, ETA %s",
                          epoch, phase, step + 1, steps, rate, _duration(eta))  # fmt: skip
         if self.cuda:
             torch.cuda.synchronize()
         seconds = time.monotonic() - started
-        seen = steps * cfg.batch_size if n >= cfg.batch_size else n
-        y_true, y_pred = torch.cat(targets).cpu().numpy(), torch.cat(preds).cpu().numpy()
+        # Every rank's share: the loss, predictions and throughput are the whole job's.
+        self.dist.all_reduce_sum(loss_sum)
+        y_true = self.dist.all_gather_cat(torch.cat(targets)).cpu().numpy()
+        y_pred = self.dist.all_gather_cat(torch.cat(preds)).cpu().numpy()
+        seen = len(y_true)
         train_m = metrics(y_true, y_pred, self.classes)
         return {
             "train_loss": float(loss_sum.item() / seen),
@@ -467,7 +579,7 @@ class Trainer:
         started, epoch = time.monotonic(), self.state.epoch + 1
         trained = self.train_epoch(phase, epoch, learn, optimizer, scheduler)
         train_seconds = trained.pop("train_seconds")
-        val_loss, val_m = self.evaluate(self.val, self.scored_model)
+        val_loss, val_m = self.evaluate(self.scored_model)
         row = {
             "phase": phase,
             "epoch": epoch,
@@ -487,24 +599,25 @@ class Trainer:
         )  # fmt: skip
         return row
 
-    def evaluate(self, split: Split, model=None) -> tuple[float, dict]:
-        """Plain (unweighted) cross-entropy and metrics of a model (default: the one training) on a split."""
+    def evaluate(self, model=None) -> tuple[float, dict]:
+        """Plain (unweighted) cross-entropy and metrics of a model (default: the one training) on the validation
+        split. Each rank scores its share; the logits are gathered, so every rank computes the same numbers."""
         import torch
         import torch.nn.functional as F
 
         model = self.model if model is None else model
         model.eval()
-        loss_sum, preds = 0.0, []
+        parts = []
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            for start in range(0, len(split.labels), EVAL_BATCH):
-                x = to_float(split.images[start : start + EVAL_BATCH])
-                x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=self.cuda)
-                y = split.labels[start : start + EVAL_BATCH]
-                logits = model(x).float()
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                preds.append(logits.argmax(1))
-        y_pred = torch.cat(preds).cpu().numpy()
-        return loss_sum / len(split.labels), metrics(split.labels.cpu().numpy(), y_pred, self.classes)
+            for images, _ in self.val_loader:
+                x = normalize(to_float(images.to(self.device)), self.meta["mean"], self.meta["std"], self.cuda)
+                parts.append(model(x).float())
+            n = len(self.val.labels)
+            empty = torch.empty((0, len(self.classes)), device=self.device)
+            logits = self.dist.gather_strided(torch.cat(parts) if parts else empty, n)
+            y = torch.as_tensor(self.val.labels, device=self.device)
+            loss = float(F.cross_entropy(logits, y, reduction="sum")) / n
+        return loss, metrics(self.val.labels, logits.argmax(1).cpu().numpy(), self.classes)
 
 
 def _val_metrics(row: dict) -> dict:

@@ -25,6 +25,13 @@ curves_{loss,accuracy,f1}.png, checkpoints/last.pt (written every epoch), manife
 A re-run after a crash resumes from checkpoints/last.pt ("resuming from epoch N"), with or without
 --force: --force only makes a FINISHED training start over (the DAG's force_retrain), so an
 orchestrator retry of a forced run still resumes.
+
+Batches come from DataLoader workers reading the image cache's shards, so memory stays flat however
+large the split. With --nproc-per-node N > 1 (default: one process per visible GPU) this process checks
+the inputs, prefetches the cache and launches N ranks of the same command (dermaops.distributed):
+DistributedDataParallel over NCCL on GPUs, gloo on CPU. Rank 0 alone writes checkpoints and outputs
+and publishes; the checkpoint holds the global epoch and --batch-size is the global batch, so a run
+killed with N processes resumes with any other number.
 """
 
 from __future__ import annotations
@@ -33,14 +40,15 @@ import argparse
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dermaops import distributed
 from dermaops.config import TrainConfig
 from dermaops.dataset import CLASSES
 from dermaops.errors import StageError
 from dermaops.models import imagenet_weights_path
-from dermaops.stage import fingerprint, read_manifest, skipped
+from dermaops.stage import Context, Output, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
 
 HELP = "two-phase ResNet training (frozen backbone/head, then fine-tune the last block); resumable"
@@ -98,47 +106,109 @@ def _calibrate(path, val_images, val_df, train_df, tta: bool, device) -> dict:
     return fitted["logit_adjustment"]
 
 
-def run(args, ctx) -> dict:
-    cfg: TrainConfig = args.config
-    _check_locations(args, cfg)
-    import numpy as np
-    import torch
+@dataclass
+class Inputs:
+    split_uri: S3Uri
+    out: Output
+    done: dict | None  # the manifest of a finished training with the same inputs
+    train_df: object
+    val_df: object
+    dataset: object
+    cache: object  # imagecache.CachedImages
 
+
+def _inputs(args, cfg: TrainConfig, ctx, cache_ctx) -> Inputs:
+    """Everything the training reads, checked; the image cache's shards of both splits in cache_ctx's scratch."""
     from dermaops.dataset import Dataset
-    from dermaops.imagecache import cache_uri, load_images
-    from dermaops.models import pick_device
-    from dermaops.plots import plot_history
+    from dermaops.imagecache import load_images
     from dermaops.split_files import read_split_csv
-    from dermaops.training import Split, Trainer
 
-    started = time.monotonic()
     split_uri = S3Uri.parse(args.split)
     split_manifest = read_manifest(ctx.store, split_uri, "split")
     if cfg.pretrained.startswith("s3://") and not ctx.store.exists(cfg.pretrained):
         raise StageError(f"--pretrained {cfg.pretrained}: no such object")
-    device = pick_device(cfg.device)
     fp = fingerprint(split=args.split, split_fingerprint=split_manifest.get("fingerprint"), **cfg.fingerprint_inputs())
     out = ctx.output(args.out, "train", fp)
     done = out.finished()
     if done and not args.force:
-        log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", out.prefix)
-        return skipped(done)
-
+        return Inputs(split_uri, out, done, None, None, None, None)
     train_df = read_split_csv(ctx.store, split_uri, "train", split_manifest)
     val_df = read_split_csv(ctx.store, split_uri, "val", split_manifest)
     if cfg.max_train_images is not None and len(train_df) > cfg.max_train_images:
         train_df = train_df.sample(n=cfg.max_train_images, random_state=cfg.seed).sort_index()
+    dataset = Dataset.open(ctx.store, split_manifest["summary"]["dataset_uri"], ctx.scratch)
+    cache = load_images(cache_ctx, dataset, cfg.image_size)
+    cache.positions([*train_df["image_id"], *val_df["image_id"]])  # fetches (and verifies) their shards
+    return Inputs(split_uri, out, done, train_df, val_df, dataset, cache)
+
+
+def _launch(args, cfg: TrainConfig, ctx, device: str, nproc: int) -> dict:
+    """Check the inputs and fill the cache here, once, then run the training as `nproc` ranks."""
+    if device == "cuda" and nproc > (gpus := distributed.visible_gpus()):
+        raise StageError(f"--nproc-per-node {nproc}: only {gpus} GPUs are visible (one process per GPU)")
+    if cfg.batch_size % nproc:
+        raise StageError(
+            f"--batch-size {cfg.batch_size} is not divisible by --nproc-per-node {nproc} "
+            "(it is the global batch, split evenly across the processes)"
+        )
+    inputs = _inputs(args, cfg, ctx, ctx)
+    if inputs.done and not args.force:
+        log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", inputs.out.prefix)
+        return skipped(inputs.done)
+    summary = distributed.launch(args.argv, nproc, ctx.scratch)
+    return {key: value for key, value in summary.items() if key not in ("stage", "status", "seconds")}
+
+
+def run(args, ctx) -> dict:
+    cfg: TrainConfig = args.config
+    _check_locations(args, cfg)
+    from dermaops.models import pick_device
+
+    started = time.monotonic()
+    device = pick_device(cfg.device)
+    dist = distributed.from_env()
+    if dist is None:
+        nproc = cfg.nproc_per_node or distributed.visible_gpus() or 1
+        if nproc > 1:
+            return _launch(args, cfg, ctx, device, nproc)
+        dist = distributed.SINGLE
+    try:
+        return _train(args, cfg, ctx, dist, device, started)
+    except StageError as exc:
+        distributed.report_error(exc)
+        raise
+    finally:
+        distributed.shutdown(dist)
+
+
+def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> dict:
+    import numpy as np
+    import torch
+
+    from dermaops.imagecache import cache_uri
+    from dermaops.plots import plot_history
+    from dermaops.training import Split, Trainer
+
+    device = distributed.device_for(dist, device)
+    distributed.init(dist, device)
+    cache_ctx = Context(ctx.store, distributed.cache_scratch(ctx.scratch))
+    inputs = _inputs(args, cfg, ctx, cache_ctx)
+    out, done, train_df, val_df, dataset, cache = (
+        inputs.out, inputs.done, inputs.train_df, inputs.val_df, inputs.dataset, inputs.cache
+    )  # fmt: skip
+    split_uri = inputs.split_uri
+    if done and not args.force:
+        log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", out.prefix)
+        return skipped(done)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-
-    dataset_uri = split_manifest["summary"]["dataset_uri"]
-    dataset = Dataset.open(ctx.store, dataset_uri, ctx.scratch)
-    cache = load_images(ctx, dataset, cfg.image_size)
+    elif dist.distributed and not device.startswith("cuda"):
+        # CPU ranks share the host's cores (torchrun sets OMP_NUM_THREADS=1 for the same reason).
+        torch.set_num_threads(max(1, torch.get_num_threads() // dist.local_world_size))
 
     def to_split(frame) -> Split:
-        images = torch.from_numpy(cache.rows(frame["image_id"].tolist())).to(device)
-        labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.int64, device=device)
-        return Split(images, labels)
+        labels = frame["label"].to_numpy()
+        return Split(cache.dataset(frame["image_id"].tolist(), labels), labels)
 
     # Local files of an earlier attempt are never trusted: a resume takes its state from S3 alone.
     work = ctx.scratch / "train" / out.fingerprint[:16]
@@ -146,7 +216,8 @@ def run(args, ctx) -> dict:
     work.mkdir(parents=True)
 
     def upload(name, path):
-        out.put_file(name, path, content_type="application/octet-stream")
+        if dist.primary:  # the Trainer saves on rank 0 only; this keeps the one writer explicit
+            out.put_file(name, path, content_type="application/octet-stream")
 
     extra_meta = {
         "dataset_version": dataset.version,
@@ -154,20 +225,28 @@ def run(args, ctx) -> dict:
         "image_cache": str(cache_uri(dataset, cfg.image_size)),
         "fingerprint": out.fingerprint,
     }
-    trainer = Trainer(cfg, list(CLASSES), to_split(train_df), to_split(val_df), device, work, extra_meta, upload)
+    trainer = Trainer(cfg, list(CLASSES), to_split(train_df), to_split(val_df), device, work, extra_meta, upload, dist)
 
-    # Inputs are all good: from here on the output prefix changes.
-    out.unpublish()
-    if done:  # --force on a finished training starts over instead of resuming the finished one.
-        for name in (CHECKPOINT, *BEST_FILES.values()):
-            if ctx.store.exists(out.uri(name)):
-                ctx.store.delete(out.uri(name))
+    # Inputs are all good: from here on the output prefix changes (rank 0 alone writes it).
+    if dist.primary:
+        out.unpublish()
+        if done:  # --force on a finished training starts over instead of resuming the finished one.
+            for name in (CHECKPOINT, *BEST_FILES.values()):
+                if ctx.store.exists(out.uri(name)):
+                    ctx.store.delete(out.uri(name))
+    dist.barrier()  # no rank reads a checkpoint that rank 0 is about to delete
     resumed = _resume(ctx, out, trainer, work)
     log.info(
-        "training %s at %d px (stem %s) on %s: %d train / %d val images, %d steps per epoch",
-        cfg.arch, cfg.image_size, trainer.meta["stem"], device, len(train_df), len(val_df), trainer.steps_per_epoch,
+        "training %s at %d px (stem %s) on %s%s: %d train / %d val images, %d steps per epoch",
+        cfg.arch, cfg.image_size, trainer.meta["stem"], device,
+        f" x {dist.world_size} processes" if dist.distributed else "", len(train_df), len(val_df),
+        trainer.steps_per_epoch,
     )  # fmt: skip
     state = trainer.run()
+    dist.barrier()
+    distributed.shutdown(dist)
+    if not dist.primary:
+        return {"rank": dist.rank, "epochs_run": len(state.history)}
 
     adjustment = None
     val_images = cache.rows(val_df["image_id"].tolist())
@@ -202,7 +281,8 @@ def run(args, ctx) -> dict:
         "arch": cfg.arch,
         "image_size": cfg.image_size,
         "stem": trainer.meta["stem"],
-        "device": device,
+        "device": device.split(":")[0],
+        "world_size": dist.world_size,
         "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
         "resumed": resumed,
         "logit_adjustment": adjustment,
@@ -215,4 +295,5 @@ def run(args, ctx) -> dict:
         "train_seconds": round(time.monotonic() - started, 1),
     }
     out.publish(summary, split_uri=str(split_uri), config={"split": args.split, "out": args.out, **asdict(cfg)})
+    distributed.report_summary(summary)
     return summary
