@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     def split(name):
         x, y = parts[name]
-        return Split(torch.from_numpy(x), torch.from_numpy(y).long())
+        return Split.in_memory(torch.from_numpy(x), torch.from_numpy(y).long())
 
     work = Path(tempfile.mkdtemp(prefix=f"recipe-{args.name}-", dir=args.out))
     trainer = Trainer(cfg, classes, split("train"), split("val"), "cpu", work, {}, lambda *_: None)

@@ -244,7 +244,9 @@ def test_the_logit_adjusted_loss_learns_the_balanced_posterior_and_plain_cross_e
     fitted = {}
     for tau in (0.0, 1.0):
         cfg = TrainConfig(arch="resnet18", image_size=8, class_weights=False, loss_tau=tau)
-        trainer = Trainer(cfg, classes, Split(images, labels), Split(images, labels), "cpu", tmp_path, {}, print)
+        trainer = Trainer(
+            cfg, classes, Split.in_memory(images, labels), Split.in_memory(images, labels), "cpu", tmp_path, {}, print
+        )
         logits = torch.zeros(3, requires_grad=True)
         optimizer = torch.optim.SGD([logits], lr=1.0)
         for _ in range(500):

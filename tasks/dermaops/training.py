@@ -268,7 +268,7 @@ class Trainer:
         ce = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
         if cfg.loss_tau > 0:
             shift = torch.tensor(
-                cfg.loss_tau * log_prior(train.labels.cpu().numpy(), len(classes)), dtype=torch.float32,
+                cfg.loss_tau * log_prior(np.asarray(train.labels), len(classes)), dtype=torch.float32,
                 device=self.device,
             )  # fmt: skip
             self.criterion = lambda logits, y: ce(logits + shift, y)
