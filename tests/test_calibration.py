@@ -42,6 +42,17 @@ def test_temperature_scaling_recovers_a_known_temperature_and_fixes_calibration(
     assert (scale(logits, temperature).argmax(1) == logits.argmax(1)).all()
 
 
+def test_an_uninformative_model_gets_the_bound_temperature_not_a_failure():
+    """Labels independent of the logits: the NLL optimum is T -> infinity (uniform); the fit stores the
+    upper bound, the constrained optimum (NLL is convex in 1/T), instead of failing the training."""
+    from dermaops.calibration import TEMPERATURE_RANGE
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2_000, 7)) * 3
+    labels = rng.integers(0, 7, size=2_000)
+    assert fit_temperature(logits, labels) == TEMPERATURE_RANGE[1]
+
+
 def test_ece_and_reliability_bins_by_hand():
     # Two bins used (15 equal-width bins): 4 images at confidence 0.9 with 3 right, 2 at 0.5 with 2 right.
     proba = np.array([[0.9, 0.1]] * 4 + [[0.5, 0.5]] * 2)

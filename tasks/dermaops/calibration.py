@@ -18,13 +18,17 @@ The stored facts are `temperature` and `mel_threshold` in the checkpoint's meta;
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 ECE_BINS = 15
-# Outside these the fit has run away (a degenerate validation split): refuse rather than store it.
+# The temperatures a fit may store. A model whose validation predictions carry no information (an
+# undertrained one) has its NLL optimum at T -> infinity (the uniform distribution); NLL is convex in
+# 1/T, so the bound nearest the optimum is the constrained optimum, and that is what is stored.
 TEMPERATURE_RANGE = (0.05, 20.0)
 
 
@@ -53,8 +57,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100)
     optimizer.step(closure)
     temperature = float(log_t.detach().exp())
     low, high = TEMPERATURE_RANGE
-    if not math.isfinite(temperature) or not low <= temperature <= high:
-        raise ValueError(f"temperature fit ran away to {temperature} (allowed {low}..{high})")
+    if math.isnan(temperature):
+        raise ValueError("the temperature fit gave NaN: the validation logits are not finite")
+    if not low <= temperature <= high:
+        bound = min(max(temperature, low), high)
+        log.warning("temperature fit optimum %.4g is outside %g..%g; stored at %g", temperature, low, high, bound)
+        return bound
     return temperature
 
 
