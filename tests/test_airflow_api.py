@@ -100,13 +100,17 @@ def airflow_services(tmp_path, s3_server, bucket):
 
 def wait_for(what: str, check, services: Services, timeout: float, every: float = 2.0):
     deadline = time.monotonic() + timeout
+    last = None
     while time.monotonic() < deadline:
         services.check_alive()
-        result = check()
+        try:
+            result = check()
+        except requests.RequestException as exc:  # the API server busy on a loaded machine: poll again
+            result, last = None, exc
         if result:
             return result
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last})")
 
 
 def get_token(base: str) -> str | None:
