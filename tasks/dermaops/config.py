@@ -617,8 +617,8 @@ def recipe_values(params: typing.Mapping[str, Any]) -> dict[str, Any]:
     return {name: resolve(params, name) for name in recipe_param_names()}
 
 
-def recipe_arg(text: str) -> dict[str, Any]:
-    """argparse type of `--recipe`: a JSON object of recipe params (what the DAG renders from its params)."""
+def json_object_arg(text: str) -> dict:
+    """argparse type of a flag that takes a JSON object (the DAG renders these from params and XCom)."""
     import json
 
     try:
@@ -626,7 +626,13 @@ def recipe_arg(text: str) -> dict[str, Any]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object of recipe params, got {type(value).__name__}")
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def recipe_arg(text: str) -> dict[str, Any]:
+    """argparse type of `--recipe`: a JSON object of recipe params (what the DAG renders from its params)."""
+    value = json_object_arg(text)
     unknown = sorted(set(value) - set(recipe_param_names()))
     if unknown:
         allowed = ", ".join(recipe_param_names())

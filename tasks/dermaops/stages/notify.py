@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 from dataclasses import asdict
 
 from dermaops import slack
+from dermaops.config import json_object_arg
 from dermaops.run_report import build_report, render_markdown, slack_message
 from dermaops.stage import fingerprint, skipped
 from dermaops.store import S3Uri
@@ -27,16 +27,6 @@ from dermaops.store import S3Uri
 HELP = "report the run: markdown report on S3 and a Slack message"
 REPORT = "report.md"
 log = logging.getLogger(__name__)
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _timestamp(text: str) -> dt.datetime:
@@ -52,13 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dag-id", default="dermaops_ham10000", help="the DAG the run belongs to")
     parser.add_argument(
         "--states",
-        type=_json_object,
+        type=json_object_arg,
         required=True,
         help='JSON object {task_id: state} of the run\'s tasks, e.g. {"ingest": "success", "train": "failed"}',
     )
     parser.add_argument(
         "--results",
-        type=_json_object,
+        type=json_object_arg,
         default={},
         help='JSON object {task_id: {"summary": <stage JSON summary or null>, "error": <one-line error or null>}}',
     )
