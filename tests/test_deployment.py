@@ -298,14 +298,16 @@ def test_the_deployment_end_to_end(stack, compose_logs, s3, slack, tmp_path, pac
         run_seconds = time.monotonic() - triggered
         tis = task_instances(api, stack, run_id)
         states = {t: ti["state"] for t, ti in tis.items()}
-        if run["state"] != "success":
-            failed = [t for t, state in states.items() if state not in ("success", "skipped")]
+        # A failed teardown (notify) leaves the run a success: every task's state is checked, and the
+        # log tail of each one that did not succeed goes into the message.
+        failed = [t for t, state in states.items() if state != "success"]
+        if run["state"] != "success" or failed:
             tails = {t: task_log(api, stack, run_id, t, tis[t]["try_number"])[-4000:] for t in failed}
             raise AssertionError(
                 f"run {run_id} ended {run['state']}: {states}\n"
                 + "\n".join(f"--- {t} try {tis[t]['try_number']} ---\n{tail}" for t, tail in tails.items())
             )
-        assert set(states) == set(STAGES) and set(states.values()) == {"success"}, states
+        assert set(states) == set(STAGES), states
 
         browser.get(f"{stack.url}/dags/{DAG_ID}/runs/{run_id}")
         time.sleep(3)

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -41,12 +43,19 @@ def docker_bridge_gateway() -> str:
     """The host's address on Docker's default bridge: every container on this engine reaches it
     (host-gateway), nothing off this host does. The Slack stand-in listens there."""
     out = subprocess.run(
-        ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"],
+        ["docker", "network", "inspect", "bridge", "--format", "{{json (index .IPAM.Config 0)}}"],
         capture_output=True,
         text=True,
         check=True,
     )
-    return out.stdout.strip()
+    ipam = json.loads(out.stdout)
+    # A freshly started engine may list only the subnet: its gateway is then the subnet's first host
+    # (what dockerd gives docker0). An empty host would make the stand-in listen on every interface.
+    if ipam.get("Gateway"):
+        return ipam["Gateway"]
+    if ipam.get("Subnet"):
+        return str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
+    raise AssertionError(f"Docker's bridge network has neither a gateway nor a subnet: {out.stdout.strip()}")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
