@@ -364,7 +364,7 @@ def test_the_deployment_end_to_end(stack, compose_logs, s3, slack, tmp_path, pac
         url = f"{stack.url}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}"
         rendered = json.dumps(api.get(url, timeout=10).json()["rendered_fields"])
         exposed += [(f"rendered {task_id}", name) for name, value in secrets.items() if value in rendered]
-    for task_id in STAGES:
+    for task_id in (t for t in STAGES if t not in WITHOUT_APPROVAL):  # the skipped ones never ran: no log
         for n in range(1, tis[task_id]["try_number"] + 1):
             text = first if (task_id, n) == ("train", 1) else task_log(api, stack, run_id, task_id, n)
             exposed += [(f"log {task_id} try {n}", name) for name, value in secrets.items() if value in text]
