@@ -12,12 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import os
 
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Asset, Param, TriggerRule
 from dermaops.config import dag_argv, param_names, param_schema
 from dermaops.pipeline import PIPELINE
 from dermaops_runner import stage_task
 from dermaops_runner.alerts import alert_dag_failure
+from dermaops_runner.approval import APPROVE, REJECT, SlackApprovalRequest, approval_needed
 from dermaops_runner.templating import MACROS, retrain_needed
 
 DAG_ID = "dermaops_ham10000"
@@ -49,7 +51,8 @@ PARAMS = {name: _param(name) for name in param_names()}
 DOC = f"""
 # DermaOps: HAM10000 retraining
 
-`ingest → validate → split → changes → retrain_needed → {{train_baseline, train}} → evaluate → notify`
+`ingest → validate → split → changes → retrain_needed → {{train_baseline, train}} → evaluate → approval_needed
+→ approve → promote → notify`
 
 Every task runs one stage, `python -m dermaops <stage> [flags]`, in a container (or a subprocess with
 `DERMAOPS_RUNNER=local`). The trigger form's parameters become the stages' flags. Stages exchange
@@ -68,6 +71,13 @@ training param left blank takes the recipe's value; a value typed in overrides i
 training params as resolved) with the champion's; when both are equal, `retrain_needed` short-circuits
 `train_baseline`, `train` and `evaluate` (skipped) and notify says "no new data; champion unchanged".
 `force_retrain` trains anyway.
+
+**Human approval.** With `require_approval`, a challenger that passes the gate is not promoted by
+evaluate: `approve` waits for a reviewer (Browse → Required Actions, the run's `approve` task, or the
+REST API), Slack gets the link, and `promote` applies the answer: Approve writes champion.json and the
+model card, Reject records the rejection with the reviewer and the comment in the registry history.
+Without it, or when the gate refuses, `approval_needed` skips `approve` and `promote`. While a run
+waits, the next weekly run queues behind it (one active run).
 
 **Schedule.** Weekly, Monday 03:00 UTC, without catch-up: unpausing the DAG starts a run for the latest
 weekly interval at once, and then one run a week.
@@ -176,6 +186,47 @@ with DAG(
         ],
         outlets=[CHAMPION_ASSET],
     )
+    # Only a challenger that evaluate left awaiting approval (require_approval and the gate passed) gets the
+    # approval task; otherwise approve and promote are skipped and notify (all_done) reports evaluate's decision.
+    approval = ShortCircuitOperator(
+        task_id="approval_needed",
+        python_callable=approval_needed,
+        ignore_downstream_trigger_rules=False,
+        retries=0,
+        doc_md="Short-circuits the approval when evaluate's gate did not leave a challenger awaiting approval.",
+    )
+    approve = HITLOperator(
+        task_id="approve",
+        subject="Promote the challenger of run {{ run_id }} to champion?",
+        body="{{ dermaops_approval_body(ti) }}",
+        options=[APPROVE, REJECT],
+        params={
+            "comment": Param(
+                "",
+                type=["string", "null"],
+                title="Comment",
+                description="Why you approve or reject: recorded with your name in the registry's decision history.",
+            )
+        },
+        notifiers=[SlackApprovalRequest()],
+        retries=0,
+        doc_md="Waits for a reviewer's Approve or Reject (Required Actions, or the REST API's hitlDetails).",
+    )
+    promote = stage_task(
+        "promote",
+        [
+            "--registry",
+            REGISTRY,
+            "--run-id",
+            "{{ run_id }}",
+            # --flag=value items: an empty answer still renders as one item, which promote names in its error.
+            "--decision={{ dermaops_approval(ti, 'decision') }}",
+            "--reviewer={{ dermaops_approval(ti, 'reviewer') }}",
+            "--comment={{ dermaops_approval(ti, 'comment') }}",
+            "--responded-at={{ dermaops_approval(ti, 'responded_at') }}",
+        ],
+        outlets=[CHAMPION_ASSET],
+    )
     notify = stage_task(
         "notify",
         [
@@ -198,4 +249,5 @@ with DAG(
     # failure callback) even though notify, which reports the failure, succeeds.
     notify.is_teardown = True
 
-    ingest >> validate >> split >> changes >> retrain >> [train_baseline, train] >> evaluate >> notify
+    ingest >> validate >> split >> changes >> retrain >> [train_baseline, train] >> evaluate
+    evaluate >> approval >> approve >> promote >> notify

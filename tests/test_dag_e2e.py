@@ -28,6 +28,8 @@ from tests.support.airflow_env import AIRFLOW, ROOT
 from tests.support.slack_api import CHANNEL, TOKEN, block_text
 
 STAGES = ("ingest", "validate", "split", "changes", "retrain_needed", "train_baseline", "train", "evaluate")
+# Without require_approval (the default) the approval short circuit skips the approval and promote.
+NO_APPROVAL = {"approval_needed": "success", "approve": "skipped", "promote": "skipped"}
 # Tiny but real: resnet18 at 28 px, one epoch per phase on a subset, a small forest. A model trained on a
 # subset is never promoted (allow_subset_promotion is off): the run succeeds and says why it was refused.
 QUICK_CONF = {
@@ -73,7 +75,7 @@ def dag_env(s3_server, slack_api, bucket) -> dict[str, str]:
 
 def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: str, n_images: int) -> None:
     assert airflow_env.run_state(run_id) == "success"
-    assert airflow_env.task_states(run_id) == {t: "success" for t in (*STAGES, "notify")}
+    assert airflow_env.task_states(run_id) == {**{t: "success" for t in (*STAGES, "notify")}, **NO_APPROVAL}
     runs = bucket.join("runs", run_key(run_id))
     xcom = airflow_env.xcoms(run_id)
 
@@ -189,6 +191,9 @@ def test_unchanged_data_and_recipe_skip_training_unless_forced(
         "train_baseline": "skipped",
         "train": "skipped",
         "evaluate": "skipped",
+        "approval_needed": "skipped",
+        "approve": "skipped",
+        "promote": "skipped",
         "notify": "success",
     }
     xcom = airflow_env.xcoms(run_id)
@@ -244,6 +249,9 @@ def test_invalid_data_stops_before_training_and_is_reported(
         "train_baseline": "upstream_failed",
         "train": "upstream_failed",
         "evaluate": "upstream_failed",
+        "approval_needed": "upstream_failed",
+        "approve": "upstream_failed",
+        "promote": "upstream_failed",
         "notify": "success",
     }, proc.stdout[-8000:]
     with airflow_env.db() as conn:

@@ -15,6 +15,8 @@ from dermaops.pipeline import STAGES as REGISTRY
 from tests.support.airflow_env import ROOT, airflow_base_env
 
 STAGES = tuple(s.name for s in REGISTRY if s.dag == "retrain")
+# The DAG's tasks that are not stages: two short circuits and the human-in-the-loop approval.
+NON_STAGES = ("retrain_needed", "approval_needed", "approve")
 TORCH_STAGES = tuple(s.name for s in REGISTRY if s.dag == "retrain" and s.image == "torch")
 
 
@@ -65,7 +67,7 @@ def docker_dag(airflow_config, monkeypatch):
 
 def test_dag_shape_schedule_and_docs(docker_dag):
     dag = docker_dag
-    assert set(dag.task_ids) == {*STAGES, "retrain_needed"}
+    assert set(dag.task_ids) == {*STAGES, *NON_STAGES}
     downstream = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
     assert downstream == {
         "ingest": {"validate"},
@@ -75,7 +77,10 @@ def test_dag_shape_schedule_and_docs(docker_dag):
         "retrain_needed": {"train_baseline", "train"},
         "train_baseline": {"evaluate"},
         "train": {"evaluate"},
-        "evaluate": {"notify"},
+        "evaluate": {"approval_needed"},
+        "approval_needed": {"approve"},
+        "approve": {"promote"},
+        "promote": {"notify"},
         "notify": set(),
     }
     assert dag.schedule == "0 3 * * 1"
@@ -87,6 +92,26 @@ def test_dag_shape_schedule_and_docs(docker_dag):
     gate = dag.get_task("retrain_needed")
     assert type(gate).__name__ == "ShortCircuitOperator" and gate.ignore_downstream_trigger_rules is False
     assert dag.get_task("evaluate").trigger_rule == "all_success"
+    # Human approval: skipped (Airflow's short circuit) unless evaluate left a challenger awaiting it.
+    approval = dag.get_task("approval_needed")
+    assert type(approval).__name__ == "ShortCircuitOperator" and approval.ignore_downstream_trigger_rules is False
+    assert dag.get_task("promote").trigger_rule == "all_success"
+
+
+def test_the_approval_task_is_a_hitl_operator_that_leaves_the_answer_to_promote(docker_dag):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
+    from dermaops_runner.approval import SlackApprovalRequest
+
+    approve = docker_dag.get_task("approve")
+    # Not ApprovalOperator: its Reject would skip promote, which records the rejection in the registry.
+    assert isinstance(approve, HITLOperator) and not isinstance(approve, ApprovalOperator)
+    assert approve.options == ["Approve", "Reject"] and approve.multiple is False and approve.defaults is None
+    assert list(approve.params.keys()) == ["comment"]  # only the form field, not the DAG's params
+    assert "null" in approve.params.get_param("comment").schema["type"]  # a comment is optional
+    assert [type(n) for n in approve.notifiers] == [SlackApprovalRequest]
+    # Its rendered fields: the request's subject and body, built from evaluate's summary, nothing else.
+    assert set(approve.template_fields) == {"subject", "body"}
+    assert approve.retries == 0
 
 
 def test_retries_and_delays_follow_the_design_table(docker_dag):
@@ -203,10 +228,12 @@ def test_dag_survives_serialization(docker_dag):
     from airflow.serialization.serialized_objects import DagSerialization
 
     restored = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(docker_dag))
-    assert set(restored.task_ids) == {*STAGES, "retrain_needed"}
+    assert set(restored.task_ids) == {*STAGES, *NON_STAGES}
     assert restored.get_task("notify").is_teardown
     assert [a.uri for a in restored.get_task("ingest").outlets] == ["s3://lesions/datasets/ham10000"]
-    assert [a.uri for a in restored.get_task("evaluate").outlets] == ["s3://lesions/registry/ham10000/champion.json"]
+    for task_id in ("evaluate", "promote"):  # both may write champion.json
+        assert [a.uri for a in restored.get_task(task_id).outlets] == ["s3://lesions/registry/ham10000/champion.json"]
+    assert restored.get_task("approve").task_type == "HITLOperator"
 
 
 def test_summary_is_found_even_when_a_stderr_line_follows_it():
@@ -295,3 +322,58 @@ def test_unpausing_and_recipes_are_explained_where_the_user_triggers(docker_dag)
     assert "unpausing the DAG starts a run for the latest" in docker_dag.doc_md
     epochs = docker_dag.params.get_param("epochs").description
     assert "frozen backbone" in epochs and "whole network" in epochs  # both cases, not just one
+
+
+class _AnsweredApproval:
+    """The run-time side of the templates: what `ti.xcom_pull` returns on the worker (XComs of this run)."""
+
+    def __init__(self, xcoms: dict):
+        self.xcoms = xcoms
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value"):
+        return self.xcoms.get(task_ids)
+
+
+def test_require_approval_and_the_reviewers_answer_reach_the_stages(docker_dag):
+    """require_approval becomes evaluate's --require-approval; the HITL task's XCom (the reviewer's answer)
+    becomes promote's flags, parsed by promote's own parser; no answer renders a flag promote refuses."""
+    import datetime as dt
+
+    from dermaops.cli import build_parser
+    from dermaops_runner.approval import approval_needed
+    from dermaops_runner.templating import MACROS
+
+    parser, _ = build_parser()
+    defaults = {name: docker_dag.params.get_param(name).value for name in docker_dag.params.keys()}
+    assert defaults["require_approval"] is False
+    off = parser.parse_args(["evaluate", *_render_argv(docker_dag, "evaluate", defaults)])
+    on = parser.parse_args(["evaluate", *_render_argv(docker_dag, "evaluate", {**defaults, "require_approval": True})])
+    assert (off.require_approval, on.require_approval) == (False, True)
+
+    env = docker_dag.get_template_env()
+    promote = docker_dag.get_task("promote")
+    answer = {
+        "chosen_options": ["Reject"],
+        "params_input": {"comment": "melanoma recall  too low\nfor the clinic"},
+        "responded_at": dt.datetime(2026, 3, 2, 9, 30, tzinfo=dt.UTC),
+        "responded_by_user": {"id": "7", "name": "dr.lee"},
+    }
+    ti = _AnsweredApproval({"approve": answer, "evaluate": {"decision": "awaiting_approval"}})
+    argv = [env.from_string(item).render(ti=ti, run_id="manual__r", **MACROS) for item in promote.command[4:]]
+    args = parser.parse_args(["promote", *argv])
+    assert (args.decision, args.reviewer, args.comment) == (
+        "reject",
+        "dr.lee",
+        "melanoma recall too low for the clinic",
+    )
+    assert (args.run_id, args.registry, args.responded_at) == ("manual__r", "s3://lesions/registry/ham10000",
+                                                               "2026-03-02T09:30:00+00:00")  # fmt: skip
+    assert approval_needed(ti) is True
+    assert approval_needed(_AnsweredApproval({"evaluate": {"decision": "promoted"}})) is False
+    # No answer (the approval task did not answer): "--decision=" renders, and promote's parser names it.
+    empty = [
+        env.from_string(item).render(ti=_AnsweredApproval({}), run_id="r", **MACROS) for item in promote.command[4:]
+    ]
+    assert "--decision=" in empty
+    with pytest.raises(SystemExit):
+        parser.parse_args(["promote", *empty])

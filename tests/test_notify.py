@@ -202,3 +202,54 @@ def test_the_summary_carries_the_promotion_decision_for_the_ui(run_stage, bucket
     results = {**SUCCESS_RESULTS, "evaluate": {"summary": None, "error": incident}}
     failed = run_stage(*notify_args(bucket, states, results), "--force", env={"SLACK_BOT_TOKEN": ""}).summary
     assert failed["outcome"] == "failed" and failed["promotion"] == {"promoted": None, "reason": incident}
+
+
+def test_the_report_says_who_approved_or_rejected_a_challenger_that_awaited_approval(run_stage, slack_api, bucket):
+    """require_approval: evaluate's decision is awaiting_approval; the report tells the answer the promote stage
+    applied (approved / rejected by the reviewer, with the comment), or that none was."""
+    gate = "macro_f1 0.6034 beats this run's Random Forest baseline (0.41); awaiting a reviewer's approval"
+    evaluation = {**SUCCESS_RESULTS["evaluate"]["summary"], "promoted": False, "decision": "awaiting_approval"}
+    evaluation |= {"promotion_reason": gate, "pending_uri": f"s3://b/registry/ham10000/pending/{RUN_ID}.json"}
+    states = {**SUCCESS_STATES, "approval_needed": "success", "approve": "success", "promote": "success"}
+    answers = {
+        "rejected": {"decision": "rejected", "promoted": False, "reason": "rejected by dr.okafor: interval too wide"},
+        "promoted": {
+            "decision": "promoted",
+            "promoted": True,
+            "reason": f"approved by dr.lee (no comment); the gate: {gate}",
+        },
+    }
+    for decision, answer in answers.items():
+        results = {**SUCCESS_RESULTS, "evaluate": {"summary": evaluation, "error": None}}
+        results["promote"] = {
+            "summary": {"stage": "promote", "champion_uri": "s3://b/x/cnn.pt", **answer},
+            "error": None,
+        }
+        summary = run_stage(*notify_args(bucket, states, results), "--force", env=slack_api.env()).summary
+        assert summary["promotion"] == {"promoted": answer["promoted"], "reason": answer["reason"]}, decision
+        text = block_text(slack_api.messages[-1]["blocks"])
+        assert f"{'*promoted*' if answer['promoted'] else '*not promoted*'}: {answer['reason']}" in text
+        assert ":white_check_mark: `approve` success" in text
+
+    # Nobody answered (the approval task failed, e.g. cleared by hand): no answer was applied, and it says so.
+    results = {**SUCCESS_RESULTS, "evaluate": {"summary": evaluation, "error": None}}
+    states = {**states, "approve": "failed", "promote": "upstream_failed"}
+    summary = run_stage(*notify_args(bucket, states, results), "--force", env=slack_api.env()).summary
+    assert summary["outcome"] == "failed" and summary["promotion"]["promoted"] is False
+    assert summary["promotion"]["reason"] == f"{gate}; no answer was applied (approve failed, promote upstream_failed)"
+
+
+def test_the_approval_request_links_to_required_actions(slack_api):
+    """The approval task's Slack message (dermaops.slack.approval_request, posted by its notifier)."""
+    from dermaops import slack
+
+    link = "http://airflow.example/dags/dermaops_ham10000/runs/r1/tasks/approve/required_actions?map_index=-1"
+    evaluation = {**SUCCESS_RESULTS["evaluate"]["summary"], "promotion_reason": "beats the champion; awaiting"}
+    text, blocks = slack.approval_request("dermaops_ham10000", "r1", evaluation, link)
+    target = slack.SlackTarget.from_env(environ=slack_api.env())
+    slack.post_message(target, text, blocks)
+    [message] = slack_api.messages
+    body = block_text(message["blocks"])
+    assert "awaits approval" in message["text"] and f"<{link}|" in message["text"] and f"<{link}|" in body
+    assert "Macro F1 0.6034 [0.5712, 0.6321]" in body and "Gate: beats the champion; awaiting" in body
+    assert "champion.json changes only on Approve" in body

@@ -93,7 +93,15 @@ def scored(small_split, small_models, tmp_path_factory):
 
 
 def _gate(
-    registry: Registry, scored: dict, name: str, run_id: str, tmp_path, margin=0.005, floor=0.0, override=False
+    registry: Registry,
+    scored: dict,
+    name: str,
+    run_id: str,
+    tmp_path,
+    margin=0.005,
+    floor=0.0,
+    override=False,
+    require_approval=False,
 ) -> dict:
     """The gate with the absolute floors off and a Random Forest that scored 0: these tests are about
     the champion (small_models are weak on purpose); the absolute rules have their own test."""
@@ -111,6 +119,7 @@ def _gate(
         baseline={"macro_f1": 0.0},
         allow_broken_champion=override,
         compare=scored["scorer"].compare,
+        require_approval=require_approval,
     )
 
 
@@ -239,3 +248,112 @@ def test_evaluate_cli_refuses_a_worse_challenger(small_split, small_models, scor
     assert [h["decision"] for h in history] == ["promoted", "refused"]
     weak_sha = sha256_bytes(store.get_bytes(S3Uri.parse(small_models["weak"]).join("cnn.pt")))
     assert history[-1]["challenger"]["model_sha256"] == weak_sha
+
+
+def _promote(run_stage, registry: Registry, run_id: str, *flags: str, check: bool = True):
+    """The promote stage as the DAG runs it, the reviewer's answer as --flag=value items."""
+    return run_stage("promote", "--registry", str(registry.uri), "--run-id", run_id, *flags, check=check)
+
+
+def test_an_approved_challenger_is_promoted_by_the_promote_stage(scored, store, bucket, tmp_path, run_stage):
+    registry = Registry(store, bucket.join("registry", "ham10000"))
+    _gate(registry, scored, "weak", "run-1", tmp_path)
+    weak_record = store.get_bytes(registry.champion_uri)
+
+    # require_approval: the gate passes the better model but leaves champion.json alone.
+    waiting = _gate(registry, scored, "fitted", "run-2", tmp_path, require_approval=True)
+    assert (waiting["decision"], waiting["promoted"]) == ("awaiting_approval", False)
+    assert "beats the champion's" in waiting["reason"] and waiting["reason"].endswith(
+        "awaiting a reviewer's approval (require_approval)"
+    )
+    assert waiting["pending_uri"] == str(registry.pending_uri("run-2"))
+    assert store.get_bytes(registry.champion_uri) == weak_record
+    assert not any(
+        uri.key.startswith(f"{registry.uri.key}/models/run-2-") for uri, _ in store.list(registry.uri.join("models"))
+    )
+
+    approved = _promote(
+        run_stage, registry, "run-2", "--decision=Approve", "--reviewer=dr.lee",
+        "--comment=recall and F1 both up; fine for the pilot", "--responded-at=2026-03-02T09:30:00+00:00",
+    ).summary  # fmt: skip
+    assert (approved["stage"], approved["decision"], approved["promoted"]) == ("promote", "promoted", True)
+    assert approved["reviewer"] == "dr.lee" and approved["comment"] == "recall and F1 both up; fine for the pilot"
+    assert approved["reason"].startswith("approved by dr.lee: recall and F1 both up; fine for the pilot; the gate: ")
+    champion = store.get_json(registry.champion_uri)
+    assert champion["run_id"] == "run-2" and champion["previous_champion"]["run_id"] == "run-1"
+    assert champion["approval"] == {
+        "decision": "approved",
+        "reviewer": "dr.lee",
+        "comment": "recall and F1 both up; fine for the pilot",
+        "responded_at": "2026-03-02T09:30:00+00:00",
+    }
+    assert champion["model_uri"] == approved["champion_uri"] and store.exists(champion["model_uri"])
+    assert champion["model_sha256"] == waiting["challenger"]["model_sha256"]
+    # The model card beside the copy, written by the same function the gate promotes with.
+    folder = champion["model_uri"].rsplit("/", 1)[0]
+    card = store.get_bytes(f"{folder}/model_card.md").decode()
+    assert "approved by dr.lee (2026-03-02T09:30:00+00:00): recall and F1 both up" in card
+    assert store.get_json(f"{folder}/model_card.json")["decision"]["approval"]["reviewer"] == "dr.lee"
+    history = registry.history()
+    assert [(h["run_id"], h["decision"]) for h in history] == [
+        ("run-1", "promoted"), ("run-2", "awaiting_approval"), ("run-2", "promoted"),
+    ]  # fmt: skip
+    assert history[-1]["gate"]["history_uri"] == waiting["history_uri"]
+
+    # Applied once: a retry of the task finds the answer applied and changes nothing.
+    again = _promote(run_stage, registry, "run-2", "--decision=approve", "--reviewer=dr.lee").summary
+    assert again["status"] == "skipped" and again["decision"] == "promoted"
+    assert len(registry.history()) == 3
+
+
+def test_a_rejection_is_recorded_with_the_reviewer_and_the_champion_stays(scored, store, bucket, tmp_path, run_stage):
+    registry = Registry(store, bucket.join("registry", "ham10000"))
+    _gate(registry, scored, "weak", "run-1", tmp_path)
+    before = store.get_bytes(registry.champion_uri)
+    _gate(registry, scored, "fitted", "run-2", tmp_path, require_approval=True)
+
+    rejected = _promote(
+        run_stage, registry, "run-2", "--decision=reject", "--reviewer=dr.okafor",
+        "--comment=melanoma recall interval too wide", "--responded-at=2026-03-02T10:00:00+00:00",
+    ).summary  # fmt: skip
+    assert (rejected["decision"], rejected["promoted"]) == ("rejected", False)
+    assert rejected["reason"] == "rejected by dr.okafor: melanoma recall interval too wide"
+    assert store.get_bytes(registry.champion_uri) == before
+    last = registry.history()[-1]
+    assert (last["run_id"], last["decision"], last["promoted"]) == ("run-2", "rejected", False)
+    assert (
+        last["approval"]["reviewer"] == "dr.okafor"
+        and last["approval"]["comment"] == "melanoma recall interval too wide"
+    )
+    assert last["champion_uri"] == store.get_json(registry.champion_uri)["model_uri"]
+    # Nothing of the rejected model went into the registry's models/.
+    assert not any("/models/run-2-" in uri.key for uri, _ in store.list(registry.uri.join("models")))
+
+    # An approval that comes after the champion changed is not applied: the gate compared another champion.
+    _gate(registry, scored, "fitted", "run-3", tmp_path, require_approval=True)
+    other = {"run_id": "run-x", "model_uri": f"s3://{bucket.bucket}/elsewhere/cnn.pt", "model_sha256": "0" * 64}
+    store.put_json(registry.champion_uri, other)
+    stale = _promote(run_stage, registry, "run-3", "--decision=approve", "--reviewer=dr.lee").summary
+    assert (stale["decision"], stale["promoted"]) == ("superseded", False)
+    assert "approved by dr.lee (no comment), but the champion changed since the gate" in stale["reason"]
+    assert store.get_json(registry.champion_uri) == other
+
+
+def test_promote_refuses_bad_input_in_one_line(scored, store, bucket, tmp_path, run_stage):
+    registry = Registry(store, bucket.join("registry", "ham10000"))
+    nothing = _promote(run_stage, registry, "run-9", "--decision=approve", "--reviewer=dr.lee", check=False)
+    assert nothing.returncode == 2 and len(nothing.stderr.strip().splitlines()) == 1
+    assert "no challenger of run run-9 awaits approval" in nothing.error_line
+    assert str(registry.pending_uri("run-9")) in nothing.error_line
+
+    _gate(registry, scored, "fitted", "run-1", tmp_path, require_approval=True)
+    for flags, named in (
+        (["--decision=", "--reviewer=dr.lee"], "--decision"),  # the approval task gave no answer
+        (["--decision=maybe", "--reviewer=dr.lee"], "'maybe' is not one of approve, reject"),
+        (["--decision=approve", "--reviewer="], "--reviewer is empty"),
+    ):
+        bad = _promote(run_stage, registry, "run-1", *flags, check=False)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert named in bad.error_line and bad.error_line.startswith("dermaops promote: error:"), bad.error_line
+    assert not store.exists(registry.champion_uri)  # nothing was applied
+    assert [h["decision"] for h in registry.history()] == ["awaiting_approval"]

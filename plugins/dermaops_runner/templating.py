@@ -11,6 +11,7 @@ import json
 from dermaops.config import argv_item, recipe_values, resolve
 from dermaops.pipeline import run_key
 
+from dermaops_runner.approval import approval_answer, request_body
 from dermaops_runner.results import ERROR_XCOM_KEY
 
 
@@ -56,4 +57,6 @@ MACROS = {
     "dermaops_recipe": recipe_json,
     "dermaops_task_states": task_states,
     "dermaops_stage_results": stage_results,
+    "dermaops_approval": approval_answer,
+    "dermaops_approval_body": request_body,
 }

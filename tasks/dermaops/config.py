@@ -397,6 +397,15 @@ class EvaluateConfig(StageConfig):
         param=True,
         title="Override a broken champion",
     )
+    require_approval: bool = setting(
+        False,
+        "a challenger that passes the gate waits for a reviewer: evaluate records it as awaiting approval (registry "
+        "pending/<run_id>.json) instead of writing champion.json, and the DAG's approve task asks for Approve or "
+        "Reject in the UI's Required Actions (or the REST API); off, the gate promotes at once",
+        param=True,
+        title="Require a reviewer's approval before promotion",
+        fingerprint="if-set",
+    )
     gradcam_images: int = setting(8, "melanoma test images in the Grad-CAM grid", lo=1, hi=64)
     gradcam: bool = setting(
         True,

@@ -179,6 +179,7 @@ def build_card(
                 "mel_recall_floor",
                 "champion_before",
                 "decided_at",
+                "approval",  # the reviewer's answer, when the DAG's require_approval asked for one
             )
         },  # fmt: skip
         # Every decision the registry recorded up to this promotion (the last HISTORY_ROWS): what this
@@ -204,6 +205,13 @@ def _cell(entry: dict) -> str:
     return text
 
 
+def _approval_text(approval: dict | None) -> str:
+    if not approval:
+        return ""
+    comment = f": {approval['comment']}" if approval.get("comment") else ""
+    return f", approved by {approval.get('reviewer')} ({approval.get('responded_at') or 'time not recorded'}){comment}"
+
+
 def render_card(card: dict) -> str:
     """model_card.md from the card's facts."""
     d, data, m = card["model_details"], card["data"], card["metrics"]
@@ -219,7 +227,7 @@ def render_card(card: dict) -> str:
         f"- Initial weights: {d['initial_weights']}; checkpoint of phase {d['checkpoint']['phase']}, "
         f"epoch {d['checkpoint']['epoch']}",
         f"- Stored at `{d['model_uri']}` (sha256 `{d['model_sha256']}`)",
-        f"- Promoted at {d['promoted_at']}",
+        f"- Promoted at {d['promoted_at']}" + _approval_text(card["decision"].get("approval")),
         "- Classes: " + "; ".join(f"`{k}` {v}" for k, v in d["classes"].items()),
         "",
         "## Intended use",

@@ -30,6 +30,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("train_baseline", "dermaops.stages.train_baseline", "data", gpu=False),
     Stage("train", "dermaops.stages.train", "torch", gpu=True),
     Stage("evaluate", "dermaops.stages.evaluate", "torch", gpu=True),
+    # require_approval: applies the reviewer's answer to a challenger that awaits approval (the DAG's approve task).
+    Stage("promote", "dermaops.stages.promote", "data", gpu=False),
     Stage("notify", "dermaops.stages.notify", "data", gpu=False, secrets=("s3", "slack")),
     Stage("predict", "dermaops.stages.predict", "torch", gpu=True, dag="predict"),
 )

@@ -5,6 +5,7 @@ Registry layout (`--registry s3://<bucket>/registry/ham10000`):
     champion.json                          the production model: where it is, its test metrics, why it won
     models/<run_id>-<sha12>/cnn.pt         immutable copies of every promoted checkpoint
     history/<decided_at>-<run_id>.json     one object per decision, promoted or not (append-only)
+    pending/<run_id>.json                  a challenger that passed the gate and awaits a reviewer (approval)
 
 Why copy the checkpoint into the registry instead of pointing at runs/<run_id>/models/cnn/cnn.pt:
 run prefixes are working areas (re-run with --force, lifecycle-expired, deleted by hand), while the
@@ -38,8 +39,18 @@ is treated as absent, with a warning in the log and the override in the decision
 errors fail the stage so the orchestrator retries.
 
 Writes are ordered so that a crash never leaves champion.json pointing at something missing: the
-checkpoint copy first, then the history entry, champion.json LAST. A retry after a crash between the
-two finds itself already champion (same checkpoint hash) and records that.
+checkpoint copy first, then the history entry, the model card, champion.json LAST. A retry after a
+crash between the two finds itself already champion (same checkpoint hash) and records that. One
+function makes a champion (`write_promotion`), whether the gate promotes at once or a reviewer approves.
+
+Human approval (evaluate's --require-approval, the DAG's `require_approval` param). A challenger that
+passes the gate is not promoted yet: the gate records the decision `awaiting_approval` in the history
+and writes `pending/<run_id>.json` (what would be promoted and why: the decision record, the test
+metrics, the checkpoint's meta and hash). A reviewer then approves or rejects it (the DAG's HITL task)
+and `resolve_approval` (the `promote` stage) either promotes it through `write_promotion`, or records
+`rejected` in the history with the reviewer and their comment; champion.json is untouched until then.
+An approval is applied only when the champion is still the one the challenger was compared with, and
+the run's checkpoint still has the hash the gate saw; otherwise the history records `superseded`.
 """
 
 from __future__ import annotations
@@ -57,6 +68,8 @@ from dermaops.pipeline import run_key
 from dermaops.store import ArtifactStore, S3Uri, sha256_file
 
 CHAMPION = "champion.json"
+PENDING = "pending"
+AWAITING = "awaiting_approval"
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +266,10 @@ class Registry:
             self.store.put_file(uri, challenger.checkpoint, content_type="application/octet-stream")
         return uri
 
+    def pending_uri(self, run_id: str) -> S3Uri:
+        """Where a challenger of this run that awaits a reviewer's approval is recorded."""
+        return self.uri.join(PENDING, f"{run_key(run_id)}.json")
+
     def append_history(self, entry: dict) -> S3Uri:
         stamp = dt.datetime.fromisoformat(entry["decided_at"]).strftime("%Y%m%dT%H%M%S.%fZ")
         uri = self.uri.join("history", f"{stamp}-{run_key(entry['run_id'])}.json")
@@ -302,11 +319,14 @@ def run_gate(
     subset: str | None = None,
     allow_broken_champion: bool = False,
     compare: PairedComparison | None = None,
+    require_approval: bool = False,
 ) -> dict:
     """Decide, record the decision in the history, and (if promoted) write champion.json last.
     Returns the decision record (also what the history holds). Raises ChampionIncident (after
     recording it) when the champion cannot be loaded and `allow_broken_champion` is False. With
-    `compare` and the challenger's probabilities, rule 5 is the paired bootstrap (module docstring)."""
+    `compare` and the challenger's probabilities, rule 5 is the paired bootstrap (module docstring).
+    With `require_approval`, a challenger the gate would promote is recorded as awaiting approval
+    (history and pending/<run_id>.json) instead, and champion.json is left alone."""
     floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else Floors(mel_recall=mel_recall_floor)
     sha256 = sha256_file(challenger.checkpoint)
     record, problem = registry.champion_record()
@@ -346,17 +366,14 @@ def run_gate(
             subset=subset,
             paired=paired,
         )
+    gate_reason = decision.reason
+    if decision.decision == "promoted" and require_approval:
+        decision = Decision(False, AWAITING, f"{decision.reason}; awaiting a reviewer's approval (require_approval)")
     log.info("promotion decision: %s (%s)", decision.decision, decision.reason)
 
-    decided_at = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-    model_uri = None
-    if decision.decision == "promoted":
-        model_uri = str(registry.store_model(challenger, sha256))
-    elif decision.decision == "already_champion":
-        model_uri = record["model_uri"]
     entry = {
         "run_id": challenger.run_id,
-        "decided_at": decided_at,
+        "decided_at": _now(),
         "decision": decision.decision,
         "promoted": decision.promoted,
         "reason": decision.reason,
@@ -378,36 +395,171 @@ def run_gate(
         },
         "champion_before": champion_info,
         "paired_bootstrap": paired,
-        "champion_uri": model_uri or (record or {}).get("model_uri"),
+        "champion_uri": (record or {}).get("model_uri"),
     }
-    history_uri = registry.append_history(entry)
     if decision.decision == "promoted":
-        from dermaops.model_card import write_model_card
-
-        # Beside the immutable copy, before champion.json: a champion always has its card.
-        write_model_card(registry, challenger, entry, S3Uri.parse(model_uri), sha256)
+        entry, history_uri = write_promotion(registry, challenger, entry, sha256)
+        return {**entry, "history_uri": str(history_uri), "registry_uri": str(registry.uri)}
+    history_uri = registry.append_history(entry)
+    result = {**entry, "history_uri": str(history_uri), "registry_uri": str(registry.uri)}
+    if decision.decision == AWAITING:
+        pending_uri = registry.pending_uri(challenger.run_id)
+        result["pending_uri"] = str(pending_uri)
         registry.store.put_json(
-            registry.champion_uri,
+            pending_uri,
             {
-                "model_uri": model_uri,
-                "model_sha256": sha256,
-                "source_model_uri": challenger.source_uri,
-                "arch": challenger.meta.get("arch"),
-                "image_size": challenger.meta.get("image_size"),
-                "run_id": challenger.run_id,
-                "dataset_version": challenger.dataset_version,
-                "split_uri": challenger.split_uri,
-                "recipe": challenger.recipe,
-                "primary_metric": primary_metric,
-                "metrics": headline(challenger.metrics),
-                "decided_at": decided_at,
-                "decision": decision.decision,
-                "reason": decision.reason,
-                "history_uri": str(history_uri),
-                "previous_champion": champion_info,
+                "gate": result,
+                "gate_reason": gate_reason,
+                "challenger": {
+                    "run_id": challenger.run_id,
+                    "source_model_uri": challenger.source_uri,
+                    "model_sha256": sha256,
+                    "metrics": challenger.metrics,
+                    "meta": challenger.meta,
+                    "dataset_version": challenger.dataset_version,
+                    "split_uri": challenger.split_uri,
+                    "recipe": challenger.recipe,
+                },
+                "resolved": None,
             },
         )
-    return {**entry, "history_uri": str(history_uri), "registry_uri": str(registry.uri)}
+    return result
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def write_promotion(registry: Registry, challenger: Challenger, entry: dict, sha256: str) -> tuple[dict, S3Uri]:
+    """Make `challenger` the champion: the one place that does it, for the gate and for an approval.
+
+    `entry` is its decision record with decision "promoted"; its `champion_before` becomes champion.json's
+    `previous_champion`. In order: the checkpoint's immutable copy, the history entry, the model card
+    beside the copy, champion.json LAST. Returns (the entry as recorded, its history URI)."""
+    from dermaops.model_card import write_model_card
+
+    model_uri = registry.store_model(challenger, sha256)
+    entry = {**entry, "champion_uri": str(model_uri)}
+    history_uri = registry.append_history(entry)
+    # Beside the immutable copy, before champion.json: a champion always has its card.
+    write_model_card(registry, challenger, entry, model_uri, sha256)
+    registry.store.put_json(
+        registry.champion_uri,
+        {
+            "model_uri": str(model_uri),
+            "model_sha256": sha256,
+            "source_model_uri": challenger.source_uri,
+            "arch": challenger.meta.get("arch"),
+            "image_size": challenger.meta.get("image_size"),
+            "run_id": challenger.run_id,
+            "dataset_version": challenger.dataset_version,
+            "split_uri": challenger.split_uri,
+            "recipe": challenger.recipe,
+            "primary_metric": entry["primary_metric"],
+            "metrics": headline(challenger.metrics),
+            "decided_at": entry["decided_at"],
+            "decision": entry["decision"],
+            "reason": entry["reason"],
+            "history_uri": str(history_uri),
+            "previous_champion": entry.get("champion_before"),
+            **({"approval": entry["approval"]} if entry.get("approval") else {}),
+        },
+    )
+    return entry, history_uri
+
+
+def resolve_approval(
+    registry: Registry,
+    run_id: str,
+    approved: bool,
+    reviewer: str,
+    comment: str,
+    responded_at: str | None,
+    scratch: Path,
+) -> dict:
+    """Apply a reviewer's answer to the challenger of `run_id` that awaits approval (pending/<run_id>.json).
+
+    Approved: promoted through write_promotion, provided the champion is still the one the gate compared
+    it with and the run's checkpoint still has the gate's hash (else the history records `superseded`).
+    Rejected: the history records `rejected` with the reviewer and the comment; champion.json is untouched.
+    The pending record is marked resolved last, so a retry after a crash applies the answer again; a
+    resolved record returns its result with status "skipped". StageError when nothing awaits approval."""
+    pending_uri = registry.pending_uri(run_id)
+    if not registry.store.exists(pending_uri):
+        raise StageError(
+            f"no challenger of run {run_id} awaits approval: {pending_uri} does not exist (evaluate writes it "
+            "with --require-approval when the challenger passes the gate)"
+        )
+    pending = registry.store.get_json(pending_uri)
+    if pending.get("resolved"):
+        log.info("the approval of run %s was already applied: %s", run_id, pending["resolved"]["decision"])
+        return {**pending["resolved"], "status": "skipped"}
+    gate, facts = pending["gate"], pending["challenger"]
+    approval = {
+        "decision": "approved" if approved else "rejected",
+        "reviewer": reviewer,
+        "comment": comment,
+        "responded_at": responded_at,
+    }
+    said = f"{approval['decision']} by {reviewer}" + (f": {comment}" if comment else " (no comment)")
+    entry = {
+        **{k: v for k, v in gate.items() if k not in ("history_uri", "registry_uri", "pending_uri")},
+        "decided_at": _now(),
+        "approval": approval,
+        "gate": {
+            "decided_at": gate["decided_at"],
+            "reason": pending.get("gate_reason"),
+            "history_uri": gate.get("history_uri"),
+        },
+    }
+    if not approved:
+        entry.update(decision="rejected", promoted=False, reason=said)
+        history_uri = registry.append_history(entry)
+    else:
+        before = gate.get("champion_before") or {}
+        record, problem = registry.champion_record()
+        if problem and not before.get("override"):
+            raise ChampionIncident(f"the approval of run {run_id} by {reviewer} was not applied: {problem}")
+        then = None if before.get("override") else before.get("model_uri")
+        now = None if problem else (record or {}).get("model_uri")
+        checkpoint = scratch / "approved" / "cnn.pt"
+        registry.store.download(facts["source_model_uri"], checkpoint)
+        if sha256_file(checkpoint) != facts["model_sha256"]:
+            raise StageError(
+                f"the approved checkpoint {facts['source_model_uri']} changed since the gate (sha256 differs from "
+                f"{pending_uri}); re-run evaluate"
+            )
+        if now != then:
+            entry.update(
+                decision="superseded",
+                promoted=False,
+                reason=f"{said}, but the champion changed since the gate ({then or 'none'} then, {now or 'none'} "
+                "now): the comparison no longer holds; re-run to judge this model against the new champion",
+                champion_uri=now,
+            )
+            history_uri = registry.append_history(entry)
+        else:
+            entry.update(decision="promoted", promoted=True, reason=f"{said}; the gate: {pending.get('gate_reason')}")
+            challenger = Challenger(
+                run_id=facts["run_id"],
+                checkpoint=checkpoint,
+                source_uri=facts["source_model_uri"],
+                metrics=facts["metrics"],
+                meta=facts["meta"],
+                dataset_version=facts["dataset_version"],
+                split_uri=facts["split_uri"],
+                recipe=facts.get("recipe"),
+            )
+            entry, history_uri = write_promotion(registry, challenger, entry, facts["model_sha256"])
+    log.info("approval of run %s: %s (%s)", run_id, entry["decision"], entry["reason"])
+    result = {
+        **entry,
+        "history_uri": str(history_uri),
+        "registry_uri": str(registry.uri),
+        "pending_uri": str(pending_uri),
+    }
+    registry.store.put_json(pending_uri, {**pending, "resolved": result})
+    return result
 
 
 def _record_incident(
@@ -417,7 +569,7 @@ def _record_incident(
     registry.append_history(
         {
             "run_id": challenger.run_id,
-            "decided_at": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+            "decided_at": _now(),
             "decision": "incident",
             "promoted": False,
             "reason": f"promotion refused: {problem}",

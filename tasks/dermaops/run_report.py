@@ -110,14 +110,35 @@ def build_report(
         operating_point=evaluation.get("mel_operating_point")
         if isinstance(evaluation.get("mel_operating_point"), dict)
         else None,
-        promoted=evaluation.get("promoted"),
-        promotion_reason=evaluation.get("promotion_reason"),
-        champion_uri=evaluation.get("champion_uri"),
+        **_promotion(evaluation, summaries.get("promote") or {}, states, errors),
         unchanged=changes.get("reason") if changes.get("retrain") is False else None,
         drift=_drift_warning(summaries.get("validate", {}), errors.get("validate")),
         artifacts=artifacts,
         summaries=summaries,
     )
+
+
+def _promotion(evaluation: dict, promotion: dict, states: dict[str, str], errors: dict[str, str]) -> dict:
+    """promoted / promotion_reason / champion_uri: evaluate's decision, or, when the challenger awaited a
+    reviewer (require_approval), the answer the promote stage applied ("approved by ...", "rejected by ...")."""
+    if evaluation.get("decision") != "awaiting_approval":
+        keys = ("promoted", "promotion_reason", "champion_uri")
+        return dict(zip(keys, (evaluation.get(k) for k in keys), strict=True))
+    if promotion.get("decision"):
+        return {
+            "promoted": bool(promotion.get("promoted")),
+            "promotion_reason": promotion.get("reason"),
+            "champion_uri": promotion.get("champion_uri"),
+        }
+    why = (
+        errors.get("promote")
+        or f"approve {states.get('approve', 'did not run')}, promote {states.get('promote', 'did not run')}"
+    )
+    return {
+        "promoted": False,
+        "promotion_reason": f"{evaluation.get('promotion_reason')}; no answer was applied ({why})",
+        "champion_uri": evaluation.get("champion_uri"),
+    }
 
 
 def _drift_warning(validation: dict, error: str | None) -> str | None:

@@ -101,3 +101,42 @@ def failure_alert(dag_id: str, run_id: str, reason: str, failed_tasks: list[str]
         },
     ]
     return text, blocks
+
+
+def approval_facts(evaluation: dict) -> list[str]:
+    """What a reviewer decides on, one line each, from evaluate's summary: the headline test figures with
+    their intervals, the melanoma operating point and the gate's reason (markdown, for Slack and the UI)."""
+    from dermaops.redaction import redact
+
+    intervals = evaluation.get("intervals") or {}
+    lines = []
+    for key, label in (("macro_f1", "Macro F1"), ("mel_recall", "Melanoma recall"), ("macro_auc", "Macro AUC"),
+                       ("accuracy", "Accuracy")):  # fmt: skip
+        value = evaluation.get(key)
+        if isinstance(value, int | float):
+            pair = intervals.get(key)
+            lines.append(f"{label} {value:.4f}" + (f" [{pair[0]:.4f}, {pair[1]:.4f}]" if pair else ""))
+    if evaluation.get("promotion_reason"):
+        lines.append(f"Gate: {evaluation['promotion_reason']}")
+    for key, label in (("report_uri", "Evaluation report"), ("pending_uri", "Pending record")):
+        if evaluation.get(key):
+            lines.append(f"{label}: {evaluation[key]}")
+    return [redact(line) for line in lines] or ["No evaluation summary found."]
+
+
+def approval_request(dag_id: str, run_id: str, evaluation: dict, link: str | None) -> tuple[str, list[dict]]:
+    """The approval task's message: a challenger passed the gate and waits for a reviewer; where to answer."""
+    where = f"<{link}|Approve or reject it in Required Actions>" if link else "Approve or reject it in Required Actions"
+    text = f"🧑‍⚕️ DermaOps run {run_id} awaits approval: {where}"
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": "🧑‍⚕️ DermaOps: a challenger awaits approval"}},
+        {
+            "type": "section",
+            "text": {
+                "type": "mrkdwn",
+                "text": f"*Run* `{run_id}` ({dag_id})\n" + "\n".join(f"• {f}" for f in approval_facts(evaluation)),
+            },
+        },
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"*{where}*. champion.json changes only on Approve."}},
+    ]
+    return text, blocks

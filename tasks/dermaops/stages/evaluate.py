@@ -27,7 +27,9 @@ intervals (dermaops.bootstrap). Calibration: test ECE (15 bins) without and with
 
 With --registry, the gate of dermaops.promotion decides whether this model replaces the champion
 (re-scored on this same test split, compared by a paired bootstrap) and records the decision in the
-registry's history.
+registry's history. With --require-approval a challenger that passes is recorded as awaiting approval
+(decision `awaiting_approval`, `pending_uri` in the summary) and the `promote` stage applies the
+reviewer's answer.
 """
 
 from __future__ import annotations
@@ -354,6 +356,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         subset=training_subset(inputs.model_manifest, inputs.split_manifest),
         allow_broken_champion=cfg.allow_broken_champion_override,
         compare=scores.scorer.compare,
+        require_approval=cfg.require_approval,
     )
 
 
@@ -444,6 +447,8 @@ def write_summary(
         "decision": promotion["decision"] if promotion else "not_run",
         "promotion_reason": promotion["reason"] if promotion else "no --registry given",
         "champion_uri": promotion["champion_uri"] if promotion else None,
+        # Set when the challenger awaits a reviewer (--require-approval): the DAG's approve task then asks.
+        "pending_uri": promotion.get("pending_uri") if promotion else None,
         "feature_drift": feature_drift,
         "metrics_uri": str(out.uri("metrics.json")),
         "report_uri": str(report_uri),
