@@ -63,7 +63,7 @@ artifacts through S3 (bucket `{BUCKET}`):
   (`<run_id>` with characters outside `A-Za-z0-9._-` replaced by `-`);
 - the production model: `{REGISTRY}/champion.json`, changed only when the challenger wins.
 
-**Recipe.** `quick-cpu` (the default) trains a ResNet18 at 48 px for 3 + 1 epochs: minutes on a CPU
+**Recipe.** `quick-cpu` (the default) trains a ResNet18 at 48 px for 6 + 1 epochs: minutes on a CPU
 worker. `full-gpu` is the long recipe (ResNet50 at 64 px, 20 + 5 epochs) for a GPU worker. Every
 training param left blank takes the recipe's value; a value typed in overrides it.
 
