@@ -27,7 +27,6 @@ from airflow.sdk import BaseNotifier
 
 from dermaops_runner.credentials import resolve
 
-AWAITING = "awaiting_approval"  # evaluate's decision for a challenger that waits (dermaops.promotion.AWAITING)
 APPROVE, REJECT = "Approve", "Reject"
 ANSWER_FIELDS = ("decision", "reviewer", "comment", "responded_at")
 
@@ -36,6 +35,9 @@ log = logging.getLogger(__name__)
 
 def approval_needed(ti) -> bool:
     """The short-circuit condition: evaluate left a challenger awaiting a reviewer's approval."""
+    # Imported here, at run time: dermaops.promotion pulls in the S3 client, which DAG parsing never needs.
+    from dermaops.promotion import AWAITING
+
     evaluation = ti.xcom_pull(task_ids="evaluate") or {}
     return evaluation.get("decision") == AWAITING
 

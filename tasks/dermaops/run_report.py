@@ -12,6 +12,7 @@ from typing import Any
 
 from dermaops.metrics import format_number
 from dermaops.pipeline import PIPELINE
+from dermaops.promotion import AWAITING
 from dermaops.redaction import redact
 
 FAILED_STATES = ("failed", "upstream_failed")
@@ -121,7 +122,7 @@ def build_report(
 def _promotion(evaluation: dict, promotion: dict, states: dict[str, str], errors: dict[str, str]) -> dict:
     """promoted / promotion_reason / champion_uri: evaluate's decision, or, when the challenger awaited a
     reviewer (require_approval), the answer the promote stage applied ("approved by ...", "rejected by ...")."""
-    if evaluation.get("decision") != "awaiting_approval":
+    if evaluation.get("decision") != AWAITING:
         keys = ("promoted", "promotion_reason", "champion_uri")
         return dict(zip(keys, (evaluation.get(k) for k in keys), strict=True))
     if promotion.get("decision"):
