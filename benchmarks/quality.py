@@ -13,7 +13,8 @@ Each run is repeated for every training seed of --seeds (the split stays the spl
 seeds; and whether the issue's goals are met by the means (official acc >= 0.78 and AUC >= 0.93; lesion
 macro F1 >= 0.60 and balanced accuracy >= 0.65).
 
-    python benchmarks/quality.py                       # the recommended recipe (RECIPE below), 3 seeds
+    python benchmarks/quality.py                                       # the recommended recipe (RECIPE below), 3 seeds
+    python benchmarks/quality.py --jobs 6                              # on a GPU: all six runs at once
     python benchmarks/quality.py --seeds 42 --train-args "--epochs 2 --finetune-epochs 1"   # override flags
 """
 
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-args", default="", help="extra train flags, appended to the recipe (they win)")
     p.add_argument("--only", choices=("lesion", "dermamnist"), default=None, help="run one of the two splits")
     p.add_argument("--seeds", type=seeds_arg, default=[42, 43, 44], help="training seeds, comma-separated")
+    p.add_argument("--jobs", type=int, default=1, help="split x seed runs side by side (a GPU fits several)")
     args = p.parse_args(argv)
     extra = shlex.split(args.train_args)
 
@@ -122,15 +125,22 @@ def main(argv=None) -> int:
     runs: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="dermaops-quality-") as scratch, EmbeddedS3() as server:
         env = {**os.environ, **server.env, "DERMAOPS_SCRATCH_DIR": scratch}
+        if args.jobs > 1:  # the runs share the cores: torch would start one thread per core in each of them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
         os.environ.update(server.env)
         bucket = f"quality-{uuid.uuid4().hex[:8]}"
         ArtifactStore().ensure_bucket(bucket)
         root = f"s3://{bucket}"
         ingest, _ = stage(env, "ingest", "--source", str(args.pack), "--datasets", f"{root}/datasets/ham10000")
-        for split in (args.only,) if args.only else splits:
-            for seed in args.seeds:
-                train_args = [*RECIPE, "--seed", str(seed), *extra]
-                run = run_one(env, root, ingest["dataset_uri"], f"{split}-{seed}", splits[split], train_args)
+        jobs = [(split, seed) for split in ((args.only,) if args.only else splits) for seed in args.seeds]
+
+        def one(job):
+            split, seed = job
+            train_args = [*RECIPE, "--seed", str(seed), *extra]
+            return run_one(env, root, ingest["dataset_uri"], f"{split}-{seed}", splits[split], train_args)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for (split, seed), run in zip(jobs, pool.map(one, jobs), strict=True):
                 runs.setdefault(split, {})[seed] = run
 
     result: dict = {"benchmark": "quality", "train_flags": [*RECIPE, *extra], "seeds": args.seeds}

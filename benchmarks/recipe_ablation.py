@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import tempfile
 import time
 import zipfile
@@ -57,8 +58,10 @@ def load_pack(pack: Path, size: int, cache_dir: Path):
                 if image_id in position:
                     images[position[image_id]] = decode_image(zf.read(member), size)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(cached.with_suffix(".tmp.npy"), images)
-    cached.with_suffix(".tmp.npy").replace(cached)
+    # Runs started side by side (benchmarks/recipe_sweep.py) may decode at once: each writes its own file.
+    tmp = cached.with_suffix(f".{os.getpid()}.npy")
+    np.save(tmp, images)
+    tmp.replace(cached)
     return meta, images
 
 
@@ -77,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="quick-cpu", help="the RECIPES entry the run starts from")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a TrainConfig field over it")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train and score")
     p.add_argument("--pack", type=Path, default=PACK)
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dermaops-recipe")
     args = p.parse_args(argv)
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         values[key] = parse_value(value)
-    cfg = TrainConfig(**values, device="cpu", num_threads=args.threads)
+    cfg = TrainConfig(**values, device=args.device, num_threads=args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     meta, images = load_pack(args.pack, cfg.image_size, args.out / "cache")
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
         return Split.in_memory(torch.from_numpy(x), torch.from_numpy(y).long())
 
     work = Path(tempfile.mkdtemp(prefix=f"recipe-{args.name}-", dir=args.out))
-    trainer = Trainer(cfg, classes, split("train"), split("val"), "cpu", work, {}, lambda *_: None)
+    trainer = Trainer(cfg, classes, split("train"), split("val"), args.device, work, {}, lambda *_: None)
     started = time.monotonic()
     state = trainer.run()
     train_s = time.monotonic() - started
@@ -144,6 +148,7 @@ def main(argv=None) -> int:
         return out
 
     best_model, best_meta = load_checkpoint(work / "cnn.pt")
+    best_model = best_model.to(args.device)
     result = {
         "name": args.name,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_threads")},

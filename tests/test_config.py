@@ -89,6 +89,7 @@ def test_the_train_fingerprint_keeps_its_inputs_and_a_new_setting_at_its_default
     )
     assert set(TrainConfig().fingerprint_inputs()) == legacy  # no device, threads; no ema_decay while off
     assert TrainConfig(ema_decay=0.999).fingerprint_inputs()["ema_decay"] == 0.999
+    assert TrainConfig(mixup_alpha=0.2).fingerprint_inputs()["mixup_alpha"] == 0.2
     assert set(BaselineConfig().fingerprint_inputs()) == {
         "class_weight", "n_estimators", "max_depth", "min_samples_leaf", "image_size", "seed"
     }  # fmt: skip

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from dermaops.augment import AugmentConfig, colour_jitter, geometric
+from dermaops.augment import AugmentConfig, colour_jitter, geometric, mix_batch
 from dermaops.models import (
     build_model,
     dihedral_view,
@@ -193,6 +193,22 @@ def test_augmentation_keeps_lesions_intact():
     assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.allclose(jittered, x, atol=1e-3)
 
 
+def test_mixup_and_cutmix_pair_each_image_with_the_previous_one_and_return_the_label_weight():
+    x = torch.rand(6, 3, 16, 16)
+    rolled = x.roll(1, 0)
+    assert mix_batch(x, 0.0, 0.0, np.random.default_rng(0)) == (x, 1.0)  # both off: the batch untouched
+    mixed, lam = mix_batch(x, 0.2, 0.0, np.random.default_rng(0))
+    assert 0 < lam < 1 and torch.allclose(mixed, lam * x + (1 - lam) * rolled)
+    for seed in range(20):  # CutMix: each pixel is the image's own or its partner's; lam = the own share
+        cut, lam = mix_batch(x, 0.0, 1.0, np.random.default_rng(seed))
+        own = (cut == x).all(1)  # (N, H, W)
+        assert torch.equal(cut, torch.where(own.unsqueeze(1), x, rolled))
+        assert lam == pytest.approx(float(own[0].float().mean()))
+        assert (own == own[0]).all()  # one box for the whole batch
+    picked = {mix_batch(x, 0.2, 1.0, np.random.default_rng(seed))[0].eq(x).any().item() for seed in range(20)}
+    assert picked == {True, False}  # both on: some batches cut (pixels kept), some blended (none kept)
+
+
 def test_test_time_augmentation_is_the_mean_softmax_over_the_8_views_and_the_bias_is_applied():
     torch.manual_seed(0)
     model = build_model("resnet18", 7, 16, stem="small").eval()
@@ -312,6 +328,15 @@ def test_weight_ema_averages_float_weights_copies_counters_and_round_trips():
     restored = WeightEMA(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)), decay=0.9)
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 201 and torch.equal(restored.module[0].weight, ema.module[0].weight)
+
+
+def test_mixup_and_cutmix_train_through_the_stage(run_stage, split_uri, bucket, store, tmp_path):
+    out = S3Uri.parse(f"s3://{bucket.bucket}/runs/mix/models/cnn")
+    argv = ["train", "--split", split_uri, "--out", str(out), *TINY, "--epochs", "1", "--finetune-epochs", "0"]
+    summary = run_stage(*argv, "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0").summary
+    assert np.isfinite(summary["best_val_macro_f1"])
+    last = torch.load(store.download(out.join("checkpoints/last.pt"), tmp_path / "last.pt"), weights_only=True)
+    assert (last["config"]["mixup_alpha"], last["config"]["cutmix_alpha"]) == (0.2, 1.0)
 
 
 def test_ema_decay_validates_and_checkpoints_the_averaged_weights(run_stage, split_uri, bucket, store, tmp_path):

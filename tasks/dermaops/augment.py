@@ -88,3 +88,30 @@ def colour_jitter(x, cfg: AugmentConfig, generator):
 def augment_batch(x, generator, cfg: AugmentConfig = AugmentConfig()):
     """Float images in [0, 1], (N, 3, H, W) -> augmented images, same shape and device."""
     return colour_jitter(geometric(x, cfg, generator), cfg, generator)
+
+
+def mix_batch(x, mixup_alpha: float, cutmix_alpha: float, rng):
+    """MixUp (Zhang et al., 2018) or CutMix (Yun et al., 2019) of a batch with itself rolled by one, as
+    torchvision's reference recipes do it (the batch is already shuffled, so the roll pairs random images).
+
+    One lambda ~ Beta(alpha, alpha) per batch; with both alphas above 0 each batch picks one of the two at
+    random. CutMix's lambda is the share of the image left unpasted, after clipping the box to the image.
+    Returns (mixed images, lambda): the loss is lambda * loss(y) + (1 - lambda) * loss(y rolled by one).
+    `rng` is a numpy Generator (torch has no seeded Beta draw), seeded per epoch so a resumed run mixes alike.
+    """
+    methods = [m for m, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a > 0]
+    if not methods or x.shape[0] < 2:
+        return x, 1.0
+    method = methods[int(rng.integers(len(methods)))]
+    other = x.roll(1, 0)
+    if method == "mixup":
+        lam = float(rng.beta(mixup_alpha, mixup_alpha))
+        return x * lam + other * (1.0 - lam), lam
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
+    h, w = x.shape[-2:]
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    half_h, half_w = int(h * math.sqrt(1.0 - lam)) // 2, int(w * math.sqrt(1.0 - lam)) // 2
+    y0, y1, x0, x1 = max(cy - half_h, 0), min(cy + half_h, h), max(cx - half_w, 0), min(cx + half_w, w)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+    return out, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)

@@ -333,6 +333,28 @@ class TrainConfig(StageConfig):
         fingerprint="if-set",
     )
 
+    # torchvision's reference recipes: --mixup-alpha 0.2 --cutmix-alpha 1.0 (both on: one of the two per batch).
+    mixup_alpha: float = setting(
+        0.0,
+        "MixUp: blend each training image with another and their labels by lambda ~ Beta(alpha, alpha), one "
+        "lambda per batch (0 = off; 0.2 in torchvision's reference recipes)",
+        lo=0,
+        hi=10,
+        param=True,
+        title="MixUp alpha",
+        fingerprint="if-set",
+    )
+    cutmix_alpha: float = setting(
+        0.0,
+        "CutMix: paste a box of another training image, labels weighted by area, lambda ~ Beta(alpha, alpha) "
+        "(0 = off; 1.0 in torchvision's reference recipes); with MixUp on too, each batch uses one of the two",
+        lo=0,
+        hi=10,
+        param=True,
+        title="CutMix alpha",
+        fingerprint="if-set",
+    )
+
     def check(self) -> None:
         if self.epochs + self.finetune_epochs == 0:
             raise StageError("--epochs and --finetune-epochs are both 0: nothing to train")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermaops.augment import augment_batch
+from dermaops.augment import augment_batch, mix_batch
 from dermaops.config import TrainConfig
 from dermaops.distributed import SINGLE, Dist
 from dermaops.errors import StageError
@@ -512,6 +512,7 @@ class Trainer:
         # Rank 0 draws what a single process would; the others their own stream.
         aug_seed = cfg.seed * 100_019 + epoch + 1_000_003 * self.dist.rank
         aug_rng = torch.Generator(device=self.device).manual_seed(aug_seed)
+        mix_rng = np.random.default_rng(aug_seed)
         self._train_mode(learn)
         loss_sum = torch.zeros((), device=self.device)
         preds, targets = [], []
@@ -521,11 +522,14 @@ class Trainer:
             x = to_float(images.to(self.device, non_blocking=True))
             if cfg.augment:
                 x = augment_batch(x, aug_rng)
+            x, lam = mix_batch(x, cfg.mixup_alpha, cfg.cutmix_alpha, mix_rng)
             x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=self.cuda)
             y = labels.to(self.device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 logits = self.net(x)
             loss = self.criterion(logits.float(), y)
+            if lam < 1.0:  # a mixed batch: its labels are y with weight lam and y rolled by one with 1 - lam
+                loss = lam * loss + (1.0 - lam) * self.criterion(logits.float(), y.roll(1, 0))
             self._check_finite(loss, phase, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,140 @@
+"""The recipe ablation over several seeds at once: every variant x seed is one
+`benchmarks/recipe_ablation.py` process (the train stage's own Trainer on the real 28 px pack, lesion-grouped
+split), --jobs of them side by side. On a GPU one such small run leaves the card mostly idle, so a whole
+ablation table with three seeds per lever fits in minutes.
+
+Prints one JSON object: per variant the mean and standard deviation over the seeds of the validation macro F1
+under the fitted decision rule (the selection criterion: what `train --calibrate` maximises), of the plain
+validation macro F1, and, for reporting only, of the test figures; the variant chosen on validation; the runs'
+own JSON files are in --out.
+
+    python benchmarks/recipe_sweep.py --device cuda --jobs 8                     # the levers below, 3 seeds
+    python benchmarks/recipe_sweep.py --variant base --variant la:loss_tau=1,class_weight_power=0 --seeds 42
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# The levers of issue 10 at the quick-cpu recipe's cost (same network, size and epochs), one change each.
+LEVERS = (
+    "base",
+    "logit_adjusted:loss_tau=1,class_weight_power=0",
+    "class_weight_1:class_weight_power=1",
+    "no_class_weights:class_weight_power=0",
+    "no_label_smoothing:label_smoothing=0",
+    "ema:ema_decay=0.99",
+    "lr_6e-3:lr=6e-3",
+    "weight_decay_0.05:weight_decay=0.05",
+    "mixup:mixup_alpha=0.2",
+    "cutmix:cutmix_alpha=1.0",
+    "one_phase_7:epochs=7,finetune_epochs=0",
+    "batch_64:batch_size=64",
+)
+
+
+def variant_arg(text: str) -> tuple[str, list[str]]:
+    """NAME or NAME:FIELD=VALUE,FIELD=VALUE -> (name, [FIELD=VALUE, ...])."""
+    name, _, sets = text.partition(":")
+    pairs = [item for item in sets.split(",") if item]
+    if not name or any("=" not in item for item in pairs):
+        raise argparse.ArgumentTypeError(f"expected NAME[:FIELD=VALUE,...], got {text!r}")
+    return name, pairs
+
+
+def mean_std(values: list[float]) -> dict:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {"mean": round(mean, 4), "std": round(std, 4), "n": len(values)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean/std over one variant's seeds. `adjusted` is the checkpoint scored as the quick recipe's evaluate
+    scores it (decision rule fitted on validation, no TTA)."""
+    pick = {
+        "val_macro_f1": lambda r: r["cnn_pt"]["adjusted"]["val"]["macro_f1"],
+        "val_macro_f1_plain": lambda r: r["cnn_pt"]["plain"]["val"]["macro_f1"],
+        "val_balanced_accuracy": lambda r: r["cnn_pt"]["adjusted"]["val"]["balanced_accuracy"],
+        "test_macro_f1": lambda r: r["cnn_pt"]["adjusted"]["test"]["macro_f1"],
+        "test_balanced_accuracy": lambda r: r["cnn_pt"]["adjusted"]["test"]["balanced_accuracy"],
+        "test_accuracy": lambda r: r["cnn_pt"]["adjusted"]["test"]["accuracy"],
+        "test_df_recall": lambda r: r["cnn_pt"]["adjusted"]["test"]["recall"]["df"],
+        "train_seconds": lambda r: r["train_seconds"],
+    }
+    return {key: mean_std([get(r) for r in runs]) for key, get in pick.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", type=variant_arg, action="append", help="NAME[:FIELD=VALUE,...] (default: LEVERS)")
+    p.add_argument("--recipe", default="quick-cpu", help="the RECIPES entry every variant starts from")
+    p.add_argument("--seeds", default="42,43,44", help="training seeds, comma-separated")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (default: cores / jobs)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is killed")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dermaops-sweep")
+    p.add_argument("--pack", type=Path, default=None, help="the 28 px pack (recipe_ablation.py's default)")
+    args = p.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    variants = args.variant or [variant_arg(v) for v in LEVERS]
+    names = [name for name, _ in variants]
+    if len(set(names)) != len(names):
+        p.error(f"variant names repeat: {names}")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def one(name: str, sets: list[str], seed: int) -> tuple[str, int, dict | str]:
+        run = f"{name}-s{seed}"
+        cmd = [sys.executable, str(HERE / "recipe_ablation.py"), "--name", run, "--recipe", args.recipe,
+               "--device", args.device, "--threads", str(threads), "--out", str(args.out),
+               "--set", f"seed={seed}"]  # fmt: skip
+        for item in sets:
+            cmd += ["--set", item]
+        if args.pack:
+            cmd += ["--pack", str(args.pack)]
+        with open(args.out / f"{run}.log", "w") as log:
+            try:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                return name, seed, f"killed after {args.timeout:g} s (log: {args.out / f'{run}.log'})"
+        if proc.returncode != 0:
+            return name, seed, f"exit code {proc.returncode} (log: {args.out / f'{run}.log'})"
+        return name, seed, json.loads(proc.stdout.strip().splitlines()[-1])
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda job: one(*job), [(n, s, seed) for seed in seeds for n, s in variants]))
+    by_variant: dict[str, list[dict]] = {}
+    failures = {}
+    for name, seed, result in results:
+        if isinstance(result, dict):
+            by_variant.setdefault(name, []).append(result)
+        else:
+            failures[f"{name}-s{seed}"] = result
+    table = {name: {"set": dict(item.split("=", 1) for item in sets), **summarise(by_variant[name])}
+             for name, sets in variants if name in by_variant}  # fmt: skip
+    complete = {name: row for name, row in table.items() if row["val_macro_f1"]["n"] == len(seeds)}
+    chosen = max(complete, key=lambda n: complete[n]["val_macro_f1"]["mean"]) if complete else None
+    print(json.dumps({
+        "benchmark": "recipe_sweep", "recipe": args.recipe, "device": args.device, "seeds": seeds,
+        "jobs": args.jobs, "threads_per_run": threads, "chosen_on_validation": chosen, "variants": table,
+        "failures": failures, "total_seconds": round(time.monotonic() - started, 1),
+    }), flush=True)  # fmt: skip
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
