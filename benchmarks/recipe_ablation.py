@@ -9,6 +9,8 @@ Trainer, then the best checkpoint (cnn.pt) scored on validation and test:
   adjusted_tta the same with 8-view TTA on both sides (as the stage fits it and a TTA evaluate scores);
   last_raw     (runs with --ema-decay) the un-averaged weights after the last epoch, plain and adjusted.
 
+The plain (no TTA) validation and test probabilities of cnn.pt are kept beside the JSON (<name>.npz).
+
 Choose on the `val` figures only; the `test` figures are for reporting.
 
     python benchmarks/recipe_ablation.py --name quick-cpu                       # the quick-cpu recipe
@@ -119,13 +121,16 @@ def main(argv=None) -> int:
     train_s = time.monotonic() - started
     save_checkpoint(work / "last_raw.pt", trainer.model, trainer.meta)  # to re-score without retraining
 
-    def score(model, model_meta) -> dict:
+    def score(model, model_meta, keep: Path | None = None) -> dict:
         out = {}
         proba = {
             (name, tta): predict_proba(model, parts[name][0], model_meta, tta=tta, adjust=False)
             for name in ("val", "test")
             for tta in (False, True)
         }
+        if keep is not None:  # the plain probabilities, for seed ensembles (benchmarks/recipe_sweep.py)
+            np.savez_compressed(keep, val=proba["val", False], test=proba["test", False], y_val=parts["val"][1],
+                                y_test=parts["test"][1], y_train=parts["train"][1])  # fmt: skip
         for tta in (False, True):
             fit = fit_logit_adjustment(proba["val", tta], parts["val"][1], parts["train"][1], classes)
             bias_meta = {"logit_bias": fit["logit_bias"]}
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
         "tta_views": DIHEDRAL_VIEWS,
         "best": {"epoch": state.best.epoch, "phase": state.best.phase, "val_macro_f1": state.best.val_macro_f1},
         "history": [{k: r[k] for k in HISTORY_KEYS} for r in state.history],
-        "cnn_pt": score(best_model, best_meta),
+        "cnn_pt": score(best_model, best_meta, keep=args.out / f"{args.name}.npz"),
     }
     if trainer.ema is not None:
         result["last_raw"] = score(trainer.model.eval(), trainer.meta)

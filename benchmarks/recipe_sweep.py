@@ -5,7 +5,8 @@ ablation table with three seeds per lever fits in minutes.
 
 Prints one JSON object: per variant the mean and standard deviation over the seeds of the validation macro F1
 under the fitted decision rule (the selection criterion: what `train --calibrate` maximises), of the plain
-validation macro F1, and, for reporting only, of the test figures; the variant chosen on validation; the runs'
+validation macro F1, and, for reporting only, of the test figures; with several seeds, the seed ensemble (mean
+softmax of the seeds' models, decision rule refitted on validation); the variant chosen on validation; the runs'
 own JSON files are in --out.
 
     python benchmarks/recipe_sweep.py --device cuda --jobs 8                     # the levers below, 3 seeds
@@ -43,7 +44,8 @@ LEVERS = (
 
 
 def variant_arg(text: str) -> tuple[str, list[str]]:
-    """NAME or NAME:FIELD=VALUE,FIELD=VALUE -> (name, [FIELD=VALUE, ...])."""
+    """NAME or NAME:FIELD=VALUE,FIELD=VALUE -> (name, [FIELD=VALUE, ...]); recipe=NAME starts that variant
+    from another RECIPES entry."""
     name, _, sets = text.partition(":")
     pairs = [item for item in sets.split(",") if item]
     if not name or any("=" not in item for item in pairs):
@@ -73,6 +75,28 @@ def summarise(runs: list[dict]) -> dict:
     return {key: mean_std([get(r) for r in runs]) for key, get in pick.items()}
 
 
+def ensemble(out: Path, runs: list[str]) -> dict:
+    """The seeds' models as one: the mean of their plain softmax, then the decision rule fitted on validation
+    to that mean, as `train --calibrate` fits it to one model (a seed ensemble costs one training per seed)."""
+    import numpy as np
+    from dermaops.dataset import CLASSES
+    from dermaops.metrics import classification_metrics
+    from dermaops.models import adjust_proba
+    from dermaops.training import fit_logit_adjustment
+
+    kept = [np.load(out / f"{run}.npz") for run in runs]
+    proba = {part: np.mean([k[part] for k in kept], axis=0) for part in ("val", "test")}
+    first = kept[0]
+    fit = fit_logit_adjustment(proba["val"], first["y_val"], first["y_train"], list(CLASSES))
+    result = {"members": len(runs), "tau": fit["logit_adjustment"]["tau"]}
+    for part in ("val", "test"):
+        pr = adjust_proba(proba[part], {"logit_bias": fit["logit_bias"]})
+        m = classification_metrics(first[f"y_{part}"], pr.argmax(1), pr, list(CLASSES))
+        result[part] = {k: round(m[k], 4) for k in ("macro_f1", "balanced_accuracy", "accuracy", "macro_auc")}
+        result[part]["df_recall"] = round(m["per_class"]["df"]["recall"], 3)
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", type=variant_arg, action="append", help="NAME[:FIELD=VALUE,...] (default: LEVERS)")
@@ -98,7 +122,9 @@ def main(argv=None) -> int:
 
     def one(name: str, sets: list[str], seed: int) -> tuple[str, int, dict | str]:
         run = f"{name}-s{seed}"
-        cmd = [sys.executable, str(HERE / "recipe_ablation.py"), "--name", run, "--recipe", args.recipe,
+        recipe = next((item.split("=", 1)[1] for item in sets if item.startswith("recipe=")), args.recipe)
+        sets = [item for item in sets if not item.startswith("recipe=")]
+        cmd = [sys.executable, str(HERE / "recipe_ablation.py"), "--name", run, "--recipe", recipe,
                "--device", args.device, "--threads", str(threads), "--out", str(args.out),
                "--set", f"seed={seed}"]  # fmt: skip
         for item in sets:
@@ -127,6 +153,9 @@ def main(argv=None) -> int:
     table = {name: {"set": dict(item.split("=", 1) for item in sets), **summarise(by_variant[name])}
              for name, sets in variants if name in by_variant}  # fmt: skip
     complete = {name: row for name, row in table.items() if row["val_macro_f1"]["n"] == len(seeds)}
+    if len(seeds) > 1:
+        for name in complete:
+            complete[name]["seed_ensemble"] = ensemble(args.out, [f"{name}-s{seed}" for seed in seeds])
     chosen = max(complete, key=lambda n: complete[n]["val_macro_f1"]["mean"]) if complete else None
     print(json.dumps({
         "benchmark": "recipe_sweep", "recipe": args.recipe, "device": args.device, "seeds": seeds,

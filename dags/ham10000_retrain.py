@@ -64,8 +64,8 @@ artifacts through S3 (bucket `{BUCKET}`):
 - the production model: `{REGISTRY}/champion.json`, changed only when the challenger wins.
 
 **Recipe.** `quick-cpu` (the default) trains a ResNet18 at 48 px for 6 + 1 epochs: minutes on a CPU
-worker. `full-gpu` is the long recipe (ResNet50 at 64 px, 20 + 5 epochs) for a GPU worker. Every
-training param left blank takes the recipe's value; a value typed in overrides it.
+worker. `full-gpu` is the long recipe (ResNet18 at 28 px with the small stem, 20 + 3 epochs) for a GPU
+worker. Every training param left blank takes the recipe's value; a value typed in overrides it.
 
 **Nothing new, nothing trained.** `changes` compares the ingested dataset version and the recipe (the
 training params as resolved) with the champion's; when both are equal, `retrain_needed` short-circuits

@@ -312,7 +312,7 @@ def test_trigger_params_reach_the_stages_as_their_typed_config(docker_dag):
     changes = parser.parse_args(["changes", *_render_argv(docker_dag, "changes", params)])
     recorded = parser.parse_args(["evaluate", *_render_argv(docker_dag, "evaluate", params)])
     assert changes.recipe == recorded.recipe == recipe_values(params)
-    assert (changes.recipe["epochs"], changes.recipe["arch"], changes.force) == (9, "resnet50", False)
+    assert (changes.recipe["epochs"], changes.recipe["arch"], changes.force) == (9, RECIPES["full-gpu"]["arch"], False)
     forced = parser.parse_args(["changes", *_render_argv(docker_dag, "changes", {**params, "force_retrain": True})])
     assert forced.force is True
 

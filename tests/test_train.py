@@ -155,6 +155,10 @@ def test_small_inputs_get_the_small_stem_and_checkpoints_round_trip(tmp_path):
     large = build_model("resnet34", 7, 64)
     assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, torch.nn.MaxPool2d)
     assert target_layer(large) is large.layer4
+    compact = build_model("resnet18", 7, 28, stem="compact")  # 3x3 stride 1, then the max-pool: 14x14 to layer1
+    assert compact.conv1.kernel_size == (3, 3) and isinstance(compact.maxpool, torch.nn.MaxPool2d)
+    with torch.inference_mode():
+        assert compact.layer1(compact.maxpool(compact.conv1(torch.rand(1, 3, 28, 28)))).shape[-2:] == (14, 14)
     meta = {"arch": "resnet18", "classes": list("abcdefg"), "image_size": 28, "stem": "small"}
     meta.update(mean=[0.5] * 3, std=[0.25] * 3, phase=1, epoch=1, val={})
     model, loaded_meta = load_checkpoint(save_checkpoint(tmp_path / "m.pt", small, meta))
