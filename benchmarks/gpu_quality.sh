@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 10's model figures on a CUDA machine in one go (about 6-8 min on one H200):
+# Issue 10's model figures on a CUDA machine in one go (about 3-4 minutes on one H200):
 #   1. smoke: one tiny CUDA training run through the real Trainer, so a broken CUDA path fails in seconds;
 #   2. benchmarks/quality.py: the 3-seed quality benchmark on both splits, its six runs side by side;
 #   3. benchmarks/recipe_sweep.py, beside 2: the levers at the quick-cpu recipe's cost, 3 seeds each.

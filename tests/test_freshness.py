@@ -20,7 +20,9 @@ def test_recipe_is_the_model_making_params_resolved_against_the_named_recipe():
     )
     assert not {"promotion_margin", "mel_recall_floor", "tta", "force_retrain", "source"} & set(names)
     assert RECIPE["epochs"] == 2 and RECIPE["lr"] == RECIPES["quick-cpu"]["lr"]
-    assert recipe_values({"recipe": "full-gpu"})["arch"] == "resnet50"
+    # A blank param takes the named recipe's value, not the default recipe's.
+    full, quick = RECIPES["full-gpu"]["image_size"], RECIPES["quick-cpu"]["image_size"]
+    assert recipe_values({"recipe": "full-gpu"})["image_size"] == full != quick
 
 
 def test_same_data_and_recipe_skip_and_anything_else_retrains():
