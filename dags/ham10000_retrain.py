@@ -19,7 +19,7 @@ from dermaops.config import dag_argv, param_names, param_schema
 from dermaops.pipeline import PIPELINE
 from dermaops_runner import stage_task
 from dermaops_runner.alerts import alert_dag_failure
-from dermaops_runner.approval import APPROVE, REJECT, SlackApprovalRequest, approval_needed
+from dermaops_runner.approval import APPROVE, REJECT, SlackApprovalRequest, approval_needed, response_timeout
 from dermaops_runner.templating import MACROS, retrain_needed
 
 DAG_ID = "dermaops_ham10000"
@@ -208,9 +208,13 @@ with DAG(
                 description="Why you approve or reject: recorded with your name in the registry's decision history.",
             )
         },
+        # No answer within the timeout: Airflow answers Reject for nobody, and promote records that.
+        defaults=[REJECT],
+        response_timeout=response_timeout(),
         notifiers=[SlackApprovalRequest()],
         retries=0,
-        doc_md="Waits for a reviewer's Approve or Reject (Required Actions, or the REST API's hitlDetails).",
+        doc_md="Waits for a reviewer's Approve or Reject (Required Actions, or the REST API's hitlDetails); "
+        "with no answer within $DERMAOPS_APPROVAL_TIMEOUT_HOURS (default 144), the challenger is rejected.",
     )
     promote = stage_task(
         "promote",
@@ -224,6 +228,7 @@ with DAG(
             "--reviewer={{ dermaops_approval(ti, 'reviewer') }}",
             "--comment={{ dermaops_approval(ti, 'comment') }}",
             "--responded-at={{ dermaops_approval(ti, 'responded_at') }}",
+            "--timed-out={{ dermaops_approval(ti, 'timed_out') }}",
         ],
         outlets=[CHAMPION_ASSET],
     )

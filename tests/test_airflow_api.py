@@ -79,7 +79,14 @@ class Services:
 
 
 @pytest.fixture
-def airflow_services(tmp_path, s3_server, bucket, slack_api):
+def approval_timeout_hours() -> float | None:
+    """$DERMAOPS_APPROVAL_TIMEOUT_HOURS for the Airflow services (None: the DAG's default); a test sets it
+    with @pytest.mark.parametrize."""
+    return None
+
+
+@pytest.fixture
+def airflow_services(tmp_path, s3_server, bucket, slack_api, approval_timeout_hours):
     home = tmp_path / "airflow"
     home.mkdir()
     env, port = api_server_env(home, USER, PASSWORD, "admin")
@@ -97,6 +104,9 @@ def airflow_services(tmp_path, s3_server, bucket, slack_api):
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         }
     )
+    env.pop("DERMAOPS_APPROVAL_TIMEOUT_HOURS", None)
+    if approval_timeout_hours is not None:
+        env["DERMAOPS_APPROVAL_TIMEOUT_HOURS"] = str(approval_timeout_hours)
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
     services = Services(env, home)
     services.start("api-server", "api-server")
@@ -258,3 +268,52 @@ def test_trigger_through_the_rest_api_with_form_params_and_reject_the_challenger
     assert xcom("approve")["chosen_options"] == ["Reject"] and approve_ti["rendered_fields"]["subject"]
     for secret in (TOKEN, s3_server.env["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in seen
+
+
+@pytest.mark.parametrize("approval_timeout_hours", [0.01])
+def test_an_approval_nobody_answers_ends_as_a_rejection_when_its_timeout_passes(
+    airflow_services, small_pack, store, bucket, slack_api
+):
+    """Nobody answers the approval: when its response timeout passes (36 s here, 6 days by default),
+    Airflow's scheduler answers with the default, Reject, for nobody; promote records that, the run
+    succeeds (so the DAG's one active run is free again) and the report says why."""
+    base, services = airflow_services
+    token = wait_for("the API server", lambda: get_token(base), services, timeout=180)
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {token}"
+
+    def dag_parsed():
+        return api.get(f"{base}/api/v2/dags/{DAG_ID}", timeout=10).status_code == 200
+
+    wait_for("the dag processor to parse the DAG", dag_parsed, services, timeout=240)
+    form = {**FORM, "source": str(small_pack)}
+    response = api.post(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": form})
+    assert response.status_code == 200, response.text
+    run_id = response.json()["dag_run_id"]
+
+    def finished():
+        run = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", timeout=10).json()
+        return run if run["state"] in ("success", "failed") else None
+
+    run = wait_for("the run to end without an answer", finished, services, timeout=900, every=5)
+    tis = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", timeout=10).json()
+    states = {ti["task_id"]: ti["state"] for ti in tis["task_instances"]}
+    assert run["state"] == "success" and states["approve"] == states["promote"] == "success", states
+
+    def xcom(task_id: str) -> dict:
+        url = f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
+        return api.get(url, timeout=10).json()["value"]
+
+    answer = xcom("approve")
+    assert answer["chosen_options"] == ["Reject"] and answer["responded_by_user"] is None
+    reason = "rejected: nobody answered within the approval's response timeout (its default is Reject)"
+    assert (xcom("promote")["decision"], xcom("promote")["reason"], xcom("promote")["reviewer"]) == (
+        "rejected",
+        reason,
+        None,
+    )
+    assert not store.exists(bucket.join("registry", "ham10000", "champion.json"))
+    last = Registry(store, bucket.join("registry", "ham10000")).history()[-1]
+    assert (last["run_id"], last["decision"], last["approval"]["timed_out"]) == (run_id, "rejected", True)
+    report = [m for m in slack_api.messages if "succeeded" in m["text"]][-1]
+    assert f"*not promoted*: {reason}" in block_text(report["blocks"])

@@ -105,7 +105,9 @@ def test_the_approval_task_is_a_hitl_operator_that_leaves_the_answer_to_promote(
     approve = docker_dag.get_task("approve")
     # Not ApprovalOperator: its Reject would skip promote, which records the rejection in the registry.
     assert isinstance(approve, HITLOperator) and not isinstance(approve, ApprovalOperator)
-    assert approve.options == ["Approve", "Reject"] and approve.multiple is False and approve.defaults is None
+    assert approve.options == ["Approve", "Reject"] and approve.multiple is False
+    # Nobody answers within 6 days (under the weekly schedule): Airflow answers Reject for nobody.
+    assert approve.defaults == ["Reject"] and approve.response_timeout == dt.timedelta(hours=144)
     assert list(approve.params.keys()) == ["comment"]  # only the form field, not the DAG's params
     assert "null" in approve.params.get_param("comment").schema["type"]  # a comment is optional
     assert [type(n) for n in approve.notifiers] == [SlackApprovalRequest]
@@ -377,3 +379,21 @@ def test_require_approval_and_the_reviewers_answer_reach_the_stages(docker_dag):
     assert "--decision=" in empty
     with pytest.raises(SystemExit):
         parser.parse_args(["promote", *empty])
+    assert args.timed_out == "no"  # dr.lee answered
+    # The response timeout passed: Airflow's answer is the default with no responding user.
+    timeout = {**answer, "chosen_options": ["Reject"], "params_input": {}, "responded_by_user": None}
+    ti = _AnsweredApproval({"approve": timeout, "evaluate": {"decision": "awaiting_approval"}})
+    args = parser.parse_args(
+        ["promote", *(env.from_string(item).render(ti=ti, run_id="r", **MACROS) for item in promote.command[4:])]
+    )
+    assert (args.decision, args.reviewer, args.comment, args.timed_out) == ("reject", "", "", "yes")
+
+
+def test_the_approval_timeout_is_a_deployment_setting_checked_at_parse_time():
+    from dermaops_runner.approval import TIMEOUT_ENV, response_timeout
+
+    assert response_timeout({}) == dt.timedelta(days=6)
+    assert response_timeout({TIMEOUT_ENV: " 0.5 "}) == dt.timedelta(minutes=30)
+    for bad in ("0", "-3", "soon", "inf", "nan"):
+        with pytest.raises(ValueError, match=f"DERMAOPS_APPROVAL_TIMEOUT_HOURS='{bad}' is not a number of hours > 0"):
+            response_timeout({TIMEOUT_ENV: bad})

@@ -339,6 +339,20 @@ def test_a_rejection_is_recorded_with_the_reviewer_and_the_champion_stays(scored
     assert store.get_json(registry.champion_uri) == other
 
 
+def test_an_approval_nobody_answered_is_recorded_as_a_rejection_by_nobody(scored, store, bucket, tmp_path, run_stage):
+    registry = Registry(store, bucket.join("registry", "ham10000"))
+    _gate(registry, scored, "fitted", "run-1", tmp_path, require_approval=True)
+    # What the DAG renders when the response timeout chose the default: Reject, no user, no comment.
+    flags = ("--decision=Reject", "--reviewer=", "--comment=", "--responded-at=2026-03-08T09:00:00+00:00")
+    timed_out = _promote(run_stage, registry, "run-1", *flags, "--timed-out=yes").summary
+    assert (timed_out["decision"], timed_out["promoted"], timed_out["reviewer"]) == ("rejected", False, None)
+    assert "nobody answered within the approval's response timeout" in timed_out["reason"]
+    assert not store.exists(registry.champion_uri)
+    last = registry.history()[-1]
+    assert last["decision"] == "rejected" and last["approval"]["timed_out"] is True
+    assert last["approval"]["reviewer"] is None
+
+
 def test_promote_refuses_bad_input_in_one_line(scored, store, bucket, tmp_path, run_stage):
     registry = Registry(store, bucket.join("registry", "ham10000"))
     nothing = _promote(run_stage, registry, "run-9", "--decision=approve", "--reviewer=dr.lee", check=False)
@@ -351,6 +365,7 @@ def test_promote_refuses_bad_input_in_one_line(scored, store, bucket, tmp_path, 
         (["--decision=", "--reviewer=dr.lee"], "--decision"),  # the approval task gave no answer
         (["--decision=maybe", "--reviewer=dr.lee"], "'maybe' is not one of approve, reject"),
         (["--decision=approve", "--reviewer="], "--reviewer is empty"),
+        (["--decision=approve", "--reviewer=", "--timed-out=yes"], "a timed-out approval is a rejection"),
     ):
         bad = _promote(run_stage, registry, "run-1", *flags, check=False)
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

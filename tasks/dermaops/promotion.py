@@ -476,8 +476,10 @@ def resolve_approval(
     comment: str,
     responded_at: str | None,
     scratch: Path,
+    timed_out: bool = False,
 ) -> dict:
     """Apply a reviewer's answer to the challenger of `run_id` that awaits approval (pending/<run_id>.json).
+    `timed_out`: nobody answered within the approval's response timeout; a rejection with no reviewer.
 
     Approved: promoted through write_promotion, provided the champion is still the one the gate compared
     it with and the run's checkpoint still has the gate's hash (else the history records `superseded`).
@@ -495,13 +497,19 @@ def resolve_approval(
         log.info("the approval of run %s was already applied: %s", run_id, pending["resolved"]["decision"])
         return {**pending["resolved"], "status": "skipped"}
     gate, facts = pending["gate"], pending["challenger"]
+    if timed_out and approved:
+        raise StageError(f"the approval of run {run_id} timed out, which rejects it; it cannot be approved")
     approval = {
         "decision": "approved" if approved else "rejected",
-        "reviewer": reviewer,
+        "reviewer": None if timed_out else reviewer,
         "comment": comment,
         "responded_at": responded_at,
+        **({"timed_out": True} if timed_out else {}),
     }
-    said = f"{approval['decision']} by {reviewer}" + (f": {comment}" if comment else " (no comment)")
+    if timed_out:
+        said = "rejected: nobody answered within the approval's response timeout (its default is Reject)"
+    else:
+        said = f"{approval['decision']} by {reviewer}" + (f": {comment}" if comment else " (no comment)")
     entry = {
         **{k: v for k, v in gate.items() if k not in ("history_uri", "registry_uri", "pending_uri")},
         "decided_at": _now(),

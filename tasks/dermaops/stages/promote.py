@@ -9,10 +9,12 @@ and the S3 credentials stay in the stage, as for every other one.
 - approve: the challenger becomes the champion through dermaops.promotion.write_promotion, the function
   the gate itself promotes with (checkpoint copy, history, model card, champion.json last), unless the
   champion changed since the gate (recorded as `superseded`);
-- reject: the history records `rejected` with the reviewer and the comment; champion.json is untouched.
+- reject: the history records `rejected` with the reviewer and the comment; champion.json is untouched;
+- --timed-out yes: nobody answered within the approval task's response timeout, and Airflow chose its
+  default, Reject, with no responding user: recorded as `rejected` by nobody.
 
 Re-running after the answer was applied skips (`{"status": "skipped"}`). Nothing awaiting approval, an
-empty reviewer or an unknown decision fail in one line (exit 2).
+empty reviewer (unless timed out) or an unknown decision fail in one line (exit 2).
 """
 
 from __future__ import annotations
@@ -45,11 +47,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reviewer", required=True, help="who answered (the Airflow user name)")
     parser.add_argument("--comment", default="", help="the reviewer's comment (may be empty)")
     parser.add_argument("--responded-at", default=None, help="when the reviewer answered (ISO 8601)")
+    parser.add_argument(
+        "--timed-out",
+        choices=("yes", "no"),
+        default="no",
+        help="yes: nobody answered within the response timeout, and its default (reject) applies",
+    )
 
 
 def run(args, ctx) -> dict:
     reviewer = args.reviewer.strip()
-    if not reviewer:
+    timed_out = args.timed_out == "yes"
+    if timed_out and args.decision != "reject":
+        raise StageError(f"--timed-out yes with --decision {args.decision}: a timed-out approval is a rejection")
+    if not reviewer and not timed_out:
         raise StageError("--reviewer is empty: the approval has no responding user (approve task's XCom)")
     registry = Registry(ctx.store, S3Uri.parse(args.registry))
     result = resolve_approval(
@@ -60,6 +71,7 @@ def run(args, ctx) -> dict:
         comment=args.comment.strip(),
         responded_at=args.responded_at or None,
         scratch=ctx.scratch,
+        timed_out=timed_out,
     )
     summary = {
         "run_id": args.run_id,
