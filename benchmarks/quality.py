@@ -137,19 +137,19 @@ def main(argv=None) -> int:
         ArtifactStore().ensure_bucket(bucket)
         root = f"s3://{bucket}"
         ingest, _ = stage(env, "ingest", "--source", str(args.pack), "--datasets", f"{root}/datasets/ham10000")
+        flags = recipe_flags(args.recipe)
         jobs = [(split, seed) for split in ((args.only,) if args.only else splits) for seed in args.seeds]
 
         def one(job):
             split, seed = job
-            train_args = [*recipe_flags(args.recipe), "--seed", str(seed), *extra]
+            train_args = [*flags, "--seed", str(seed), *extra]
             return run_one(env, root, ingest["dataset_uri"], f"{split}-{seed}", splits[split], train_args)
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             for (split, seed), run in zip(jobs, pool.map(one, jobs), strict=True):
                 runs.setdefault(split, {})[seed] = run
 
-    result: dict = {"benchmark": "quality", "recipe": args.recipe, "train_flags": [*recipe_flags(args.recipe), *extra]}
-    result["seeds"] = args.seeds
+    result: dict = {"benchmark": "quality", "recipe": args.recipe, "train_flags": [*flags, *extra], "seeds": args.seeds}
     result["cpu_threads"] = os.cpu_count()
     for split, by_seed in runs.items():
         tests = {seed: run["test"] for seed, run in by_seed.items()}

@@ -142,6 +142,32 @@ def get_token(base: str) -> str | None:
     return response.json()["access_token"]
 
 
+def api_session(base: str, services: Services) -> requests.Session:
+    """A REST session with the test user's token, once the API server answers."""
+    token = wait_for("the API server", lambda: get_token(base), services, timeout=180)
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {token}"
+    return api
+
+
+def trigger(api: requests.Session, base: str, conf: dict) -> str:
+    """Trigger a run of the DAG with `conf` as its params; its run_id."""
+    response = api.post(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
+    assert response.status_code == 200, response.text
+    return response.json()["dag_run_id"]
+
+
+def finished_run(api: requests.Session, base: str, run_id: str) -> dict | None:
+    """The run, once it succeeded or failed (a wait_for check)."""
+    run = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", timeout=10).json()
+    return run if run["state"] in ("success", "failed") else None
+
+
+def task_xcom(api: requests.Session, base: str, run_id: str, task_id: str) -> dict:
+    url = f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
+    return api.get(url, timeout=10).json()["value"]
+
+
 @pytest.mark.slow
 def test_trigger_through_the_rest_api_with_form_params_and_reject_the_challenger(
     airflow_services, small_pack, store, bucket, slack_api, s3_server
@@ -149,9 +175,7 @@ def test_trigger_through_the_rest_api_with_form_params_and_reject_the_challenger
     base, services = airflow_services
     form = {**FORM, "source": str(small_pack)}
     started = time.monotonic()
-    token = wait_for("the API server", lambda: get_token(base), services, timeout=180)
-    api = requests.Session()
-    api.headers["Authorization"] = f"Bearer {token}"
+    api = api_session(base, services)
     assert requests.get(f"{base}/api/v2/dags/{DAG_ID}", timeout=10).status_code == 401  # no token, no API
 
     def dag_parsed():
@@ -165,13 +189,7 @@ def test_trigger_through_the_rest_api_with_form_params_and_reject_the_challenger
     refused = api.post(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {"epochs": -1}})
     assert refused.status_code == 400 and "epochs" in refused.text
 
-    response = api.post(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": form})
-    assert response.status_code == 200, response.text
-    run_id = response.json()["dag_run_id"]
-
-    def finished():
-        run = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", timeout=10).json()
-        return run if run["state"] in ("success", "failed") else None
+    run_id = trigger(api, base, form)
 
     def awaiting_approval():
         run = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", timeout=10).json()
@@ -183,8 +201,7 @@ def test_trigger_through_the_rest_api_with_form_params_and_reject_the_challenger
     waited = time.monotonic() - started
 
     def xcom(task_id: str) -> dict:
-        url = f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
-        return api.get(url, timeout=10).json()["value"]
+        return task_xcom(api, base, run_id, task_id)
 
     evaluation = xcom("evaluate")
     assert evaluation["decision"] == "awaiting_approval" and evaluation["promoted"] is False, evaluation
@@ -223,7 +240,7 @@ def test_trigger_through_the_rest_api_with_form_params_and_reject_the_challenger
     assert answered.status_code == 200, answered.text
     assert answered.json()["responded_by"]["name"] == USER
 
-    run = wait_for(f"run {run_id} to finish", finished, services, timeout=600, every=5)
+    run = wait_for(f"run {run_id} to finish", lambda: finished_run(api, base, run_id), services, timeout=600, every=5)
     tis = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", timeout=10).json()
     states = {ti["task_id"]: ti["state"] for ti in tis["task_instances"]}
     print(
@@ -278,31 +295,22 @@ def test_an_approval_nobody_answers_ends_as_a_rejection_when_its_timeout_passes(
     Airflow's scheduler answers with the default, Reject, for nobody; promote records that, the run
     succeeds (so the DAG's one active run is free again) and the report says why."""
     base, services = airflow_services
-    token = wait_for("the API server", lambda: get_token(base), services, timeout=180)
-    api = requests.Session()
-    api.headers["Authorization"] = f"Bearer {token}"
+    api = api_session(base, services)
 
     def dag_parsed():
         return api.get(f"{base}/api/v2/dags/{DAG_ID}", timeout=10).status_code == 200
 
     wait_for("the dag processor to parse the DAG", dag_parsed, services, timeout=240)
-    form = {**FORM, "source": str(small_pack)}
-    response = api.post(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": form})
-    assert response.status_code == 200, response.text
-    run_id = response.json()["dag_run_id"]
-
-    def finished():
-        run = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", timeout=10).json()
-        return run if run["state"] in ("success", "failed") else None
-
-    run = wait_for("the run to end without an answer", finished, services, timeout=900, every=5)
+    run_id = trigger(api, base, {**FORM, "source": str(small_pack)})
+    run = wait_for(
+        "the run to end without an answer", lambda: finished_run(api, base, run_id), services, timeout=900, every=5
+    )
     tis = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", timeout=10).json()
     states = {ti["task_id"]: ti["state"] for ti in tis["task_instances"]}
     assert run["state"] == "success" and states["approve"] == states["promote"] == "success", states
 
     def xcom(task_id: str) -> dict:
-        url = f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
-        return api.get(url, timeout=10).json()["value"]
+        return task_xcom(api, base, run_id, task_id)
 
     answer = xcom("approve")
     assert answer["chosen_options"] == ["Reject"] and answer["responded_by_user"] is None

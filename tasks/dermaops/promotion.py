@@ -479,7 +479,8 @@ def resolve_approval(
     timed_out: bool = False,
 ) -> dict:
     """Apply a reviewer's answer to the challenger of `run_id` that awaits approval (pending/<run_id>.json).
-    `timed_out`: nobody answered within the approval's response timeout; a rejection with no reviewer.
+    `timed_out` (with approved False): nobody answered within the approval's response timeout; a rejection
+    with no reviewer.
 
     Approved: promoted through write_promotion, provided the champion is still the one the gate compared
     it with and the run's checkpoint still has the gate's hash (else the history records `superseded`).
@@ -497,8 +498,6 @@ def resolve_approval(
         log.info("the approval of run %s was already applied: %s", run_id, pending["resolved"]["decision"])
         return {**pending["resolved"], "status": "skipped"}
     gate, facts = pending["gate"], pending["challenger"]
-    if timed_out and approved:
-        raise StageError(f"the approval of run {run_id} timed out, which rejects it; it cannot be approved")
     approval = {
         "decision": "approved" if approved else "rejected",
         "reviewer": None if timed_out else reviewer,

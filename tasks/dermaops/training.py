@@ -527,9 +527,10 @@ class Trainer:
             y = labels.to(self.device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 logits = self.net(x)
-            loss = self.criterion(logits.float(), y)
+            logits = logits.float()
+            loss = self.criterion(logits, y)
             if lam < 1.0:  # a mixed batch: its labels are y with weight lam and y rolled by one with 1 - lam
-                loss = lam * loss + (1.0 - lam) * self.criterion(logits.float(), y.roll(1, 0))
+                loss = lam * loss + (1.0 - lam) * self.criterion(logits, y.roll(1, 0))
             self._check_finite(loss, phase, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
