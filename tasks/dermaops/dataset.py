@@ -5,6 +5,7 @@ Layout under `s3://<bucket>/datasets/ham10000/<dataset_version>/`:
     HAM10000_metadata.csv          canonical metadata (CSV, even when the source served Dataverse's .tab)
     HAM10000_images_part_1.zip     the source archives, byte for byte
     HAM10000_images_part_2.zip
+    HAM10000_segmentations_lesion.zip   optional: one binary lesion mask per image (Tschandl et al. 2020)
     manifest.json                  written last: sha256 + size per file, dataset_version, counts
     cache/<size>/...               decoded uint8 arrays, written by the training stages
 
@@ -27,6 +28,9 @@ from dermaops.store import ArtifactStore, S3Uri, sha256_file
 
 METADATA = "HAM10000_metadata.csv"
 ARCHIVES = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
+# The lesion segmentations of the release: `ISIC_0024306_segmentation.png`, 600x450, 0 = skin, 255 = lesion.
+MASKS_ARCHIVE = "HAM10000_segmentations_lesion.zip"
+MASK_SUFFIX = "_segmentation"
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -40,6 +44,14 @@ def image_id_of(member: str) -> str | None:
     if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
         return None
     return name.rsplit(".", 1)[0]
+
+
+def mask_image_id_of(member: str) -> str | None:
+    """`ISIC_0024306_segmentation.png` (possibly inside a folder) -> `ISIC_0024306`; None for other files."""
+    stem = image_id_of(member)
+    if stem is None or not stem.endswith(MASK_SUFFIX):
+        return None
+    return stem[: -len(MASK_SUFFIX)]
 
 
 @dataclass
@@ -86,6 +98,11 @@ class Dataset:
             raise StageError(f"checksum mismatch for {self.uri.join(name)}: the stored file differs from manifest.json")
         return path
 
+    @property
+    def masks_archive(self) -> str | None:
+        """The stored lesion-mask zip of this version, or None when its source had none."""
+        return self.manifest.get("masks")
+
     @cached_property
     def metadata(self):
         import pandas as pd
@@ -106,3 +123,13 @@ class Dataset:
                     image_id = image_id_of(info.filename)
                     if image_id is not None:
                         yield image_id, archive, zf.read(info)
+
+    def iter_masks(self) -> Iterator[tuple[str, bytes]]:
+        """Yield (image_id, PNG bytes) for every lesion mask; nothing when the version has no masks."""
+        if self.masks_archive is None:
+            return
+        with zipfile.ZipFile(self.local(self.masks_archive)) as zf:
+            for info in zf.infolist():
+                image_id = None if info.is_dir() else mask_image_id_of(info.filename)
+                if image_id is not None:
+                    yield image_id, zf.read(info)
