@@ -34,6 +34,7 @@ def pytest_runtest_makereport(item, call):
 SLOW_FIXTURES = {
     "run_stage",
     "dataset_28px",
+    "dataset_200px",
     "dataset_sample",
     "small_split",
     "small_models",

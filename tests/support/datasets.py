@@ -52,6 +52,12 @@ def dataset_28px(s3_server, shared_bucket, pack_28px, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def dataset_200px(s3_server, shared_bucket, pack_200px, tmp_path_factory) -> dict:
+    """The ingest summary of the real 200x150 pack (all 10,015 images and their lesion masks)."""
+    return _ingest(pack_200px, shared_bucket, {**os.environ, **s3_server.env}, tmp_path_factory.mktemp("ingest200"))
+
+
+@pytest.fixture(scope="session")
 def dataset_sample(s3_server, shared_bucket, pack_sample, tmp_path_factory) -> dict:
     """The ingest summary of the 70-image full-resolution sample pack."""
     return _ingest(pack_sample, shared_bucket, {**os.environ, **s3_server.env}, tmp_path_factory.mktemp("ingestsample"))
