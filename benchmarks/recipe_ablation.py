@@ -1,6 +1,6 @@
-"""One recipe on the real 28 px pack, trained in-process with the train stage's own Trainer: the driver of
-the recipe ablation (issue 10). No S3, no subprocesses: the lesion-grouped split of the split stage's
-defaults (fractions 0.8/0.1/0.1, seed 42), images decoded as the image cache decodes them, the same
+"""One recipe on the real 200 px pack (or any pack), trained in-process with the train stage's own Trainer:
+the driver of the recipe ablation (issues 10 and 18). No S3, no subprocesses: the lesion-grouped split of
+the split stage's defaults (fractions 0.8/0.1/0.1, seed 42), images decoded as the image cache decodes them, the same
 Trainer, then the best checkpoint (cnn.pt) scored on validation and test:
 
   plain        argmax of the softmax;
@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK = ROOT.parent / "shared" / "data" / "ham10000-28px"
+PACK = ROOT.parent / "shared" / "data" / "ham10000-200px"
 # The train flags a quick-cpu run of the DAG passes (evaluate's tta and the baseline's trees are not train's).
 TRAIN_ONLY = {"baseline_trees", "tta"}
 HISTORY_KEYS = ("epoch", "phase", "val_macro_f1", "val_acc", "images_per_s")
 
 
-def load_pack(pack: Path, size: int, cache_dir: Path):
-    """(metadata with split and label, images uint8 (N, size, size, 3) in metadata order)."""
+def load_pack(pack: Path, frame, cache_dir: Path):
+    """(metadata with split and label, images uint8 (N, height, width, 3) of the frame in metadata order)."""
     import pandas as pd
     from dermaops.dataset import CLASSES, image_id_of
     from dermaops.imagecache import decode_image
@@ -48,17 +48,17 @@ def load_pack(pack: Path, size: int, cache_dir: Path):
     meta = pd.read_csv(pack / "HAM10000_metadata.csv")
     meta["split"] = lesion_split(meta, (0.8, 0.1, 0.1), 42)
     meta["label"] = meta["dx"].map(CLASSES.index)
-    cached = cache_dir / f"images-{size}.npy"
+    cached = cache_dir / f"{pack.name}-{frame.name}.npy"
     if cached.exists():
         return meta, np.load(cached)
     position = {image_id: i for i, image_id in enumerate(meta["image_id"])}
-    images = np.zeros((len(meta), size, size, 3), dtype=np.uint8)
+    images = np.zeros((len(meta), *frame.shape, 3), dtype=np.uint8)
     for archive in sorted(pack.glob("HAM10000_images_part_*.zip")):
         with zipfile.ZipFile(archive) as zf:
             for member in zf.namelist():
                 image_id = image_id_of(member)
                 if image_id in position:
-                    images[position[image_id]] = decode_image(zf.read(member), size)
+                    images[position[image_id]] = decode_image(zf.read(member), frame)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Runs started side by side (benchmarks/recipe_sweep.py) may decode at once: each writes its own file.
     tmp = cached.with_suffix(f".{os.getpid()}.npy")
@@ -84,6 +84,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train and score")
     p.add_argument("--pack", type=Path, default=PACK)
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score with test-time augmentation (the frame's symmetry views; costs a forward each)",
+    )
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dermaops-recipe")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the Trainer's epoch lines
@@ -91,8 +97,9 @@ def main(argv=None) -> int:
     import torch
     from dermaops.config import RECIPES, TrainConfig
     from dermaops.dataset import CLASSES
+    from dermaops.frame import Frame
     from dermaops.metrics import classification_metrics
-    from dermaops.models import DIHEDRAL_VIEWS, adjust_proba, load_checkpoint, predict_proba, save_checkpoint
+    from dermaops.models import adjust_proba, load_checkpoint, predict_proba, save_checkpoint, symmetry_views
     from dermaops.training import Split, Trainer, fit_logit_adjustment
 
     values = {k: v for k, v in RECIPES[args.recipe].items() if k not in TRAIN_ONLY}
@@ -102,7 +109,8 @@ def main(argv=None) -> int:
     cfg = TrainConfig(**values, device=args.device, num_threads=args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta, images = load_pack(args.pack, cfg.image_size, args.out / "cache")
+    frame = Frame(cfg.geometry, cfg.image_size)
+    meta, images = load_pack(args.pack, frame, args.out / "cache")
     classes = list(CLASSES)
     parts = {}
     for name in ("train", "val", "test"):
@@ -126,12 +134,12 @@ def main(argv=None) -> int:
         proba = {
             (name, tta): predict_proba(model, parts[name][0], model_meta, tta=tta, adjust=False)
             for name in ("val", "test")
-            for tta in (False, True)
+            for tta in ttas
         }
         if keep is not None:  # the plain probabilities, for seed ensembles (benchmarks/recipe_sweep.py)
             np.savez_compressed(keep, val=proba["val", False], test=proba["test", False], y_val=parts["val"][1],
                                 y_test=parts["test"][1], y_train=parts["train"][1])  # fmt: skip
-        for tta in (False, True):
+        for tta in ttas:
             fit = fit_logit_adjustment(proba["val", tta], parts["val"][1], parts["train"][1], classes)
             bias_meta = {"logit_bias": fit["logit_bias"]}
             for name in ("val", "test"):
@@ -152,6 +160,7 @@ def main(argv=None) -> int:
             out[f"adjusted{'_tta' if tta else ''}"]["tau"] = fit["logit_adjustment"]["tau"]
         return out
 
+    ttas = (False, True) if args.tta else (False,)
     best_model, best_meta = load_checkpoint(work / "cnn.pt")
     best_model = best_model.to(args.device)
     result = {
@@ -159,7 +168,8 @@ def main(argv=None) -> int:
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_threads")},
         "train_seconds": round(train_s, 1),
         "threads": torch.get_num_threads(),
-        "tta_views": DIHEDRAL_VIEWS,
+        "tta_views": len(symmetry_views(frame.shape)) if args.tta else 0,
+        "pack": args.pack.name,
         "best": {"epoch": state.best.epoch, "phase": state.best.phase, "val_macro_f1": state.best.val_macro_f1},
         "history": [{k: r[k] for k in HISTORY_KEYS} for r in state.history],
         "cnn_pt": score(best_model, best_meta, keep=args.out / f"{args.name}.npz"),
