@@ -155,13 +155,14 @@ def test_paired_bootstrap_of_identical_and_of_clearly_different_models():
 def test_derived_tta_views_equal_predict_proba_and_the_gradcam_layer_is_chosen_for_resolution():
     import torch
     from dermaops.dataset import CLASSES
+    from dermaops.frame import Frame
     from dermaops.gradcam import pick_target_layer
     from dermaops.models import build_model, model_meta, predict_proba
     from dermaops.stages.evaluate import dihedral_views_uint8
 
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, size=(6, 28, 28, 3), dtype=np.uint8)
-    meta = model_meta("resnet18", CLASSES, 28, "auto", "none")
+    meta = model_meta("resnet18", CLASSES, Frame("squash", 28), "auto", "none")
     model = build_model("resnet18", 7, 28).eval()
     views = np.stack([predict_proba(model, dihedral_views_uint8(images, k), meta) for k in range(8)])
     assert np.allclose(views.mean(axis=0), predict_proba(model, images, meta, tta=True), atol=1e-6)
@@ -177,7 +178,7 @@ def test_derived_tta_views_equal_predict_proba_and_the_gradcam_layer_is_chosen_f
 
 
 def test_localization_ratio_of_a_dark_lesion():
-    from dermaops.gradcam import lesion_mask, localization_ratios
+    from dermaops.gradcam import energy_ratios, lesion_mask, otsu_masks
 
     yy, xx = np.mgrid[:28, :28]
     inside = (yy - 14) ** 2 + (xx - 14) ** 2 <= 49  # a dark disk on light skin
@@ -185,6 +186,7 @@ def test_localization_ratio_of_a_dark_lesion():
     assert (lesion_mask(image) == inside).all()
     area = inside.mean()
     on_lesion, uniform, off_lesion = inside.astype(float), np.ones((28, 28)), (~inside).astype(float)
-    ratios = localization_ratios(np.stack([on_lesion, uniform, off_lesion, np.zeros((28, 28))]), np.stack([image] * 4))
+    maps = np.stack([on_lesion, uniform, off_lesion, np.zeros((28, 28))])
+    ratios = energy_ratios(maps, otsu_masks(np.stack([image] * 4)))
     assert ratios[0] == pytest.approx(1 / area) and ratios[1] == pytest.approx(1.0) and ratios[2] == 0
     assert np.isnan(ratios[3])  # no mass: undefined, left out of the mean

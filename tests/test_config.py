@@ -69,8 +69,8 @@ def _param(f, spec) -> str:
 
 
 def test_a_param_shared_by_stages_is_accepted_by_each_of_them():
-    """seed and image_size (numbers), tta (a switch): the form's bounds come from one field; every other stage
-    reading the param must accept every value the form accepts."""
+    """seed and image_size (numbers), tta (a switch), geometry (a choice): the form's bounds come from one
+    field; every other stage reading the param must accept every value the form accepts."""
     owners = param_settings()
     for cls in CONFIGS.values():
         for f, spec in _settings(cls):
@@ -78,6 +78,8 @@ def test_a_param_shared_by_stages_is_accepted_by_each_of_them():
                 _, owner_field, owner, _, _ = owners[_param(f, spec)]
                 if f.type == "bool":
                     assert owner_field.type == "bool", f.name
+                elif spec.choices:
+                    assert set(owner.param_choices or owner.choices) <= set(spec.choices), f.name
                 else:
                     assert spec.lo is not None and owner.lo >= spec.lo and owner.hi <= spec.hi, f.name
 

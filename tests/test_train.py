@@ -19,10 +19,11 @@ from dermaops.augment import AugmentConfig, colour_jitter, geometric, mix_batch
 from dermaops.models import (
     build_model,
     dihedral_view,
+    head_name,
     load_checkpoint,
     predict_proba,
     save_checkpoint,
-    target_layer,
+    stage_names,
     to_input,
 )
 from dermaops.store import S3Uri
@@ -154,7 +155,7 @@ def test_small_inputs_get_the_small_stem_and_checkpoints_round_trip(tmp_path):
     assert isinstance(small.maxpool, torch.nn.Identity)
     large = build_model("resnet34", 7, 64)
     assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, torch.nn.MaxPool2d)
-    assert target_layer(large) is large.layer4
+    assert stage_names(large)[-1] == ("layer4",) and head_name(large) == "fc"
     compact = build_model("resnet18", 7, 28, stem="compact")  # 3x3 stride 1, then the max-pool: 14x14 to layer1
     assert compact.conv1.kernel_size == (3, 3) and isinstance(compact.maxpool, torch.nn.MaxPool2d)
     with torch.inference_mode():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -30,20 +32,29 @@ def _uniform(n: int, low: float, high: float, like, generator):
 
 
 def geometric(x, cfg: AugmentConfig, generator):
-    """One resampling per batch: a random element of the square's symmetry group (flips and 90-degree
-    turns, exact on the pixel grid) composed with a small free rotation and zoom; reflection padding
-    so no black corners appear."""
+    """One resampling per batch: a random element of the frame's symmetry group (flips and turns that keep
+    its shape: quarter turns for a square, half turns for a 4:3 frame; exact on the pixel grid) composed
+    with a small free rotation and zoom; reflection padding so no black corners appear.
+
+    The rotation is one of PIXELS: affine_grid works in coordinates normalised to [-1, 1] on each axis, so
+    on a height x width frame the rotation matrix is conjugated by the aspect ratio (r = height / width),
+    or a turn would also stretch the lesion by 4:3."""
     import torch
     import torch.nn.functional as F
 
-    n = x.shape[0]
-    turns = torch.randint(0, 4, (n,), generator=generator, device=x.device).to(x.dtype) * (math.pi / 2)
+    n, height, width = x.shape[0], x.shape[2], x.shape[3]
+    quarter = 1 if height == width else 2  # the smallest turn that keeps the frame's shape
+    turns = torch.randint(0, 4 // quarter, (n,), generator=generator, device=x.device).to(x.dtype)
     mirror = torch.randint(0, 2, (n,), generator=generator, device=x.device).to(x.dtype) * 2 - 1
-    angle = turns + _uniform(n, -cfg.max_rotation_deg, cfg.max_rotation_deg, x, generator) * (math.pi / 180.0)
+    angle = turns * (quarter * math.pi / 2)
+    angle = angle + _uniform(n, -cfg.max_rotation_deg, cfg.max_rotation_deg, x, generator) * (math.pi / 180.0)
     scale = _uniform(n, 1.0 - cfg.max_zoom, 1.0 + cfg.max_zoom, x, generator)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    r = height / width
     zeros = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos * mirror, -sin, zeros], 1), torch.stack([sin * mirror, cos, zeros], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos * mirror, -sin * r, zeros], 1), torch.stack([sin * mirror / r, cos, zeros], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -88,6 +99,50 @@ def colour_jitter(x, cfg: AugmentConfig, generator):
 def augment_batch(x, generator, cfg: AugmentConfig = AugmentConfig()):
     """Float images in [0, 1], (N, 3, H, W) -> augmented images, same shape and device."""
     return colour_jitter(geometric(x, cfg, generator), cfg, generator)
+
+
+class PolicyAugment:
+    """A dataset wrapper that applies an augmentation policy of torchvision's v2 transforms to each image of
+    a batch as it is read (`__getitems__`, so in the DataLoader's workers): TrivialAugmentWide (Mueller &
+    Hutter, 2021) or RandAugment (Cubuk et al., 2020), per image, on uint8 (3, H, W) tensors.
+
+    The transforms draw from torch's global generator; it is seeded per batch from the run's seed and the
+    batch's item indices (which the sampler derives from the seed and the epoch), so a resumed run augments
+    exactly as an uninterrupted one, whichever worker reads the batch."""
+
+    def __init__(self, dataset, policy: str, seed: int):
+        self.dataset, self.policy, self.seed = dataset, policy, seed
+        self._transform = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getstate__(self):
+        return {"dataset": self.dataset, "policy": self.policy, "seed": self.seed}  # the transform is rebuilt
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _transform=None)
+
+    @property
+    def transform(self):
+        if self._transform is None:
+            from torchvision.transforms import v2
+
+            policies = {"trivial": v2.TrivialAugmentWide, "randaugment": lambda: v2.RandAugment(2, 9)}
+            if self.policy not in policies:
+                raise ValueError(f"unknown augmentation policy {self.policy!r} (allowed: {', '.join(policies)})")
+            self._transform = policies[self.policy]()
+        return self._transform
+
+    def __getitems__(self, indices) -> list:
+        import torch
+
+        images, labels = self.dataset.__getitems__(indices)
+        key = np.asarray(indices, dtype=np.uint64)
+        torch.manual_seed(int((key * np.uint64(2654435761) + np.uint64(self.seed)).sum() % np.uint64(2**63)))
+        chw = images.permute(0, 3, 1, 2)
+        out = torch.stack([self.transform(image) for image in chw]).permute(0, 2, 3, 1).contiguous()
+        return [out, labels]
 
 
 def mix_batch(x, mixup_alpha: float, cutmix_alpha: float, rng):

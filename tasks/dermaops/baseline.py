@@ -49,6 +49,7 @@ def fit_and_score(cache, train, val, params: dict, n_jobs: int):
     meta = {
         "classes": list(CLASSES),
         "image_size": params["image_size"],
+        "geometry": params.get("geometry", "squash"),
         "feature_version": FEATURE_VERSION,
         "feature_dim": int(x_train.shape[1]),
         "feature_names": feature_names(),

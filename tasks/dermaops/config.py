@@ -25,8 +25,15 @@ from typing import Any
 
 from dermaops.errors import StageError
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+# torchvision classifiers the train stage builds (dermaops.models adapts each: head, stages, stem).
+RESNETS = ("resnet18", "resnet34", "resnet50")
+ARCHS = (
+    *RESNETS, "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
+    "convnext_tiny",
+)  # fmt: skip
 STEMS = ("auto", "imagenet", "small", "compact")
+GEOMETRIES = ("squash", "aspect", "crop")  # dermaops.frame says what each keeps of the picture
+AUTO_AUGMENTS = ("none", "trivial", "randaugment")  # dermaops.augment.PolicyAugment
 DEVICES = ("auto", "cpu", "cuda")
 PRIMARY_METRICS = ("macro_f1", "weighted_f1", "balanced_accuracy", "accuracy", "macro_auc")
 SPLIT_STRATEGIES = ("lesion", "image", "dermamnist")
@@ -188,6 +195,11 @@ class BaselineConfig(StageConfig):
     image_size: int = setting(
         28, "image cache size (px) the features are computed on", lo=8, hi=512, param=True, owner=False
     )
+    # The CNN's frame too (the params are shared): both read one decoded-image cache.
+    geometry: str = setting(
+        "squash", "image geometry the features are computed on", choices=GEOMETRIES, param=True, owner=False,
+        fingerprint="if-set",
+    )  # fmt: skip
     seed: int = setting(42, "random seed of the forest", lo=0, hi=SEED_MAX, param=True, owner=False)
     n_jobs: int = setting(-1, "parallel tree jobs (-1: all cores)", lo=-1, hi=1024, fingerprint=False)
 
@@ -207,7 +219,21 @@ class TrainConfig(StageConfig):
         title="Initial weights",
     )
     image_size: int = setting(
-        64, "square input size in px (the image cache resizes)", lo=8, hi=512, param=True, title="Image size in px"
+        64,
+        "input width in px (the image cache resizes; the height follows from --geometry)",
+        lo=8,
+        hi=512,
+        param=True,
+        title="Image size in px",
+    )
+    geometry: str = setting(
+        "squash",
+        "what of the picture the input keeps: squash = the whole picture resized to a square; aspect = the whole "
+        "picture at its 4:3 shape (200 -> 150x200); crop = the centre square, as DermaMNIST does",
+        choices=GEOMETRIES,
+        param=True,
+        title="Image geometry",
+        fingerprint="if-set",
     )
     stem: str = setting(
         "auto",
@@ -266,6 +292,16 @@ class TrainConfig(StageConfig):
         fingerprint="if-set",
     )
     augment: bool = setting(True, "augment training batches")
+    auto_augment: str = setting(
+        "none",
+        "an augmentation policy per training image on top of --augment, from torchvision's v2 transforms: "
+        "trivial = TrivialAugmentWide (one random op of random strength), randaugment = RandAugment (2 ops at "
+        "magnitude 9); none = off. Applied where the batches are read (the loader workers), on uint8 pixels",
+        choices=AUTO_AUGMENTS,
+        param=True,
+        title="Augmentation policy",
+        fingerprint="if-set",
+    )
     patience: int = setting(5, "early stopping: epochs without a better val macro F1 (0 = off)", lo=0, hi=1000)
     # On by default: tau = 0 (no adjustment) is among the candidates, so the fitted rule never lowers the
     # validation macro F1, and it is what gives the rare classes (df, vasc) any recall at all.

@@ -47,14 +47,17 @@ def sample_ids(image_ids, n: int) -> list[str]:
 
 
 def embeddings(model, images, meta: dict, batch_size: int, device: str):
-    """Penultimate-layer features (the input of `model.fc`) of uint8 NHWC images, as a float32 array."""
+    """Penultimate-layer features (the input of the classifier's final Linear) of uint8 NHWC images, as a
+    float32 array."""
     import numpy as np
     import torch
 
-    from dermaops.models import to_input
+    from dermaops.models import head_name, to_input
 
     captured: list = []
-    hook = model.fc.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().cpu()))
+    hook = model.get_submodule(head_name(model)).register_forward_hook(
+        lambda _m, inputs, _out: captured.append(inputs[0].detach().cpu())
+    )
     model.eval()
     try:
         with torch.no_grad():
@@ -114,6 +117,7 @@ def against_champion(ctx, registry_uri, dataset, batch_size: int, device: str, n
     Never fails the stage: the gate, not this report, decides about a broken champion."""
     from dermaops.dataset import Dataset
     from dermaops.errors import StageError, TransientError
+    from dermaops.frame import Frame
     from dermaops.imagecache import load_images
     from dermaops.models import load_checkpoint
     from dermaops.promotion import Registry
@@ -134,11 +138,11 @@ def against_champion(ctx, registry_uri, dataset, batch_size: int, device: str, n
         model, meta = load_checkpoint(path, device=device)
         parent = S3Uri(dataset.uri.bucket, dataset.uri.key.rstrip("/").rsplit("/", 1)[0])
         reference = Dataset.open(ctx.store, parent.join(version), scratch)
-        size = meta["image_size"]
+        frame = Frame.from_meta(meta)
         images = []
         for ds in (reference, dataset):
             ids = sample_ids(ds.metadata["image_id"].astype(str), n)
-            images.append(load_images(ctx, ds, size).rows(ids))
+            images.append(load_images(ctx, ds, frame).rows(ids))
     except TransientError:
         raise
     except (StageError, RuntimeError, KeyError) as exc:

@@ -1,15 +1,18 @@
 """Decoded, resized images of a dataset version, cached once in S3 as fixed-size shards and reused by every run.
 
 JPEG decoding is the expensive part of reading HAM10000, and it gives the same pixels every time, so
-it is done once per (dataset version, size): every image is decoded with PIL in JPEG draft mode (the
-decoder's DCT scaling to the smallest size >= the target, see `decode_image`), converted to RGB,
-resized to size x size (bicubic, which PIL antialiases when shrinking; the whole image is squashed
-to a square, as DermaMNIST does, so no lesion border is cropped away) in a process pool, and stored
-as uint8 `.npy` shards of a fixed byte budget:
+it is done once per (dataset version, frame): every image is decoded with PIL in JPEG draft mode (the
+decoder's DCT scaling to the smallest size that still covers the target, see `decode_image`), converted
+to RGB, the frame's part of the picture (`dermaops.frame`: the whole of it squashed or at its 4:3
+shape, or the centre square) resized to the frame's height x width (bicubic, which PIL antialiases when
+shrinking) in a process pool, and stored as uint8 `.npy` shards of a fixed byte budget:
 
-    <dataset_uri>/cache/<size>/shards/00000.npy  (rows_per_shard, size, size, 3) uint8; the last one may be shorter
-    <dataset_uri>/cache/<size>/image_ids.json    global row i (shard i // rows_per_shard) is image_ids[i]
-    <dataset_uri>/cache/<size>/manifest.json     written last (stage contract); sha256 + size of every shard
+    <dataset_uri>/cache/<frame>/shards/00000.npy  (rows_per_shard, height, width, 3) uint8; the last may be shorter
+    <dataset_uri>/cache/<frame>/image_ids.json    global row i (shard i // rows_per_shard) is image_ids[i]
+    <dataset_uri>/cache/<frame>/manifest.json     written last (stage contract); sha256 + size of every shard
+
+`<frame>` is the bare size for squash (the layout caches had before geometries), else `aspect-128`,
+`crop-96`, ...
 
 Why shards of SHARD_BYTES (64 MiB): memory. A reader memory-maps the shards and copies out only the
 rows it asks for, so neither building nor reading ever holds the whole cache: the builder holds one
@@ -37,6 +40,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import time
@@ -50,22 +54,25 @@ import numpy as np
 
 from dermaops.dataset import Dataset, image_id_of
 from dermaops.errors import StageError
+from dermaops.frame import Frame
 from dermaops.stage import Context, fingerprint, read_verified
 from dermaops.store import S3Uri, sha256_file
 
 # Bump when the decoding/resizing recipe or the layout changes: it is part of the cache fingerprint.
+# The squash geometry keeps the format string it had before geometries, so its caches stay valid; the other
+# geometries add theirs to the fingerprint (`_cache_fingerprint`).
 CACHE_FORMAT = "u8-npy-shards-64mib:pil-rgb-draft-bicubic-squash-v2"
 LEGACY_FILE = "images.npy"  # the old single-array format (CACHE_FORMAT "pil-rgb-bicubic-squash-v1")
 SHARD_BYTES = 64 * 2**20
 SHARD_DIR = "shards"
-MIN_SIZE, MAX_SIZE = 8, 1024
 DECODE_CHUNK = 64  # images per task sent to a decoding process: amortises the pickling round trip
 
 log = logging.getLogger(__name__)
 
 
-def rows_per_shard(size: int) -> int:
-    return max(1, SHARD_BYTES // (size * size * 3))
+def rows_per_shard(frame: Frame | int) -> int:
+    height, width = Frame.of(frame).shape
+    return max(1, SHARD_BYTES // (height * width * 3))
 
 
 def shard_name(index: int) -> str:
@@ -75,39 +82,63 @@ def shard_name(index: int) -> str:
 # -- decoding ---------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """JPEG/PNG bytes -> (size, size, 3) uint8 RGB, the cache's exact recipe.
+def _resize(img, frame: Frame, full_size: tuple[int, int], resample) -> np.ndarray:
+    """The frame's box of a picture whose original size is `full_size` (draft mode may have shrunk `img`),
+    resized to the frame's shape."""
+    height, width = frame.shape
+    sx, sy = img.size[0] / full_size[0], img.size[1] / full_size[1]
+    left, top, right, bottom = frame.box(*full_size)
+    box = (left * sx, top * sy, right * sx, bottom * sy)
+    if img.size == (width, height) and box == (0, 0, width, height):
+        return np.asarray(img, dtype=np.uint8)
+    return np.asarray(img.resize((width, height), resample, box=box), dtype=np.uint8)
 
-    draft() makes the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT domain, to the smallest size that is
-    still >= size x size (600x450 at 224 px: 300x225), so the resize that follows starts from far fewer pixels.
-    Within PSNR 35 dB of a full decode + resize (tests/test_imagecache.py); a no-op for PNG.
+
+def decode_image(data: bytes, frame: Frame | int) -> np.ndarray:
+    """JPEG/PNG bytes -> (height, width, 3) uint8 RGB of the frame (a bare size: squashed square), the
+    cache's exact recipe.
+
+    draft() makes the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT domain, to the smallest size at which
+    the frame's box still covers the target (600x450 at 224 px squashed: 300x225), so the resize that follows
+    starts from far fewer pixels. Within PSNR 35 dB of a full decode + resize (tests/test_imagecache.py);
+    a no-op for PNG.
     """
     from PIL import Image
 
+    frame = Frame.of(frame)
+    height, width = frame.shape
     with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (size, size))
-        rgb = img.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(rgb, dtype=np.uint8)
+        full_w, full_h = img.size
+        left, top, right, bottom = frame.box(full_w, full_h)
+        # The whole picture at the size where the box is still >= the target (draft only ever shrinks by 2^k).
+        img.draft("RGB", (math.ceil(full_w * width / (right - left)), math.ceil(full_h * height / (bottom - top))))
+        return _resize(img.convert("RGB"), frame, (full_w, full_h), Image.Resampling.BICUBIC)
 
 
-def decode_full(data: bytes, size: int) -> np.ndarray:
+def decode_full(data: bytes, frame: Frame | int) -> np.ndarray:
     """The reference path draft mode is checked against: decode every pixel, then resize."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(rgb, dtype=np.uint8)
+        return _resize(img.convert("RGB"), Frame.of(frame), img.size, Image.Resampling.BICUBIC)
 
 
-def _decode_chunk(chunk: list[tuple[str, bytes]], size: int) -> np.ndarray:
-    out = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
+def decode_mask(data: bytes, frame: Frame | int) -> np.ndarray:
+    """A lesion mask (PNG, 0 = skin, > 0 = lesion, at its image's size or the original's) -> (height, width)
+    bool of the frame, through the same box as its image: each output pixel is lesion when at least half
+    of the mask pixels it covers are (box filter, so a thin border neither vanishes nor grows)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        binary = img.convert("L").point(lambda v: 255 if v else 0)
+        return _resize(binary, Frame.of(frame), img.size, Image.Resampling.BOX) >= 128
+
+
+def _decode_chunk(chunk: list[tuple[str, bytes]], frame: Frame) -> np.ndarray:
+    out = np.empty((len(chunk), *frame.shape, 3), dtype=np.uint8)
     for i, (image_id, data) in enumerate(chunk):
         try:
-            out[i] = decode_image(data, size)
+            out[i] = decode_image(data, frame)
         except OSError as exc:
             raise StageError(f"cannot decode image {image_id}: {exc}") from None
     return out
@@ -125,7 +156,7 @@ def _chunks(items: Iterable[tuple[str, bytes]], n: int) -> Iterator[list[tuple[s
 
 
 def decode_all(
-    items: Iterable[tuple[str, bytes]], size: int, workers: int | None = None
+    items: Iterable[tuple[str, bytes]], frame: Frame | int, workers: int | None = None
 ) -> Iterator[tuple[list, np.ndarray]]:
     """(image_ids, decoded uint8 batch) in input order, decoded by a process pool.
 
@@ -133,15 +164,16 @@ def decode_all(
     image (open, convert, resize calls, array copies) would serialise threads on small images.
     At most 2 x workers chunks are in flight, so memory stays bounded whatever the dataset size.
     """
+    frame = Frame.of(frame)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     if workers == 1:
         for chunk in _chunks(items, DECODE_CHUNK):
-            yield [i for i, _ in chunk], _decode_chunk(chunk, size)
+            yield [i for i, _ in chunk], _decode_chunk(chunk, frame)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending = []
         for chunk in _chunks(items, DECODE_CHUNK):
-            pending.append(([i for i, _ in chunk], pool.submit(_decode_chunk, chunk, size)))
+            pending.append(([i for i, _ in chunk], pool.submit(_decode_chunk, chunk, frame)))
             if len(pending) >= 2 * workers:
                 ids, future = pending.pop(0)
                 yield ids, future.result()
@@ -162,7 +194,7 @@ class ShardFile:
 
 def build_shards(
     items: Iterable[tuple[str, bytes]],
-    size: int,
+    frame: Frame | int,
     directory: Path,
     on_shard: Callable[[int, ShardFile], None] | None = None,
     workers: int | None = None,
@@ -171,9 +203,10 @@ def build_shards(
 
     `on_shard(index, shard)` runs as each shard is finished (the stage uploads it there), so a large
     cache goes to S3 while the rest is still decoding."""
-    per_shard = rows_per_shard(size)
+    frame = Frame.of(frame)
+    per_shard = rows_per_shard(frame)
     (directory / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    buffer = np.empty((per_shard, size, size, 3), dtype=np.uint8)
+    buffer = np.empty((per_shard, *frame.shape, 3), dtype=np.uint8)
     ids: list[str] = []
     shards: list[ShardFile] = []
     filled = 0
@@ -193,7 +226,7 @@ def build_shards(
             on_shard(len(shards) - 1, shard)
         filled = 0
 
-    for batch_ids, batch in decode_all(items, size, workers):
+    for batch_ids, batch in decode_all(items, frame, workers):
         start = 0
         while start < len(batch):
             take = min(per_shard - filled, len(batch) - start)
@@ -205,15 +238,15 @@ def build_shards(
         ids.extend(batch_ids)
         if time.monotonic() - last_log > 30:
             last_log = time.monotonic()
-            log.info("image cache %d px: decoded %d images, %d shards written", size, len(ids), len(shards))
+            log.info("image cache %s: decoded %d images, %d shards written", frame.name, len(ids), len(shards))
     if filled:
         flush()
     if len(set(ids)) != len(ids):
         raise StageError(f"duplicate image_ids in the images being cached (e.g. {_first_duplicate(ids)})")
     elapsed = time.monotonic() - started
     log.info(
-        "image cache %d px: decoded %d images into %d shards of <= %d in %.1f s (%.0f images/s)",
-        size, len(ids), len(shards), per_shard, elapsed, len(ids) / max(elapsed, 1e-9),
+        "image cache %s: decoded %d images into %d shards of <= %d in %.1f s (%.0f images/s)",
+        frame.name, len(ids), len(shards), per_shard, elapsed, len(ids) / max(elapsed, 1e-9),
     )  # fmt: skip
     return ids, shards
 
@@ -266,13 +299,13 @@ def _drop_pages(mm: mmap.mmap) -> None:
 class _Shards:
     """Lazily opened read-only memory maps of a cache's shards, private to each process."""
 
-    def __init__(self, files: list[ShardFile], size: int):
+    def __init__(self, files: list[ShardFile], shape: tuple[int, int]):
         self.files = files
-        self.size = size
+        self.shape = shape  # (height, width) of every row
         self._open: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
 
     def __getstate__(self):
-        return {"files": self.files, "size": self.size}  # memory maps do not cross processes: reopen there
+        return {"files": self.files, "shape": self.shape}  # memory maps do not cross processes: reopen there
 
     def __setstate__(self, state):
         self.__dict__.update(state, _open={})
@@ -287,7 +320,7 @@ class _Shards:
                 read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
                 shape, fortran, dtype = read_header(f)
                 offset = f.tell()
-                expected = (shard.rows, self.size, self.size, 3)
+                expected = (shard.rows, *self.shape, 3)
                 if shape != expected or dtype != np.uint8 or fortran:
                     raise StageError(f"image cache shard {shard.path} holds {dtype} {shape}, expected uint8 {expected}")
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -296,7 +329,7 @@ class _Shards:
 
     def gather(self, positions: np.ndarray, per_shard: int) -> np.ndarray:
         """Copy the rows at global `positions` (any order, repeats allowed) into a fresh array."""
-        out = np.empty((len(positions), self.size, self.size, 3), dtype=np.uint8)
+        out = np.empty((len(positions), *self.shape, 3), dtype=np.uint8)
         shard_of, row_of = np.divmod(positions, per_shard)
         for index in np.unique(shard_of):
             mm, arr = self.array(int(index))
@@ -309,21 +342,21 @@ class _Shards:
 
 
 class CachedImages:
-    """The cached images of one dataset version at one size, read row by row from memory-mapped shards."""
+    """The cached images of one dataset version in one frame, read row by row from memory-mapped shards."""
 
     def __init__(
         self,
         ids: list[str],
         files: list[ShardFile],
-        size: int,
+        frame: Frame | int,
         fetch: Callable[[int], None] | None = None,
         per_shard: int | None = None,
     ):
         self.ids = ids
-        self.size = size
-        self.per_shard = per_shard or rows_per_shard(size)  # the writer's, from the manifest when reading
+        self.frame = Frame.of(frame)
+        self.per_shard = per_shard or rows_per_shard(self.frame)  # the writer's, from the manifest when reading
         self._index = {image_id: i for i, image_id in enumerate(ids)}
-        self._shards = _Shards(files, size)
+        self._shards = _Shards(files, self.frame.shape)
         self._fetch = fetch  # downloads a shard that is not in scratch yet (None: all are local)
         self._fetched: set[int] = set()
 
@@ -370,7 +403,7 @@ class ShardDataset:
     """A map-style Dataset as torch's DataLoader and DistributedSampler take it (`__len__`, `__getitem__`).
 
     No torch base class, so importing this module needs no torch (the data image has none). Item i is
-    (uint8 tensor (size, size, 3), label) of the i-th requested image; `__getitems__`, which a DataLoader
+    (uint8 tensor (height, width, 3), label) of the i-th requested image; `__getitems__`, which a DataLoader
     calls with a whole batch of indices, reads the batch in one pass and returns [images, labels] tensors
     (collate with `collate_batch`). Labels are -1 when none were given."""
 
@@ -404,12 +437,13 @@ def collate_batch(batch):
 # -- the published cache ----------------------------------------------------------------------
 
 
-def _cache_fingerprint(dataset: Dataset, size: int) -> str:
-    return fingerprint(dataset_version=dataset.version, size=size, format=CACHE_FORMAT)
+def _cache_fingerprint(dataset: Dataset, frame: Frame) -> str:
+    geometry = {} if frame.geometry == "squash" else {"geometry": frame.geometry}
+    return fingerprint(dataset_version=dataset.version, size=frame.size, format=CACHE_FORMAT, **geometry)
 
 
-def cache_uri(dataset: Dataset, size: int) -> S3Uri:
-    return dataset.uri.join("cache", str(size))
+def cache_uri(dataset: Dataset, frame: Frame | int) -> S3Uri:
+    return dataset.uri.join("cache", Frame.of(frame).name)
 
 
 def count_images(dataset: Dataset) -> int:
@@ -420,12 +454,12 @@ def count_images(dataset: Dataset) -> int:
     return total
 
 
-def load_images(ctx: Context, dataset: Dataset, size: int) -> CachedImages:
-    """The dataset's images at size x size: from scratch, else from S3, else built once and published."""
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise StageError(f"image size {size} is out of range ({MIN_SIZE}..{MAX_SIZE} px)")
-    out = ctx.output(cache_uri(dataset, size), "imagecache", _cache_fingerprint(dataset, size))
-    local = ctx.scratch / "imagecache" / dataset.version / str(size)
+def load_images(ctx: Context, dataset: Dataset, frame: Frame | int) -> CachedImages:
+    """The dataset's images in `frame` (a bare size: squashed to that square): from scratch, else from S3,
+    else built once and published."""
+    frame = Frame.of(frame)
+    out = ctx.output(cache_uri(dataset, frame), "imagecache", _cache_fingerprint(dataset, frame))
+    local = ctx.scratch / "imagecache" / dataset.version / frame.name
     manifest = out.finished()
     if manifest is not None:
         ids = json.loads(read_verified(ctx.store, out.prefix, "image_ids.json", manifest))
@@ -441,7 +475,7 @@ def load_images(ctx: Context, dataset: Dataset, size: int) -> CachedImages:
                     verify_shard(shard.path, shard.sha256)
                     return
                 except StageError:
-                    log.warning("image cache %d px: scratch copy of %s is corrupt; downloading it again", size, uri)
+                    log.warning("image cache %s: scratch copy of %s is corrupt; downloading it again", frame.name, uri)
             ctx.store.download(uri, shard.path)
             try:
                 verify_shard(shard.path, shard.sha256)
@@ -449,17 +483,17 @@ def load_images(ctx: Context, dataset: Dataset, size: int) -> CachedImages:
                 shard.path.unlink(missing_ok=True)
                 raise StageError(f"checksum mismatch for {uri}: the image cache is corrupt") from None
 
-        log.info("image cache %d px: reusing %s (%d images in %d shards)", size, out.prefix, len(ids), len(files))
-        return CachedImages(ids, files, size, fetch, manifest["summary"]["rows_per_shard"])
+        log.info("image cache %s: reusing %s (%d images in %d shards)", frame.name, out.prefix, len(ids), len(files))
+        return CachedImages(ids, files, frame, fetch, manifest["summary"]["rows_per_shard"])
 
     legacy = ctx.store.exists(out.uri(LEGACY_FILE))
     if legacy:
         log.info(
-            "image cache %d px: %s holds the old single-file format (%s); rebuilding it as %d-image shards",
-            size, out.prefix, LEGACY_FILE, rows_per_shard(size),
+            "image cache %s: %s holds the old single-file format (%s); rebuilding it as %d-image shards",
+            frame.name, out.prefix, LEGACY_FILE, rows_per_shard(frame),
         )  # fmt: skip
     else:
-        log.info("image cache %d px: building %s (decoding every image once)", size, out.prefix)
+        log.info("image cache %s: building %s (decoding every image once)", frame.name, out.prefix)
     out.unpublish()
     n = count_images(dataset)
 
@@ -467,20 +501,50 @@ def load_images(ctx: Context, dataset: Dataset, size: int) -> CachedImages:
         out.put_file(shard_name(index), shard.path, sha256=shard.sha256, content_type="application/octet-stream")
 
     items = ((image_id, data) for image_id, _archive, data in dataset.iter_images())
-    ids, files = build_shards(items, size, local, on_shard=upload)
+    ids, files = build_shards(items, frame, local, on_shard=upload)
     if len(ids) != n:
         raise StageError(f"dataset {dataset.uri}: decoded {len(ids)} images but its archives list {n}")
     out.put_json("image_ids.json", ids)
     out.publish(
         {
             "dataset_version": dataset.version,
-            "size": size,
+            "size": frame.size,
+            "geometry": frame.geometry,
+            "shape": list(frame.shape),
             "n_images": len(ids),
             "format": CACHE_FORMAT,
-            "rows_per_shard": rows_per_shard(size),
+            "rows_per_shard": rows_per_shard(frame),
             "shards": [[shard_name(i), f.rows] for i, f in enumerate(files)],
         }
     )
     if legacy:  # the new manifest is out: the superseded array can go
         ctx.store.delete(out.uri(LEGACY_FILE))
-    return CachedImages(ids, files, size)
+    return CachedImages(ids, files, frame)
+
+
+def load_masks(dataset: Dataset, image_ids, frame: Frame | int) -> np.ndarray | None:
+    """The lesion masks of `image_ids` in `frame`, (N, height, width) bool, in that order; None when the
+    dataset version has no masks. Read straight from the stored zip (a few hundred PNGs for an evaluation:
+    no cache needed); an image without a mask gets an empty one and a warning (validate reports it)."""
+    if dataset.masks_archive is None:
+        return None
+    from dermaops.dataset import mask_image_id_of
+
+    frame = Frame.of(frame)
+    image_ids = list(image_ids)
+    out = np.zeros((len(image_ids), *frame.shape), dtype=bool)
+    wanted = {image_id: i for i, image_id in enumerate(image_ids)}
+    found = 0
+    with zipfile.ZipFile(dataset.local(dataset.masks_archive)) as zf:
+        for info in zf.infolist():
+            image_id = None if info.is_dir() else mask_image_id_of(info.filename)
+            if image_id in wanted:
+                try:
+                    out[wanted[image_id]] = decode_mask(zf.read(info), frame)
+                except OSError as exc:
+                    raise StageError(f"cannot decode the lesion mask of {image_id} ({info.filename}): {exc}") from None
+                found += 1
+    if found < len(image_ids):
+        log.warning("%d of %d images have no lesion mask in %s", len(image_ids) - found, len(image_ids),
+                    dataset.masks_archive)  # fmt: skip
+    return out

@@ -14,7 +14,9 @@ history. Optional facts are shown when the producing stage records them, under t
   validation-fitted logit adjustment of `train --calibrate`); `ece` in the test metrics;
 - melanoma operating point: `mel_threshold` in the checkpoint meta (a threshold on p(mel));
   `mel_operating_point` in the test metrics ({threshold, sensitivity, specificity, ...});
-- intervals: any metric `<name>` with a sibling `<name>_ci` = [low, high] (headline or per class).
+- intervals: any metric `<name>` with a sibling `<name>_ci` = [low, high] (headline or per class);
+- where the model looks: `localization` in the test metrics (Grad-CAM of each image's true class
+  against its lesion mask: per class the energy ratio and the pointing-game hit rate).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 from typing import Any
 
 from dermaops.errors import StageError, TransientError
+from dermaops.frame import Frame
 from dermaops.store import ArtifactStore, S3Uri
 
 CARD_MD = "model_card.md"
@@ -56,8 +59,8 @@ OUT_OF_SCOPE = [
     "Screening populations unlike HAM10000's (see Factors): its performance there is unknown.",
 ]
 LIMITATIONS = [
-    "Resolution: the model sees each image squashed to {size}x{size} px (the originals are 600x450); fine "
-    "structures a dermatologist relies on are lost at that size.",
+    "Resolution: the model sees each image as {frame} (the originals are 600x450); fine structures a "
+    "dermatologist relies on are lost at that size.",
     "Population: HAM10000 comes from two sites (Vienna, Austria and Queensland, Australia) and mostly fair "
     "skin (Fitzpatrick I-III); skin types V-VI are barely represented, and performance on them is unknown.",
     "No external validation: every figure here is on a held-out split of the same dataset (same sites, "
@@ -107,7 +110,7 @@ def build_card(
     """The card's facts as one JSON-able dict (pure: no I/O)."""
     config = (train_manifest or {}).get("config") or {}
     split_summary = (split_manifest or {}).get("summary") or {}
-    size = meta.get("image_size")
+    frame = Frame.from_meta(meta) if meta.get("image_size") else None
     per_class = {
         cls: {name: _with_ci(values, name) for name in PER_CLASS if name in values}
         for cls, values in (metrics.get("per_class") or {}).items()
@@ -133,7 +136,7 @@ def build_card(
             "model_uri": model_uri,
             "model_sha256": model_sha256,
             "architecture": meta.get("arch"),
-            "input": f"{size}x{size} px RGB, ImageNet mean/std normalisation",
+            "input": f"{frame.describe() if frame else 'not recorded'} RGB, ImageNet mean/std normalisation",
             "stem": meta.get("stem"),
             "initial_weights": meta.get("pretrained"),
             "checkpoint": {"phase": meta.get("phase"), "epoch": meta.get("epoch")},
@@ -162,7 +165,8 @@ def build_card(
         },
         "calibration": calibration,
         "melanoma_operating_point": operating_point,
-        "limitations": [item.format(size=size) for item in LIMITATIONS],
+        "localization": metrics.get("localization"),
+        "limitations": [item.format(frame=frame.describe() if frame else "a fixed size") for item in LIMITATIONS],
         "ethical_considerations": [
             "Missing a melanoma is the costly error: promotion requires a minimum melanoma recall, and the "
             "operating point above says how the melanoma flag is set.",
@@ -210,6 +214,26 @@ def _approval_text(approval: dict | None) -> str:
         return ""
     comment = f": {approval['comment']}" if approval.get("comment") else ""
     return f", approved by {approval.get('reviewer')} ({approval.get('responded_at') or 'time not recorded'}){comment}"
+
+
+def _localization_lines(found: dict | None) -> list[str]:
+    if not found:
+        return []
+    lines = [
+        "",
+        "## Where the model looks (Grad-CAM against the lesion masks, test split)",
+        "",
+        f"Each image's Grad-CAM map of its true class ({found['layer']}) against its lesion mask "
+        f"({found['mask_source']}): energy ratio = share of the map inside the mask / the mask's share of the "
+        f"image (1 = uniform); pointing game = the map's maximum inside the mask dilated by "
+        f"{found['pointing_tolerance_px']} px.",
+        "",
+        "| class | images | energy ratio | pointing-game hit rate |",
+        "|---|---|---|---|",
+    ]
+    for name, row in {**found["per_class"], "all": found["overall"]}.items():
+        lines.append(f"| {name} | {row['n']} | {_num(row['energy_ratio'])} | {_num(row['pointing_hit_rate'])} |")
+    return lines
 
 
 def render_card(card: dict) -> str:
@@ -287,6 +311,7 @@ def render_card(card: dict) -> str:
     ]
     if op["test"]:
         lines.append(f"- On the test split: {op['test']}")
+    lines += _localization_lines(card.get("localization"))
     lines += [
         "",
         "## Caveats and known limitations",

@@ -1,4 +1,5 @@
-"""The CNN: torchvision ResNets, their checkpoints, and inference on cached uint8 images.
+"""The CNN: torchvision classifiers (ResNets and the efficient families), their checkpoints, and inference
+on cached uint8 images.
 
 Shared by `train` (builds and fits), `evaluate` (predicts, Grad-CAM) and anything that scores a
 checkpoint. Preprocessing lives here (uint8 NHWC -> normalised float NCHW) so that training and
@@ -10,7 +11,12 @@ the first residual block, which throws away most of the lesion. Below SMALL_STEM
 From 40 px up the ImageNet stem still leaves >= 10x10 px to layer1 and costs 16x less compute than
 the small stem at the same size, which decides it on CPUs. The "compact" stem (3x3 stride-1 conv, then the
 max-pool) sits between: a 28 px image reaches layer1 at 14x14, without upsampling it first, for about a
-quarter of the small stem's compute.
+quarter of the small stem's compute. Stems are a ResNet matter: the other families keep their own.
+
+Every architecture is seen through two facts, so training and Grad-CAM need no per-family code:
+its head (`head_name`: the Linear that maps pooled features to classes, replaced by a `num_classes`
+one) and its stages (`stage_names`: the backbone's resolution stages, input to output, grouped as
+ResNet's layer1..layer4 are), which phase 2 unfreezes from the end (`--finetune-depth`).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dermaops.config import ARCHS, STEMS  # the settings' choices, defined once
+from dermaops.config import ARCHS, RESNETS, STEMS  # the settings' choices, defined once
 from dermaops.errors import StageError
+from dermaops.frame import Frame
 
 SMALL_STEM_BELOW = 40
 # ImageNet statistics: right for ImageNet weights and a reasonable fixed scale for training from scratch.
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_stem(stem: str, image_size: int) -> str:
+    """The stem for an input whose SHORT side is `image_size` px."""
     if stem not in STEMS:
         raise StageError(f"unknown stem {stem!r} (allowed: {', '.join(STEMS)})")
     if stem == "auto":
@@ -92,47 +100,101 @@ def _load_compatible(model, state: dict, source: str) -> None:
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(k for k in own if k not in usable)
-    if not any(k.startswith("layer") for k in usable):
+    backbone = tuple(f"{name}." for group in stage_names(model) for name in group)
+    if not any(k.startswith(backbone) for k in usable):
         raise StageError(f"pretrained weights {source} do not fit this architecture (no backbone tensor matches)")
     model.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors from %s; kept fresh: %s", len(usable), source, ", ".join(skipped) or "none")
 
 
+def head_name(model) -> str:
+    """The dotted name of the model's final Linear layer (the classifier head)."""
+    import torch
+
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if not linears:
+        raise StageError(f"{type(model).__name__} has no Linear classifier head")
+    return linears[-1]
+
+
+def stage_names(model) -> list[tuple[str, ...]]:
+    """The backbone's resolution stages, input to output, each a tuple of dotted module names: ResNet's
+    layer1..layer4, RegNet's trunk blocks, and for the families whose backbone is one `features` sequence
+    (MobileNetV3, EfficientNet, ConvNeXt) its blocks grouped by output resolution (a dummy forward tells),
+    the stem excluded."""
+    import torch
+
+    if hasattr(model, "layer4"):
+        return [(f"layer{i}",) for i in range(1, 5)]
+    if hasattr(model, "trunk_output"):
+        return [(f"trunk_output.{name}",) for name, _ in model.trunk_output.named_children()]
+    features = getattr(model, "features", None)
+    if not isinstance(features, torch.nn.Sequential):
+        raise StageError(f"cannot find the stages of {type(model).__name__}")
+    sizes: list[int] = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: sizes.append(int(out.shape[-1]))) for block in features]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            features(torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device))
+        model.train(was_training)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[list[str]] = []
+    for i, size in enumerate(sizes[1:], start=1):  # features[0] is the stem
+        if groups and sizes[i - 1] == size:
+            groups[-1].append(f"features.{i}")
+        else:
+            groups.append([f"features.{i}"])
+    return [tuple(group) for group in groups]
+
+
+def _replace(model, dotted: str, module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def build_model(arch: str, num_classes: int, image_size: int, pretrained: str = "none", stem: str = "auto"):
-    """A torchvision ResNet with a `num_classes` head; `pretrained` is none, imagenet, or a path/s3 URI."""
+    """A torchvision classifier with a `num_classes` head; `pretrained` is none, imagenet, or a path/s3 URI;
+    `image_size` is the input's short side (it picks a ResNet's stem)."""
     import torch
     import torchvision
 
     if arch not in ARCHS:
         raise StageError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")
+    resolved = resolve_stem(stem, image_size)
+    if arch not in RESNETS and stem not in ("auto", "imagenet"):
+        raise StageError(f"--stem {stem} applies to ResNets only ({', '.join(RESNETS)}); {arch} keeps its own stem")
     model = getattr(torchvision.models, arch)(weights=None)
     if pretrained == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))
     elif pretrained and pretrained != "none":
         state = _file_state_dict(pretrained)
-    resolved = resolve_stem(stem, image_size)
-    if resolved in ("small", "compact"):
-        model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    if resolved == "small":
-        model.maxpool = torch.nn.Identity()
-    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    if arch in RESNETS:
+        if resolved in ("small", "compact"):
+            model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if resolved == "small":
+            model.maxpool = torch.nn.Identity()
+    head = head_name(model)
+    _replace(model, head, torch.nn.Linear(model.get_submodule(head).in_features, num_classes))
     if pretrained and pretrained not in ("none", "imagenet"):
         _load_compatible(model, state, pretrained)
     return model
 
 
-def target_layer(model):
-    """The last convolutional block, where Grad-CAM looks."""
-    return model.layer4
-
-
-def model_meta(arch: str, classes, image_size: int, stem: str, pretrained: str) -> dict:
-    """The part of a checkpoint's meta that fixes how to rebuild the model and preprocess its input."""
+def model_meta(arch: str, classes, frame: Frame | int, stem: str, pretrained: str) -> dict:
+    """The part of a checkpoint's meta that fixes how to rebuild the model and preprocess its input
+    (`Frame.from_meta` reads the frame back); a bare size is its squashed square."""
+    frame = Frame.of(frame)
     return {
         "arch": arch,
         "classes": list(classes),
-        "image_size": int(image_size),
-        "stem": resolve_stem(stem, image_size),
+        "image_size": frame.size,
+        "geometry": frame.geometry,
+        "input_shape": list(frame.shape),
+        "stem": resolve_stem(stem, min(frame.shape)) if arch in RESNETS else "imagenet",
         "pretrained": pretrained,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
@@ -194,10 +256,17 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-# The square's symmetry group: 4 quarter turns, each with and without a mirror. Every element is an
-# equally valid view of a dermatoscopic image (training augments with all of them), so test-time
-# augmentation averages the model's softmax over the 8 views.
+# The frame's symmetry group: for a square, 4 quarter turns, each with and without a mirror; for a
+# rectangle (the aspect geometry), the turns that keep its shape: identity, half turn, and their mirrors
+# (= the left-right and top-bottom flips). Every element is an equally valid view of a dermatoscopic
+# image (training augments with all of them), so test-time augmentation averages the softmax over them.
 DIHEDRAL_VIEWS = 8
+RECTANGLE_VIEWS = (0, 2, 4, 6)
+
+
+def symmetry_views(shape: tuple[int, int]) -> tuple[int, ...]:
+    """The dihedral view indices (see `dihedral_view`) that keep a (height, width) frame's shape."""
+    return tuple(range(DIHEDRAL_VIEWS)) if shape[0] == shape[1] else RECTANGLE_VIEWS
 
 
 def dihedral_view(x, k: int):
@@ -230,17 +299,18 @@ def predict_proba(
     adjust: bool = True,
 ) -> np.ndarray:
     """Softmax probabilities (N, C): eval mode, training's preprocessing, no random augmentation.
-    `tta`: the mean softmax over the 8 dihedral views; `adjust`: apply the checkpoint's logit
+    `tta`: the mean softmax over the frame's symmetry views; `adjust`: apply the checkpoint's logit
     adjustment, if it has one (every scoring path leaves it on; off only to measure its effect)."""
     import torch
 
-    size = meta["image_size"]
-    if images_uint8_nhwc.ndim != 4 or images_uint8_nhwc.shape[1:] != (size, size, 3):
-        raise StageError(f"images have shape {images_uint8_nhwc.shape}, the model expects (N, {size}, {size}, 3)")
+    shape = Frame.from_meta(meta).shape
+    if images_uint8_nhwc.ndim != 4 or images_uint8_nhwc.shape[1:] != (*shape, 3):
+        expected = f"(N, {shape[0]}, {shape[1]}, 3)"
+        raise StageError(f"images have shape {images_uint8_nhwc.shape}, the model expects {expected}")
     device = device or next(model.parameters()).device
     cuda = torch.device(device).type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
-    views = range(DIHEDRAL_VIEWS) if tta else range(1)
+    views = symmetry_views(shape) if tta else (0,)
     out = []
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         for start in range(0, len(images_uint8_nhwc), batch_size):

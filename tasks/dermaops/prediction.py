@@ -297,16 +297,16 @@ def operating_point(meta: dict, champion: dict | None) -> OperatingPoint:
 @dataclass
 class Batch:
     images: list[InputImage]
-    pixels: np.ndarray  # (N, size, size, 3) uint8, training's preprocessing
+    pixels: np.ndarray  # (N, height, width, 3) uint8, training's preprocessing (the checkpoint's frame)
     proba: np.ndarray  # (N, C) calibrated probabilities
 
 
-def decode_batch(images: list[InputImage], size: int, spec: str, pool: ThreadPoolExecutor) -> np.ndarray:
+def decode_batch(images: list[InputImage], frame, spec: str, pool: ThreadPoolExecutor) -> np.ndarray:
     from dermaops.imagecache import decode_image
 
     def decode(item: InputImage) -> np.ndarray:
         try:
-            return decode_image(item.read(), size)
+            return decode_image(item.read(), frame)
         except (OSError, SyntaxError, ValueError) as exc:
             raise StageError(f"--images {spec}: {item.name} is not a readable JPEG ({exc})") from exc
 
@@ -324,13 +324,15 @@ def predict_batches(
 ) -> Iterator[Batch]:
     """Calibrated probabilities for every input image, a batch at a time (memory stays flat however
     many images there are: only one batch is ever decoded)."""
+    from dermaops.frame import Frame
     from dermaops.models import predict_proba
 
+    frame = Frame.from_meta(meta)
     temperature = temperature_of(meta)
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         for start in range(0, len(inputs.images), batch_size):
             chunk = inputs.images[start : start + batch_size]
-            pixels = decode_batch(chunk, meta["image_size"], inputs.spec, pool)
+            pixels = decode_batch(chunk, frame, inputs.spec, pool)
             proba = predict_proba(model, pixels, meta, batch_size, device, tta=tta)
             yield Batch(chunk, pixels, apply_temperature(proba, temperature))
 

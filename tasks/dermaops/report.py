@@ -9,6 +9,7 @@ import io
 import numpy as np
 
 from dermaops.dataset import CLASSES
+from dermaops.frame import Frame
 from dermaops.metrics import HEADLINE, format_number, headline
 
 COMPARISON_COLUMNS = HEADLINE
@@ -104,7 +105,8 @@ def render(
         "",
         f"- dataset version: `{dataset_version}`",
         f"- test split: `{split_uri}` ({metrics['n']} images; strategy `{split_strategy}`)",
-        f"- evaluated model ({name}): `{model_uri}` ({model_meta.get('arch')} at {model_meta.get('image_size')} px, "
+        f"- evaluated model ({name}): `{model_uri}` ({model_meta.get('arch')} at "
+        f"{Frame.from_meta(model_meta).describe()}, "
         f"best validation macro F1 at epoch {model_meta.get('epoch')}, phase {model_meta.get('phase')})",
         "",
         "## Test metrics",
@@ -224,20 +226,29 @@ def _gradcam_section(gradcam: dict | None) -> list[str]:
     if not gradcam:
         return ["## Grad-CAM", "", "No melanoma image in the test split (or --no-gradcam): no Grad-CAM.", ""]
     h, w = gradcam["map_size"]
-    return [
-        "## Grad-CAM (melanoma test images)",
+    lines = [
+        "## Grad-CAM against the lesion masks",
         "",
         f"Target layer `{gradcam['layer']}` ({h}x{w} map), chosen as the deepest convolutional layer whose map is "
-        "at least 6x6 at the trained size.",
+        f"at least 6x6 at the trained size. Each test image's map is that of its true class, judged against "
+        f"its lesion mask ({gradcam['mask_source']}): the energy ratio is the share of the map's mass inside "
+        "the mask divided by the mask's share of the image (1 = no better than uniform), the pointing game "
+        f"counts a hit when the map's maximum lies in the mask dilated by {gradcam['pointing_tolerance_px']} px.",
         "",
-        f"Localization ratio (share of the map inside an Otsu lesion mask / the mask's share of the image; 1 = "
-        f"no better than uniform): mean **{format_number(gradcam['localization_ratio'])}**, median "
-        f"{format_number(gradcam['localization_ratio_median'])} over {gradcam['localization_images']} melanoma "
-        "test images.",
+        "| class | images | energy ratio (mean) | energy ratio (median) | pointing-game hit rate |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in {**gradcam["per_class"], "all": gradcam["overall"]}.items():
+        lines.append(
+            f"| {name} | {row['n']} | {format_number(row['energy_ratio'])} | "
+            f"{format_number(row['energy_ratio_median'])} | {format_number(row['pointing_hit_rate'])} |"
+        )
+    return [
+        *lines,
         "",
-        f"{len(gradcam['image_ids'])} of them, spread from the highest to the lowest predicted melanoma "
-        "probability, each beside its Grad-CAM map of the `mel` score (red = regions that raise it; `loc` = "
-        "its localization ratio):",
+        f"{len(gradcam['image_ids'])} melanomas, spread from the highest to the lowest predicted melanoma "
+        "probability, each beside its Grad-CAM map of the `mel` score (red = regions that raise it), with the "
+        "lesion's outline in white and the map's maximum as a cross:",
         "",
         "![Grad-CAM grid](gradcam_mel.png)",
         "",

@@ -3,7 +3,8 @@
 Phase 1 trains the classifier head on a frozen backbone (with pretrained weights), or the whole
 network when there are no pretrained weights (a frozen random backbone would only give random
 features). Phase 2 starts from the best phase-1 weights, unfreezes the last `finetune_depth`
-residual stages (layer4 = 1) and fine-tunes them with the head at a lower learning rate.
+stages of the backbone (ResNet: layer4 = 1; `models.stage_names`) and fine-tunes them with the head
+at a lower learning rate.
 
 Epochs are numbered globally (phase 2 continues phase 1's numbering). After every epoch the whole
 state (model, optimizer, scheduler, weight average, RNG, `TrainState`) goes to `last.pt` through the
@@ -44,14 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dermaops.augment import augment_batch, mix_batch
+from dermaops.augment import PolicyAugment, augment_batch, mix_batch
 from dermaops.config import TrainConfig
 from dermaops.distributed import SINGLE, Dist
 from dermaops.errors import StageError
+from dermaops.frame import Frame
 from dermaops.metrics import classification_metrics
 from dermaops.models import model_meta, normalize, save_checkpoint, to_float
 
-BLOCKS = ("layer1", "layer2", "layer3", "layer4")
 PROGRESS_EVERY_S = 30.0
 EVAL_BATCH = 256
 
@@ -226,11 +227,20 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
     return {"acc": m["accuracy"], "weighted_f1": m["weighted_f1"], "macro_f1": m["macro_f1"]}
 
 
-def trainable_children(cfg: TrainConfig, phase: int) -> set[str] | None:
-    """Names of the model's top-level children that learn in `phase` (None = all of them)."""
+def trainable_modules(model, cfg: TrainConfig, phase: int) -> tuple[str, ...] | None:
+    """Dotted names of the modules that learn in `phase` (None = the whole model): the head (the top-level
+    module holding the final Linear: ResNet's fc, MobileNet's classifier), and in phase 2 the last
+    `finetune_depth` backbone stages."""
+    from dermaops.models import head_name, stage_names
+
+    head = head_name(model).split(".")[0]
     if phase == 1:
-        return None if cfg.pretrained == "none" else {"fc"}
-    return {"fc", *BLOCKS[-cfg.finetune_depth :]}
+        return None if cfg.pretrained == "none" else (head,)
+    return (head, *(name for stage in stage_names(model)[-cfg.finetune_depth :] for name in stage))
+
+
+def _learns(name: str, learn: tuple[str, ...] | None) -> bool:
+    return learn is None or any(name == m or name.startswith(m + ".") for m in learn)
 
 
 class Trainer:
@@ -255,9 +265,10 @@ class Trainer:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.work_dir, self.on_saved = work_dir, on_saved
-        self.meta = {**model_meta(cfg.arch, classes, cfg.image_size, cfg.stem, cfg.pretrained), **extra_meta}
+        frame = Frame(cfg.geometry, cfg.image_size)
+        self.meta = {**model_meta(cfg.arch, classes, frame, cfg.stem, cfg.pretrained), **extra_meta}
         seed_everything(cfg.seed)
-        model = build_model(cfg.arch, len(classes), cfg.image_size, cfg.pretrained, cfg.stem)
+        model = build_model(cfg.arch, len(classes), min(frame.shape), cfg.pretrained, cfg.stem)
         memory_format = torch.channels_last if self.cuda else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
         weights = None
@@ -302,6 +313,9 @@ class Trainer:
         from torch.utils.data import DataLoader, DistributedSampler
 
         n, world = len(self.train.labels), self.dist.world_size
+        dataset = self.train.dataset
+        if self.cfg.auto_augment != "none":
+            dataset = PolicyAugment(dataset, self.cfg.auto_augment, self.cfg.seed)
         global_batch = min(self.cfg.batch_size, n) // world * world
         if global_batch == 0:
             raise StageError(f"{n} training images cannot be shared by {world} training processes")
@@ -311,7 +325,7 @@ class Trainer:
                 "(it is the global batch, split evenly across them)"
             )
         sampler = DistributedSampler(
-            self.train.dataset,
+            dataset,
             num_replicas=world,
             rank=self.dist.rank,
             shuffle=True,
@@ -319,7 +333,7 @@ class Trainer:
             drop_last=True,
         )
         loader = DataLoader(
-            self.train.dataset, batch_size=global_batch // world, sampler=sampler, drop_last=True,
+            dataset, batch_size=global_batch // world, sampler=sampler, drop_last=True,
             **self._loader_args(),
         )  # fmt: skip
         assert len(loader) == self.steps_per_epoch, (len(loader), self.steps_per_epoch)
@@ -408,10 +422,9 @@ class Trainer:
         """Freeze what `phase` does not train; a fresh AdamW and one-cycle schedule for the phase."""
         import torch
 
-        learn = trainable_children(self.cfg, phase)
-        for name, child in self.model.named_children():
-            for p in child.parameters():
-                p.requires_grad_(learn is None or name in learn)
+        learn = trainable_modules(self.model, self.cfg, phase)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(_learns(name, learn))
         params = [p for p in self.model.parameters() if p.requires_grad]
         lr = self.cfg.phase_lr(phase)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay)
@@ -420,12 +433,15 @@ class Trainer:
         )
         return learn, optimizer, scheduler
 
-    def _train_mode(self, learn: set[str] | None) -> None:
+    def _train_mode(self, learn: tuple[str, ...] | None) -> None:
         # Frozen parts stay in eval mode, so their BatchNorm statistics stay those they were trained with.
         self.model.train()
-        for name, child in self.model.named_children():
-            if learn is not None and name not in learn:
-                child.eval()
+        if learn is None:
+            return
+        for name, module in self.model.named_modules():
+            # Leaves are what train/eval changes (BatchNorm, dropout); a parent may hold learning children.
+            if next(module.children(), None) is None and not _learns(name, learn):
+                module.eval()
 
     def run(self) -> TrainState:
         blob, self._resume_blob = self._resume_blob, None
@@ -461,7 +477,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.reset(self.model)  # a new phase averages from its own starting weights
         st.phase, st.phase_epoch, st.phase_done, st.phase_best, st.stale_epochs = phase, 0, False, None, 0
-        learn = trainable_children(self.cfg, phase)
+        learn = trainable_modules(self.model, self.cfg, phase)
         log.info(
             "phase %d: %d epochs, lr %g, training %s",
             phase,

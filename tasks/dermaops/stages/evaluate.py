@@ -49,6 +49,8 @@ CONFIG = EvaluateConfig
 # Bump when what evaluate computes changes: part of the fingerprint, so a re-run recomputes.
 EVALUATION_VERSION = 3
 ABLATION_KEYS = ("accuracy", "macro_f1", "macro_auc", "mel_recall")
+LOCALIZATION_KEYS = ("mask_source", "layer", "pointing_tolerance_px", "per_class", "overall")
+MODEL_META_KEYS = ("arch", "image_size", "geometry", "input_shape", "stem", "phase", "epoch")
 log = logging.getLogger(__name__)
 
 
@@ -162,6 +164,8 @@ def run(args, ctx) -> dict:
     scores = score_models(ctx, cfg, inputs, dataset, local)
     out.unpublish()
     confusion, gradcam = write_tables_and_plots(out, cfg, scores, local / "plots")
+    if gradcam:  # where the model looks, under the key the model card and the promotion record read
+        scores.metrics["localization"] = {k: gradcam[k] for k in LOCALIZATION_KEYS}
     feature_drift = None
     if inputs.registry_uri:  # before the gate: the champion the new data is compared with is the current one
         from dermaops.feature_drift import against_champion
@@ -221,7 +225,7 @@ def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path)
     """The challenger, its phase-1 model and the baseline, each scored ONCE on the test split; the
     ablations, calibration figures, operating point and intervals are derived from those outputs."""
     from dermaops.metrics import headline
-    from dermaops.models import DIHEDRAL_VIEWS, pick_device
+    from dermaops.models import pick_device
     from dermaops.report import BASELINE, FINE_TUNED, FROZEN
     from dermaops.split_files import read_split_csv
 
@@ -230,9 +234,8 @@ def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path)
     scorer = SplitScorer(ctx, dataset, test, cfg.batch_size, device, cfg.tta, cfg.bootstrap_resamples)
     # Every file is checked against the manifest read in locate_inputs: never a model another run wrote since.
     checkpoint = download_verified(ctx.store, inputs.model_prefix, "cnn.pt", local / "cnn.pt", inputs.model_manifest)
-    # With --no-tta and --tta-ablation the 8 views are scored once; the headline uses the first.
-    views = DIHEDRAL_VIEWS if cfg.tta or cfg.tta_ablation else 1
-    scored = scorer.score_checkpoint(checkpoint, what=str(inputs.cnn_uri), views=views)
+    # With --no-tta and --tta-ablation the symmetry views are scored once; the headline uses the first.
+    scored = scorer.score_checkpoint(checkpoint, what=str(inputs.cnn_uri), all_views=cfg.tta or cfg.tta_ablation)
     proba = scored.proba(scorer.tta)
     models = {}
     if inputs.baseline_uri:
@@ -317,7 +320,7 @@ def write_tables_and_plots(out: Output, cfg: EvaluateConfig, scores: Scores, plo
     out.put_file("reliability.png", plots / "reliability.png", content_type="image/png")
     gradcam = None
     if cfg.gradcam:
-        gradcam = explain_melanomas(scorer, scores, cfg.gradcam_images, plots / "gradcam.png")
+        gradcam = explain(scorer, scores, cfg.gradcam_images, plots / "gradcam.png")
         if gradcam:
             out.put_file("gradcam_mel.png", plots / "gradcam.png", content_type="image/png")
     out.put_text("per_class.csv", to_csv(per_class_rows(scores.metrics)), "text/csv")
@@ -402,7 +405,7 @@ def write_summary(
             "dataset_version": dataset_version,
             "split_uri": str(inputs.split_uri),
             "model_uri": str(inputs.cnn_uri),
-            "model_meta": {k: meta.get(k) for k in ("arch", "image_size", "stem", "phase", "epoch")},
+            "model_meta": {k: meta.get(k) for k in MODEL_META_KEYS},
             "classes": list(scores.scorer.classes),
             "test": metrics,
             "intervals": {
@@ -465,7 +468,7 @@ class Scored:
 
     model: object
     meta: dict
-    views: object  # (V, N, C) float32: V = 1, or the 8 dihedral views (view 0 = the image as it is)
+    views: object  # (V, N, C) float32: V = 1, or the frame's symmetry views (view 0 = the image as it is)
 
     def proba(self, tta: bool, adjust: bool = True, temperature: bool = True):
         """The probabilities as predict_proba gives them (mean softmax over the views with `tta`), then
@@ -506,15 +509,19 @@ class SplitScorer:
         self.image_ids = test["image_id"].tolist()
         # Images of one lesion are resampled together; a split without lesion ids falls back to images.
         self.groups = (test["lesion_id"] if "lesion_id" in test.columns else test["image_id"]).to_numpy()
-        self._images: dict[int, object] = {}
+        self._images: dict[object, object] = {}  # Frame -> uint8 images
         self._resamples = None
 
-    def images(self, size: int):
-        if size not in self._images:
+    def images(self, frame):
+        """The test images in `frame` (a Frame, or a bare size: squashed), loaded once per frame."""
+        from dermaops.frame import Frame
+
+        frame = Frame.of(frame)
+        if frame not in self._images:
             from dermaops.imagecache import load_images
 
-            self._images[size] = load_images(self.ctx, self.dataset, size).rows(self.image_ids)
-        return self._images[size]
+            self._images[frame] = load_images(self.ctx, self.dataset, frame).rows(self.image_ids)
+        return self._images[frame]
 
     @property
     def resamples(self):
@@ -529,26 +536,28 @@ class SplitScorer:
 
         return classification_metrics(self.labels, proba.argmax(axis=1), proba, self.classes)
 
-    def score_checkpoint(self, path: Path, what: str, views: int | None = None) -> Scored:
-        """A checkpoint scored on `views` dihedral views (default: 8 with TTA, else 1); StageError if it is
-        not one of ours or predicts other classes."""
+    def score_checkpoint(self, path: Path, what: str, all_views: bool | None = None) -> Scored:
+        """A checkpoint scored on every symmetry view of its frame (`all_views`, default: with TTA) or on the
+        image as it is; StageError if it is not one of ours or predicts other classes."""
         import numpy as np
 
-        from dermaops.models import DIHEDRAL_VIEWS, load_checkpoint, predict_proba
+        from dermaops.frame import Frame
+        from dermaops.models import load_checkpoint, predict_proba, symmetry_views
 
         model, meta = load_checkpoint(path, device=self.device)
         if list(meta.get("classes", [])) != list(self.classes):
             raise StageError(f"{what} predicts classes {meta.get('classes')}, expected {list(self.classes)}")
-        images = self.images(meta["image_size"])
-        views = views or (DIHEDRAL_VIEWS if self.tta else 1)
+        frame = Frame.from_meta(meta)
+        images = self.images(frame)
+        views = symmetry_views(frame.shape) if (self.tta if all_views is None else all_views) else (0,)
         started = time.monotonic()
         # One log line per model scored keeps the container's log alive (Docker log streaming).
-        log.info("scoring %s (%s, %d px, %d view%s) on %d test images",
-                 what, meta["arch"], meta["image_size"], views, "s" if views > 1 else "", len(images))  # fmt: skip
+        log.info("scoring %s (%s, %s, %d view(s)) on %d test images",
+                 what, meta["arch"], frame.describe(), len(views), len(images))  # fmt: skip
         per_view = np.stack(
             [
                 predict_proba(model, dihedral_views_uint8(images, k), meta, self.batch_size, self.device, adjust=False)
-                for k in range(views)
+                for k in views
             ]
         )
         log.info("scored %s in %.1f s", what, time.monotonic() - started)
@@ -646,9 +655,12 @@ class SplitScorer:
         from dermaops.baseline import score_bundle
 
         bundle = joblib.load(path)
-        size = bundle["meta"]["image_size"]
-        log.info("scoring the baseline (random forest, %d px features) on %d test images", size, len(self.test))
-        return self.metrics(score_bundle(bundle, self.images(size), self.classes))
+        from dermaops.frame import Frame
+
+        frame = Frame.from_meta(bundle["meta"])
+        log.info("scoring the baseline (random forest, features of %s) on %d test images",
+                 frame.describe(), len(self.test))  # fmt: skip
+        return self.metrics(score_bundle(bundle, self.images(frame), self.classes))
 
 
 def require_finite(proba, what: str) -> None:
@@ -664,46 +676,77 @@ def require_finite(proba, what: str) -> None:
         )
 
 
-def explain_melanomas(scorer: SplitScorer, scores: Scores, count: int, path: Path) -> dict | None:
-    """Grad-CAM of the `mel` score on every melanoma test image: the localization ratio over all of them
-    and a grid of `count`, spread over p(mel); None if there is no melanoma in the test split."""
+def explain(scorer: SplitScorer, scores: Scores, count: int, path: Path) -> dict | None:
+    """Grad-CAM of each test image's TRUE class, judged against its lesion mask: per class the energy ratio
+    and the pointing-game hit rate (dermaops.gradcam.Localization); the grid shows `count` melanomas spread
+    over p(mel), with the mask outlines. None if the test split has no melanoma (no grid to draw)."""
     import numpy as np
 
-    from dermaops.gradcam import draw_grid, gradcam, localization_ratios, pick_spread, pick_target_layer
+    from dermaops.frame import Frame
+    from dermaops.gradcam import (
+        POINTING_TOLERANCE,
+        Localization,
+        draw_grid,
+        gradcam,
+        otsu_masks,
+        pick_spread,
+        pick_target_layer,
+    )
+    from dermaops.imagecache import load_masks
 
     model, meta, proba, mel = scores.model, scores.meta, scores.proba, scorer.mel
-    candidates = np.flatnonzero(scorer.labels == mel)
-    if len(candidates) == 0:
-        log.warning("no melanoma image in the test split: no Grad-CAM grid")
+    melanomas = np.flatnonzero(scorer.labels == mel)
+    if len(melanomas) == 0:
+        log.warning("no melanoma image in the test split: no Grad-CAM")
         return None
     started = time.monotonic()
-    images = scorer.images(meta["image_size"])[candidates]
+    frame = Frame.from_meta(meta)
+    images = scorer.images(frame)
+    masks = load_masks(scorer.dataset, scorer.image_ids, frame)
+    mask_source = "lesion segmentations" if masks is not None else "Otsu threshold (the dataset has no masks)"
+    if masks is None:
+        masks = otsu_masks(images)
     layer, layer_name, map_size = pick_target_layer(model, meta)
-    cam = gradcam(model, layer, images, meta, mel, scorer.device, batch_size=scorer.batch_size)
-    ratios = localization_ratios(cam.mass, images)
-    shown = pick_spread(proba[candidates, mel], count)
-    ids = [scorer.image_ids[i] for i in candidates[shown]]
-    predicted = [scorer.classes[i] for i in proba[candidates[shown]].argmax(axis=1)]
-    p_mel = proba[candidates[shown], mel]
+    mass = np.zeros(images.shape[:3], dtype=np.float32)
+    heatmaps, evidence = np.zeros_like(mass), np.zeros(len(images), dtype=np.float32)
+    for label in np.unique(scorer.labels):
+        rows = np.flatnonzero(scorer.labels == label)
+        cam = gradcam(model, layer, images[rows], meta, int(label), scorer.device, batch_size=scorer.batch_size)
+        mass[rows], heatmaps[rows], evidence[rows] = cam.mass, cam.heatmaps, cam.raw.max(axis=(1, 2))
+    found = Localization.of(mass, masks)
+    per_class = {scorer.classes[c]: found.summary(np.flatnonzero(scorer.labels == c)) for c in np.unique(scorer.labels)}
+    shown = melanomas[pick_spread(proba[melanomas, mel], count)]
+    ids = [scorer.image_ids[i] for i in shown]
+    predicted = [scorer.classes[i] for i in proba[shown].argmax(axis=1)]
+    p_mel = proba[shown, mel]
     titles = [
-        f"{image_id}\npred {pred}, p(mel) {p:.2f}, loc {ratio:.2f}" + ("" if evidence > 0 else "\nno mel evidence")
-        for image_id, pred, p, ratio, evidence in zip(
-            ids, predicted, p_mel, ratios[shown], cam.raw[shown].max(axis=(1, 2)), strict=True
+        f"{image_id}\npred {pred}, p(mel) {p:.2f}, energy {ratio:.2f}, {'hit' if hit else 'miss'}"
+        + ("" if ev > 0 else "\nno mel evidence")
+        for image_id, pred, p, ratio, hit, ev in zip(
+            ids, predicted, p_mel, found.energy[shown], found.hits[shown], evidence[shown], strict=True
         )
     ]
-    draw_grid(path, images[shown], cam.heatmaps[shown], titles)
-    defined = ratios[np.isfinite(ratios)]
-    log.info("Grad-CAM over %s (%dx%d) on %d melanomas in %.1f s: mean localization ratio %.3f",
-             layer_name, *map_size, len(candidates), time.monotonic() - started,
-             float(defined.mean()) if len(defined) else float("nan"))  # fmt: skip
+    draw_grid(path, images[shown], heatmaps[shown], titles, masks=masks[shown])
+    mel_figures = per_class[scorer.classes[mel]]
+    log.info("Grad-CAM over %s (%dx%d) on %d test images in %.1f s against %s: melanoma energy ratio %s, "
+             "pointing-game hit rate %s", layer_name, *map_size, len(images), time.monotonic() - started,
+             mask_source, mel_figures["energy_ratio"], mel_figures["pointing_hit_rate"])  # fmt: skip
     return {
         "image_ids": ids,
         "predicted": predicted,
         "p_mel": [round(float(q), 4) for q in p_mel],
         "layer": layer_name,
         "map_size": list(map_size),
-        "localization_ratio": round(float(defined.mean()), 4) if len(defined) else None,
-        "localization_ratio_median": round(float(np.median(defined)), 4) if len(defined) else None,
-        "localization_images": int(len(defined)),
-        "localization_ratios_shown": [round(float(r), 4) for r in ratios[shown]],
+        "mask_source": mask_source,
+        "target": "each image's true class",
+        "pointing_tolerance_px": round(POINTING_TOLERANCE * frame.shape[1]),
+        # The melanoma figures under the keys the report, model card and registry read.
+        "localization_ratio": mel_figures["energy_ratio"],
+        "localization_ratio_median": mel_figures["energy_ratio_median"],
+        "localization_images": mel_figures["energy_images"],
+        "pointing_hit_rate": mel_figures["pointing_hit_rate"],
+        "per_class": per_class,
+        "overall": found.summary(),
+        "energy_ratios_shown": [round(float(r), 4) for r in found.energy[shown]],
+        "pointing_hits_shown": [bool(h) for h in found.hits[shown]],
     }

@@ -25,6 +25,7 @@ import logging
 import time
 
 from dermaops.errors import StageError
+from dermaops.frame import Frame
 from dermaops.prediction import GRADCAM_TARGETS
 from dermaops.stage import fingerprint, skipped, utcnow
 from dermaops.store import S3Uri
@@ -85,12 +86,12 @@ def run(args, ctx) -> dict:
     temperature = temperature_of(meta)
     point = operating_point(meta, resolved.champion)
     log.info(
-        "predicting %d images from %s with %s (%s, %d px); calibration: %s; melanoma rule: %s",
+        "predicting %d images from %s with %s (%s, %s); calibration: %s; melanoma rule: %s",
         len(inputs.images),
         args.images,
         resolved.uri,
         meta["arch"],
-        meta["image_size"],
+        Frame.from_meta(meta).describe(),
         f"temperature {temperature}" if temperature else "none",
         point.rule,
     )
@@ -155,6 +156,7 @@ def run(args, ctx) -> dict:
         **resolved.describe,
         "arch": meta["arch"],
         "image_size": meta["image_size"],
+        "geometry": Frame.from_meta(meta).geometry,
         "tta": args.tta,
         "gradcam": args.gradcam,
         "predictions_uri": str(csv_uri),
@@ -166,7 +168,8 @@ def run(args, ctx) -> dict:
             "created_at": utcnow(),
             "classes": list(CLASSES),
             "temperature": temperature,
-            "preprocessing": f"{CACHE_FORMAT} to {meta['image_size']} px, the training image cache's recipe; "
+            "preprocessing": f"{CACHE_FORMAT} to {Frame.from_meta(meta).describe()}, the training image cache's "
+            "recipe; "
             f"then the model's normalisation (mean {meta['mean']}, std {meta['std']})"
             + ("; logit adjustment from the checkpoint" if meta.get("logit_bias") is not None else ""),
             "ignored": inputs.ignored,

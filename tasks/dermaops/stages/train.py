@@ -120,6 +120,7 @@ class Inputs:
 def _inputs(args, cfg: TrainConfig, ctx, cache_ctx) -> Inputs:
     """Everything the training reads, checked; the image cache's shards of both splits in cache_ctx's scratch."""
     from dermaops.dataset import Dataset
+    from dermaops.frame import Frame
     from dermaops.imagecache import load_images
     from dermaops.split_files import read_split_csv
 
@@ -137,7 +138,7 @@ def _inputs(args, cfg: TrainConfig, ctx, cache_ctx) -> Inputs:
     if cfg.max_train_images is not None and len(train_df) > cfg.max_train_images:
         train_df = train_df.sample(n=cfg.max_train_images, random_state=cfg.seed).sort_index()
     dataset = Dataset.open(ctx.store, split_manifest["summary"]["dataset_uri"], ctx.scratch)
-    cache = load_images(cache_ctx, dataset, cfg.image_size)
+    cache = load_images(cache_ctx, dataset, Frame(cfg.geometry, cfg.image_size))
     cache.positions([*train_df["image_id"], *val_df["image_id"]])  # fetches (and verifies) their shards
     return Inputs(split_uri, out, done, train_df, val_df, dataset, cache)
 
@@ -222,7 +223,7 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
     extra_meta = {
         "dataset_version": dataset.version,
         "split_uri": str(split_uri),
-        "image_cache": str(cache_uri(dataset, cfg.image_size)),
+        "image_cache": str(cache_uri(dataset, cache.frame)),
         "fingerprint": out.fingerprint,
     }
     trainer = Trainer(cfg, list(CLASSES), to_split(train_df), to_split(val_df), device, work, extra_meta, upload, dist)
@@ -237,8 +238,8 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
     dist.barrier()  # no rank reads a checkpoint that rank 0 is about to delete
     resumed = _resume(ctx, out, trainer, work)
     log.info(
-        "training %s at %d px (stem %s) on %s%s: %d train / %d val images, %d steps per epoch",
-        cfg.arch, cfg.image_size, trainer.meta["stem"], device,
+        "training %s at %s (stem %s) on %s%s: %d train / %d val images, %d steps per epoch",
+        cfg.arch, cache.frame.describe(), trainer.meta["stem"], device,
         f" x {dist.world_size} processes" if dist.distributed else "", len(train_df), len(val_df),
         trainer.steps_per_epoch,
     )  # fmt: skip
@@ -280,6 +281,7 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
         "epochs_run": len(history),
         "arch": cfg.arch,
         "image_size": cfg.image_size,
+        "geometry": cfg.geometry,
         "stem": trainer.meta["stem"],
         "device": device.split(":")[0],
         "world_size": dist.world_size,

@@ -67,9 +67,10 @@ def run(args, ctx) -> dict:
     val = read_split_csv(ctx.store, split_uri, "val", split_manifest)
     dataset = Dataset.open(ctx.store, summary_in["dataset_uri"], ctx.scratch)
 
+    from dermaops.frame import Frame
     from dermaops.imagecache import load_images
 
-    cache = load_images(ctx, dataset, cfg.image_size)
+    cache = load_images(ctx, dataset, Frame(cfg.geometry, cfg.image_size))
     model, meta, metrics, seconds = fit_and_score(cache, train, val, params, cfg.n_jobs)
 
     import joblib
