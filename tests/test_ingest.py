@@ -14,9 +14,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from dermaops.dataset import ARCHIVES, METADATA, Dataset
+from dermaops.dataset import ARCHIVES, MASKS_ARCHIVE, METADATA, Dataset
 from dermaops.embedded_s3 import free_port
+from dermaops.sources import MASKS_NAMES
 from dermaops.store import S3Uri
+
+from tests.support.mask_packs import DATAVERSE_MASKS, link_pack, sample_ids, write_masks_zip
 
 FAST_RETRIES = ("--retries", "4", "--retry-base-delay", "0.01", "--retry-max-delay", "0.05")
 PART_1, PART_2 = ARCHIVES
@@ -33,9 +36,14 @@ def pack_sums(pack: Path) -> dict[str, str]:
 
 def expected_version(pack: Path) -> str:
     """The documented rule: 'v' + 16 hex of sha256 over sorted '<name> <sha256>' lines of the
-    canonical files (the official CSV already is canonical, byte for byte)."""
+    canonical files (the official CSV already is canonical, byte for byte; the masks zip, when the
+    pack has one under either of its names, counts as HAM10000_segmentations_lesion.zip)."""
     sums = pack_sums(pack)
-    lines = "".join(f"{name} {sums[name]}\n" for name in sorted([METADATA, *ARCHIVES]))
+    canonical = {name: sums[name] for name in (METADATA, *ARCHIVES)}
+    masks = next((name for name in MASKS_NAMES if name in sums), None)
+    if masks:
+        canonical[MASKS_ARCHIVE] = sums[masks]
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(canonical.items()))
     return "v" + hashlib.sha256(lines.encode()).hexdigest()[:16]
 
 
@@ -62,15 +70,23 @@ def assert_one_line_error(result, *fragments: str, code: int = 2) -> str:
 
 
 def assert_published(store, summary: dict, pack: Path) -> dict:
-    """The published version holds exactly the pack's bytes (sha256 per file) and reads back."""
+    """The published version holds exactly the pack's bytes (sha256 per file) and reads back; the
+    pack's masks zip, under whichever name the source gives it, is stored as MASKS_ARCHIVE."""
     assert summary["dataset_version"] == expected_version(pack)
     manifest = store.get_json(S3Uri.parse(summary["dataset_uri"]).join("manifest.json"))
     assert manifest["dataset_version"] == summary["dataset_version"]
     assert manifest["metadata"] == METADATA and manifest["archives"] == list(ARCHIVES)
     sums = pack_sums(pack)
-    for name in (METADATA, *ARCHIVES):
-        assert manifest["files"][name]["sha256"] == sums[name], name
-        stored = store.get_bytes(S3Uri.parse(summary["dataset_uri"]).join(name))
+    stored_as = {name: name for name in (METADATA, *ARCHIVES)}
+    masks = next((name for name in MASKS_NAMES if name in sums), None)
+    if masks:
+        stored_as[masks] = MASKS_ARCHIVE
+        assert manifest["masks"] == MASKS_ARCHIVE and summary["masks_source"] == masks
+    else:
+        assert "masks" not in manifest and summary["n_masks"] == 0 and summary["masks_source"] is None
+    for name, stored_name in stored_as.items():
+        assert manifest["files"][stored_name]["sha256"] == sums[name], name
+        stored = store.get_bytes(S3Uri.parse(summary["dataset_uri"]).join(stored_name))
         assert hashlib.sha256(stored).hexdigest() == sums[name], name
     return manifest
 
@@ -141,6 +157,135 @@ def test_s3_prefix(run_stage, store, bucket, pack_28px):
     result = ingest(run_stage, source, bucket.join("datasets/ham10000"))
     assert result.summary["source_kind"] == "s3"
     assert_published(store, result.summary, pack_28px)
+
+
+# -- the optional lesion masks ---------------------------------------------------------------------
+
+# The 28 px pack's dataset version before masks existed (ingest at commit 3e95e73): a source without
+# masks must keep it, or every stored version would be orphaned.
+VERSION_28PX_WITHOUT_MASKS = "vbc2b5a20af017b88"
+
+
+def test_a_source_without_masks_keeps_its_dataset_version(store, dataset_28px, tmp_path):
+    assert dataset_28px["dataset_version"] == VERSION_28PX_WITHOUT_MASKS
+    assert (dataset_28px["n_masks"], dataset_28px["masks_source"]) == (0, None)
+    dataset = Dataset.open(store, dataset_28px["dataset_uri"], tmp_path)
+    assert "masks" not in dataset.manifest and set(dataset.manifest["files"]) == {METADATA, *ARCHIVES}
+    assert dataset.masks_archive is None and list(dataset.iter_masks()) == []
+
+
+def test_local_200px_pack_stores_the_masks_in_the_version(store, dataset_200px, pack_200px, tmp_path):
+    summary = dataset_200px
+    assert (summary["n_images"], summary["n_masks"], summary["masks_without_metadata"]) == (10015, 10015, 0)
+    manifest = assert_published(store, summary, pack_200px)  # the version hashes the masks zip too
+    assert manifest["files"][MASKS_ARCHIVE]["size"] == (pack_200px / MASKS_ARCHIVE).stat().st_size
+
+    dataset = Dataset.open(store, summary["dataset_uri"], tmp_path)
+    assert dataset.masks_archive == MASKS_ARCHIVE
+    masks = dict(dataset.iter_masks())
+    assert set(masks) == set(dataset.metadata["image_id"])
+    assert masks["ISIC_0024306"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_masks_from_http_and_s3(run_stage, store, bucket, http_source, pack_sample_masks, kind):
+    if kind == "http":
+        http_source.add_pack("sample-masks", pack_sample_masks)
+        source = http_source.base_url("sample-masks")
+    else:
+        source = bucket.join("incoming/ham10000")
+        for name in (METADATA, *ARCHIVES, MASKS_ARCHIVE):
+            store.put_file(source.join(name), pack_sample_masks / name)
+    summary = ingest(run_stage, source, bucket.join("datasets/ham10000")).summary
+    assert summary["source_kind"] == kind and (summary["n_images"], summary["n_masks"]) == (70, 70)
+    assert_published(store, summary, pack_sample_masks)
+    if kind == "http":
+        gets = [r for r in http_source.logged(f"/{MASKS_ARCHIVE}") if r.method == "GET"]
+        assert [r.status for r in gets] == [200]
+
+
+def test_dataverse_masks_under_the_release_name(
+    run_stage, store, bucket, http_source, pack_sample_dataverse_masks, tmp_path
+):
+    """Dataverse ships the masks as HAM10000_segmentations_lesion_tschandl.zip, members in a folder:
+    found, md5-verified, stored as HAM10000_segmentations_lesion.zip, the same version as from a folder."""
+    http_source.add_pack("dvmasks", pack_sample_dataverse_masks)
+    summary = ingest(run_stage, http_source.dataverse_url("dvmasks"), bucket.join("ds")).summary
+    assert summary["source_kind"] == "dataverse" and summary["n_masks"] == 70
+    assert_published(store, summary, pack_sample_dataverse_masks)
+    manifest = store.get_json(S3Uri.parse(summary["dataset_uri"]).join("manifest.json"))
+    assert DATAVERSE_MASKS not in manifest["files"]
+    downloads = [r.path for r in http_source.logged("/api/access/datafile/") if r.method == "GET"]
+    assert len(downloads) == 4  # metadata, two image zips, the masks
+
+    masks = dict(Dataset.open(store, summary["dataset_uri"], tmp_path).iter_masks())
+    assert sorted(masks) == sorted(sample_ids(pack_sample_dataverse_masks))
+    local = ingest(run_stage, pack_sample_dataverse_masks, bucket.join("ds")).summary
+    assert local["dataset_version"] == summary["dataset_version"] and local["status"] == "skipped"
+
+
+def test_dataverse_masks_are_checksum_verified(run_stage, store, bucket, http_source, pack_sample_dataverse_masks):
+    http_source.add_pack("dvmasks", pack_sample_dataverse_masks)
+    http_source.corrupt(f"/api/access/datafile/{http_source.dataverse_file_id('dvmasks', DATAVERSE_MASKS)}", 100)
+    result = ingest(run_stage, http_source.dataverse_url("dvmasks"), bucket.join("ds"), *FAST_RETRIES, check=False)
+    assert_one_line_error(result, f"checksum mismatch for {DATAVERSE_MASKS}", "md5 expected")
+    assert snapshot(store, bucket) == {}
+
+
+def _masks_pack(pack_sample, dest: Path, masks: dict[str, bytes]) -> Path:
+    pack = link_pack(pack_sample, dest)
+    write_masks_zip(pack / MASKS_ARCHIVE, masks)
+    return pack
+
+
+def test_masks_without_metadata_are_counted_not_fatal(run_stage, store, bucket, pack_sample, sample_masks, tmp_path):
+    extra = {**sample_masks, "ISIC_9999999": sample_masks[next(iter(sample_masks))]}
+    pack = _masks_pack(pack_sample, tmp_path / "pack", extra)
+    result = ingest(run_stage, pack, bucket.join("ds"))
+    assert (result.summary["n_masks"], result.summary["masks_without_metadata"]) == (71, 1)
+    assert "1 masks have no metadata row (kept), e.g. ISIC_9999999" in result.stderr
+
+
+def test_two_masks_of_one_image_are_refused(run_stage, store, bucket, pack_sample, sample_masks, tmp_path):
+    pack = _masks_pack(pack_sample, tmp_path / "pack", sample_masks)
+    image_id = next(iter(sample_masks))
+    with zipfile.ZipFile(pack / MASKS_ARCHIVE, "a") as zf:
+        zf.writestr(f"again/{image_id}_segmentation.png", sample_masks[image_id])
+    result = ingest(run_stage, pack, bucket.join("ds"), check=False)
+    assert_one_line_error(
+        result,
+        f"1 image_ids have more than one mask, e.g. {image_id}: {MASKS_ARCHIVE}:{image_id}_segmentation.png, "
+        f"{MASKS_ARCHIVE}:again/{image_id}_segmentation.png",
+    )
+    assert snapshot(store, bucket) == {}
+
+
+def test_a_corrupt_masks_zip_fails_and_keeps_what_is_stored(
+    run_stage, store, dataset_sample, pack_sample, sample_masks, tmp_path
+):
+    published = S3Uri.parse(dataset_sample["dataset_uri"])
+    datasets = S3Uri(published.bucket, published.key.rsplit("/", 1)[0])
+    before = snapshot(store, datasets)
+    pack = _masks_pack(pack_sample, tmp_path / "pack", sample_masks)
+    with zipfile.ZipFile(pack / MASKS_ARCHIVE) as zf:
+        member = zf.infolist()[35]
+    # The member is stored uncompressed: byte 40 of its data lies after the 30-byte local header and its name.
+    offset = member.header_offset + 30 + len(member.filename) + 40
+    data = bytearray((pack / MASKS_ARCHIVE).read_bytes())
+    data[offset] ^= 0xFF  # its CRC no longer matches
+    (pack / MASKS_ARCHIVE).write_bytes(bytes(data))
+    result = ingest(run_stage, pack, datasets, check=False)
+    assert_one_line_error(result, f"{MASKS_ARCHIVE} is corrupt", str(pack / MASKS_ARCHIVE))
+    assert snapshot(store, datasets) == before
+
+
+def test_a_masks_zip_without_masks_is_refused(run_stage, store, bucket, pack_sample, tmp_path):
+    pack = link_pack(pack_sample, tmp_path / "pack")
+    with zipfile.ZipFile(pack / MASKS_ARCHIVE, "w") as zf:
+        zf.writestr("ISIC_0024306.png", b"not a mask name")
+    result = ingest(run_stage, pack, bucket.join("ds"), check=False)
+    assert_one_line_error(result, f"{MASKS_ARCHIVE} holds no lesion mask")
+    assert snapshot(store, bucket) == {}
 
 
 # -- idempotency -----------------------------------------------------------------------------------

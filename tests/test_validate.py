@@ -10,9 +10,14 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from dermaops.dataset import MASKS_ARCHIVE, decode_mask
+from dermaops.mask_facts import build_mask_facts
 from dermaops.store import S3Uri
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
+
+from tests.support.mask_packs import link_pack, write_masks_zip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +106,11 @@ def test_real_28px_pack_report_figures_and_outputs(run_stage, dataset_28px, buck
     assert "| `age` | 57 | 0.57 % |" in report
     assert "ISIC_0024366 = ISIC_0029861 (one lesion HAM_0002300)" in report
     assert "**PASSED**" in report
+    # DermaMNIST has no lesion masks: reported in the summary and the report, not a failure.
+    no_masks = f"dataset version {summary['dataset_version']} has no lesion masks (its source had no {MASKS_ARCHIVE})"
+    assert summary["masks"] == {"present": False, "note": no_masks}
+    assert f"## Lesion masks\n\nNone: {no_masks}. Not a failure" in report
+    assert not store.exists(out.join("results/ham10000_masks.json")) and not store.exists(out.join("mask_facts.csv"))
 
     for suite in ("ham10000_metadata", "ham10000_images"):
         result = store.get_json(out.join(f"results/{suite}.json"))
@@ -239,6 +249,11 @@ def test_non_critical_findings_are_reported_and_bad_inputs_touch_nothing(
     cases = [
         (["--max-missing-age-fraction", "1.5"], None, "--max-missing-age-fraction: must be between 0 and 1"),
         (["--min-rows", "100", "--max-rows", "10"], None, "need 1 <= --min-rows <= --max-rows (got 100 and 10)"),
+        (
+            ["--min-lesion-share", "0.5", "--max-lesion-share", "0.2"],
+            None,
+            "need --min-lesion-share <= --max-lesion-share (got 0.5 and 0.2)",
+        ),
         (["--expectations", str(tmp_path / "nowhere")], None, "expectations directory not found"),
         # The default suites directory comes from $DERMAOPS_EXPECTATIONS_DIR (container images set it).
         (
@@ -295,3 +310,139 @@ def test_a_class_distribution_the_split_cannot_stratify_fails_validation(run_sta
     assert strict.returncode == 2 and "expect_column_values_to_be_between(n_lesions): 7 unexpected of 7" in (
         strict.error_line
     )
+
+
+# -- lesion masks ----------------------------------------------------------------------------------
+
+
+def test_real_200px_masks_pass_and_are_reported(run_stage, dataset_200px, bucket, store):
+    out = bucket.join("runs/r200/validation")
+    summary = _validate(run_stage, dataset_200px["dataset_uri"], out).summary
+    assert summary["success"] is True and summary["critical_failures"] == []
+    masks = summary["masks"]
+    assert masks["present"] is True and masks["archive"] == MASKS_ARCHIVE
+    assert (masks["n_masks"], masks["images_without_mask"], masks["masks_without_image"]) == (10015, 0, 0)
+    assert (masks["duplicated"], masks["undecodable"]) == (0, 0)
+    # The measured distribution validate.py's bounds are chosen from.
+    assert masks["lesion_share"] == {
+        "min": 0.0039,
+        "p1": 0.0145,
+        "p5": 0.0387,
+        "median": 0.2223,
+        "p95": 0.6385,
+        "p99": 0.8345,
+        "max": 1.0,
+    }
+
+    facts = list(csv.DictReader(io.StringIO(store.get_bytes(masks["mask_facts_uri"]).decode())))
+    assert len(facts) == 10015
+    assert {(f["has_mask"], f["has_image"], f["decodes"], f["width"], f["height"], f["size_fit"]) for f in facts} == {
+        ("True", "True", "True", "600", "450", "original")
+    }
+    by_id = {f["image_id"]: f for f in facts}
+    # Two real masks are all lesion (close-ups whose lesion fills the frame): binary, within bounds.
+    assert {i for i, f in by_id.items() if f["values"] == "255"} == {"ISIC_0026042", "ISIC_0029819"}
+    assert {f["values"] for f in facts} == {"0,255", "255"}
+    # 402 masks are palette images read through their palette (their raw indices are inverted).
+    assert sum(f["mode"] == "P" for f in facts) == 402 and by_id["ISIC_0024316"]["mode"] == "P"
+
+    result = store.get_json(out.join("results/ham10000_masks.json"))
+    assert result["success"] is True and result["statistics"]["evaluated_expectations"] == 8
+    report = store.get_bytes(summary["report_uri"]).decode()
+    assert "## Lesion masks" in report
+    assert "- masks: 10,015 (one row each in `mask_facts.csv`)" in report
+    assert "- images without a mask: 0\n" in report
+    assert "- file modes: L 9,613, P 402" in report
+    assert "- lesion share (pixels at 255 / all pixels): min 0.0039, p1 0.0145" in report
+    assert "largest: ISIC_0029819 1.0000, ISIC_0026042 1.0000" in report
+
+
+def _blurred(mask: bytes) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(mask)).convert("L").filter(ImageFilter.GaussianBlur(3)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _resized(mask: bytes, size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(mask)).convert("L").resize(size, Image.Resampling.NEAREST).save(out, "PNG")
+    return out.getvalue()
+
+
+def _empty(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", size, 0).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_broken_masks_fail_critically_naming_the_image_id(
+    run_stage, pack_sample, sample_masks, bucket, store, tmp_path
+):
+    ids = list(sample_masks)
+    masks = dict(sample_masks)
+    masks[ids[0]] = _blurred(masks[ids[0]])  # grey levels between 0 and 255: not binary
+    masks[ids[1]] = _resized(masks[ids[1]], (300, 225))  # neither its image's 600x450 nor the original's
+    del masks[ids[2]]  # an image without a mask
+    masks[ids[3]] = _empty((600, 450))  # binary, but outlines no lesion
+    masks[ids[4]] = b"\x89PNG\r\n\x1a\n truncated"  # does not decode
+    masks["ISIC_9999998"] = sample_masks[ids[5]]  # a mask of no image
+    pack = link_pack(pack_sample, tmp_path / "broken")
+    write_masks_zip(pack / MASKS_ARCHIVE, masks)
+    dataset_uri = _ingest(run_stage, pack, bucket).summary["dataset_uri"]
+
+    out = bucket.join("runs/badmasks/validation")
+    run = _validate(run_stage, dataset_uri, out, check=False)
+    assert run.returncode == 2 and run.stdout.strip() == "" and "Traceback" not in run.stderr
+    line = run.error_line
+    assert line.startswith(f"dermaops validate: error: validation of {dataset_uri} failed 6 critical expectation(s)")
+    in_set = "ham10000_masks: expect_column_values_to_be_in_set"
+    assert f"{in_set}(has_mask): 1 unexpected of 71, e.g. {ids[2]}=False" in line
+    assert f"{in_set}(has_image): 1 unexpected of 71, e.g. ISIC_9999998=False" in line
+    assert f"{in_set}(decodes): 1 unexpected of 71, e.g. {ids[4]}=False" in line
+    assert f"{in_set}(values): 1 unexpected of 71, e.g. {ids[0]}=" in line
+    assert f"{in_set}(size_fit): 1 unexpected of 71, e.g. {ids[1]}=300x225 (image 600x450)" in line
+    between = "ham10000_masks: expect_column_values_to_be_between"
+    assert f"{between}(lesion_share): 1 unexpected of 71, e.g. {ids[3]}=0.0" in line
+    values = line.split(f"{ids[0]}=", 1)[1]
+    assert values.split(" ", 1)[0].isdigit() and " levels 0..255" in values  # e.g. "203 levels 0..255"
+
+    report = store.get_bytes(out.join("dq_report.md")).decode()
+    assert "**FAILED**: 6 critical expectation(s) not met" in report
+    assert f"- images without a mask: 1 ({ids[2]})" in report
+    assert "- masks without an image: 1 (ISIC_9999998)" in report
+    assert f"failed: 1 ({ids[4]} (" in report
+    facts = store.get_bytes(out.join("mask_facts.csv")).decode()
+    assert f"{ids[1]},True,True," in facts and ",300,225," in facts
+
+
+def test_two_masks_of_one_image_fail_the_masks_suite(sample_masks, tmp_path):
+    """Ingest refuses a zip with two masks of one image_id; a version stored otherwise still fails."""
+    from dermaops.gx_validation import build_suites, outcomes, run_suites
+
+    image_id, mask = next(iter(sample_masks.items()))
+    facts = build_mask_facts([(image_id, mask), (image_id, mask)], {image_id: (600, 450)}, workers=1)
+    configs = {"mask_facts": json.loads((ROOT / "expectations" / "ham10000_masks.json").read_text())}
+    parameters = {"min_lesion_share": 0.001, "max_lesion_share": 1.0}
+    results = run_suites(build_suites(configs, ROOT / "expectations"), {"mask_facts": facts}, parameters, tmp_path)
+    failed = [o.describe() for o in outcomes(results) if o.critical and not o.success]
+    unique = "ham10000_masks: expect_column_values_to_be_unique(image_id)"
+    assert failed == [f"{unique}: 2 unexpected of 2, e.g. {image_id}, {image_id}"]
+
+
+def test_palette_masks_are_read_through_their_palette(pack_200px):
+    """402 real masks are palette images whose palette inverts the indices: the lesion is what shows
+    white, not index 255."""
+    with zipfile.ZipFile(pack_200px / MASKS_ARCHIVE) as zf:
+        data = zf.read("ISIC_0024316_segmentation.png")
+    with zipfile.ZipFile(pack_200px / "HAM10000_images_part_1.zip") as zf:
+        grey = np.asarray(Image.open(io.BytesIO(zf.read("ISIC_0024316.jpg"))).convert("L"), dtype=float)
+    raw = Image.open(io.BytesIO(data))
+    assert raw.mode == "P"
+    lesion = decode_mask(data)
+    assert lesion.shape == (450, 600) and lesion.dtype == bool
+    assert np.array_equal(np.asarray(raw) == 255, ~lesion)  # the raw indices are the inverse
+    # The lesion is darker than the skin around it, as in most of HAM10000 (the mask at the image's size).
+    small = lesion[1::3, 1::3]
+    assert 0.01 < small.mean() < 0.99 and grey[small].mean() < grey[~small].mean() - 10
+    facts = build_mask_facts([("ISIC_0024316", data)], {"ISIC_0024316": (200, 150)}, workers=1)
+    assert facts.loc[0, "lesion_share"] == pytest.approx(lesion.mean(), abs=1e-6)

@@ -5,7 +5,8 @@ Layout under `s3://<bucket>/datasets/ham10000/<dataset_version>/`:
     HAM10000_metadata.csv          canonical metadata (CSV, even when the source served Dataverse's .tab)
     HAM10000_images_part_1.zip     the source archives, byte for byte
     HAM10000_images_part_2.zip
-    HAM10000_segmentations_lesion.zip   optional: one binary lesion mask per image (Tschandl et al. 2020)
+    HAM10000_segmentations_lesion.zip   optional: one binary lesion mask per image (Tschandl et al. 2020),
+                                        under this name whatever the source called it; manifest key "masks"
     manifest.json                  written last: sha256 + size per file, dataset_version, counts
     cache/<size>/...               decoded uint8 arrays, written by the training stages
 
@@ -15,6 +16,7 @@ the right sha256 is reused (a persistent DERMAOPS_SCRATCH_DIR makes repeated run
 
 from __future__ import annotations
 
+import io
 import logging
 import zipfile
 from collections.abc import Iterator
@@ -31,6 +33,8 @@ ARCHIVES = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
 # The lesion segmentations of the release: `ISIC_0024306_segmentation.png`, 600x450, 0 = skin, 255 = lesion.
 MASKS_ARCHIVE = "HAM10000_segmentations_lesion.zip"
 MASK_SUFFIX = "_segmentation"
+ORIGINAL_SIZE = (600, 450)  # (width, height) of every HAM10000 original, and of the release's masks
+LESION = 255  # the grey level of lesion pixels in a mask; skin is 0
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -52,6 +56,31 @@ def mask_image_id_of(member: str) -> str | None:
     if stem is None or not stem.endswith(MASK_SUFFIX):
         return None
     return stem[: -len(MASK_SUFFIX)]
+
+
+def mask_grey_levels(image):
+    """An opened mask (PIL image) -> its grey levels as a mode-L image: 0 = skin, 255 = lesion.
+
+    Always read a mask through this (or `open_mask`, `decode_mask`), never as raw pixel values: 402 of
+    the 10,015 masks in the 200 px pack are palette (P) images whose palette runs from white at index
+    0 to black at index 255, so their raw indices are the inverse of the mask. convert("L") applies
+    the palette and gives what the mask shows.
+    """
+    return image if image.mode == "L" else image.convert("L")
+
+
+def open_mask(data: bytes):
+    """A mask's PNG bytes -> its grey levels as a mode-L PIL image (see `mask_grey_levels`)."""
+    from PIL import Image
+
+    return mask_grey_levels(Image.open(io.BytesIO(data)))  # in-memory bytes: no file handle to close
+
+
+def decode_mask(data: bytes):
+    """A mask's PNG bytes -> (height, width) bool array, True inside the lesion."""
+    import numpy as np
+
+    return np.asarray(open_mask(data)) == LESION
 
 
 @dataclass

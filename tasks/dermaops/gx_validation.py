@@ -26,10 +26,15 @@ from dermaops.errors import StageError
 log = logging.getLogger(__name__)
 
 # The suites the validate stage needs, by the table they check. File name = suite name + ".json".
-SUITE_FOR_TABLE = {"metadata": "ham10000_metadata", "image_facts": "ham10000_images", "classes": "ham10000_classes"}
+SUITE_FOR_TABLE = {
+    "metadata": "ham10000_metadata",
+    "image_facts": "ham10000_images",
+    "classes": "ham10000_classes",
+    "mask_facts": "ham10000_masks",
+}
 DOCS_SITE = "dermaops"
 EXAMPLES = 5
-# Failed rows are identified by image_id in results and summaries (both tables have it).
+# Failed rows are identified by image_id in results and summaries (every per-row table has it).
 INDEX_COLUMN = "image_id"
 
 

@@ -109,6 +109,93 @@ def compute_figures(metadata, facts) -> DataFigures:
     )
 
 
+# The lesion-share percentiles the report and the stage summary give (label -> percentile).
+SHARE_PERCENTILES = {"min": 0, "p1": 1, "p5": 5, "median": 50, "p95": 95, "p99": 99, "max": 100}
+EXTREMES = 3  # the smallest and the largest masks named in the report
+
+
+@dataclass(frozen=True)
+class MaskFigures:
+    n_masks: int
+    images_without_mask: tuple[str, ...]
+    masks_without_image: tuple[str, ...]
+    duplicated: tuple[str, ...]  # image_ids with more than one mask
+    undecodable: tuple[str, ...]  # "image_id (error)"
+    modes: dict[str, int]
+    sizes: dict[str, int]  # "WxH" -> masks
+    size_fits: dict[str, int]  # image / original / "300x225 (image 200x150)"
+    values: dict[str, int]  # grey levels present -> masks
+    lesion_share: dict[str, float]  # SHARE_PERCENTILES over the masks that decode
+    smallest: tuple[str, ...]  # "image_id lesion_share"
+    largest: tuple[str, ...]
+
+    def summary(self) -> dict:
+        """What the validate stage's summary says about the masks."""
+        return {
+            "present": True,
+            "n_masks": self.n_masks,
+            "images_without_mask": len(self.images_without_mask),
+            "masks_without_image": len(self.masks_without_image),
+            "duplicated": len(self.duplicated),
+            "undecodable": len(self.undecodable),
+            "lesion_share": self.lesion_share,
+        }
+
+
+def compute_mask_figures(mask_facts) -> MaskFigures:
+    """Figures of the per-mask facts table (`mask_facts.build_mask_facts`)."""
+    masks = mask_facts[mask_facts["has_mask"]]
+    decoded = masks[masks["decodes"].astype(bool)]
+    failed = masks[~masks["decodes"].astype(bool)]
+    shares = decoded["lesion_share"].astype(float)
+    by_share = decoded.sort_values(["lesion_share", "image_id"])
+    named = [f"{row.image_id} {row.lesion_share:.4f}" for row in by_share.itertuples()]
+    counts = masks["image_id"].value_counts()
+    return MaskFigures(
+        n_masks=len(masks),
+        images_without_mask=tuple(mask_facts.loc[~mask_facts["has_mask"], "image_id"]),
+        masks_without_image=tuple(masks.loc[~masks["has_image"], "image_id"]),
+        duplicated=tuple(sorted(counts[counts > 1].index)),
+        undecodable=tuple(f"{row.image_id} ({row.error})" for row in failed.itertuples()),
+        modes=_value_counts(decoded["mode"]),
+        sizes=_value_counts(decoded["width"].astype(str) + "x" + decoded["height"].astype(str)),
+        size_fits=_value_counts(decoded["size_fit"]),
+        values=_value_counts(decoded["values"]),
+        lesion_share=(
+            {k: round(float(shares.quantile(q / 100)), 4) for k, q in SHARE_PERCENTILES.items()} if len(shares) else {}
+        ),
+        smallest=tuple(named[:EXTREMES]),
+        largest=tuple(named[::-1][:EXTREMES]),
+    )
+
+
+def _ids(ids: tuple[str, ...], limit: int = 5) -> str:
+    return f"{count(len(ids))}" + (f" ({', '.join(ids[:limit])}{', ...' if len(ids) > limit else ''})" if ids else "")
+
+
+def render_mask_section(figures: MaskFigures | None, absent_note: str, facts_name: str) -> list[str]:
+    """The report's "Lesion masks" section; `absent_note` says why there is none when `figures` is None."""
+    lines = ["## Lesion masks", ""]
+    if figures is None:
+        return [*lines, f"None: {absent_note}. Not a failure: the mask checks are skipped.", ""]
+    share = ", ".join(f"{k} {v:.4f}" for k, v in figures.lesion_share.items()) or "n/a"
+    return [
+        *lines,
+        f"- masks: {count(figures.n_masks)} (one row each in `{facts_name}`)",
+        f"- images without a mask: {_ids(figures.images_without_mask)}",
+        f"- masks without an image: {_ids(figures.masks_without_image)}",
+        f"- image_ids with more than one mask: {_ids(figures.duplicated)}",
+        f"- decoded: {count(figures.n_masks - len(figures.undecodable))} of {count(figures.n_masks)}; "
+        f"failed: {_ids(figures.undecodable)}",
+        f"- file modes: {_listing(figures.modes)} (P: palette images, read through their palette)",
+        f"- sizes (width x height): {_listing(figures.sizes)}; fit: {_listing(figures.size_fits)}",
+        f"- grey levels present: {_listing(figures.values)}",
+        f"- lesion share (pixels at 255 / all pixels): {share}",
+        f"- smallest lesions: {', '.join(figures.smallest) or 'n/a'}; largest: {', '.join(figures.largest) or 'n/a'}",
+        "",
+    ]
+
+
 def _items(figures: DataFigures) -> list[tuple[str, int]]:
     return list(figures.class_counts.items())
 

@@ -121,6 +121,10 @@ class PackServer:
     def dataverse_url(self, pack: str) -> str:
         return f"{self.url}/dataset.xhtml?persistentId={self.dataverse_doi(pack)}"
 
+    def dataverse_file_id(self, pack: str, name: str) -> int:
+        """The Dataverse file id under which the listing serves `name` of `pack`."""
+        return next(file_id for file_id, served in self._file_ids(pack).items() if served == name)
+
     def fail(self, path_part: str, times: int, status: int = 503) -> None:
         self.faults.append(Fault("status", path_part, times, status=status))
 

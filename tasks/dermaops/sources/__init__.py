@@ -1,7 +1,9 @@
 """Where `ingest` reads the official HAM10000 release from.
 
 Four kinds of source offer the same files under the same names (`HAM10000_metadata.csv` or
-Dataverse's tab-separated `HAM10000_metadata.tab`, `HAM10000_images_part_1.zip`, `_part_2.zip`):
+Dataverse's tab-separated `HAM10000_metadata.tab`, `HAM10000_images_part_1.zip`, `_part_2.zip`, and
+optionally the lesion masks, `HAM10000_segmentations_lesion.zip` or, as the Dataverse release names
+them, `HAM10000_segmentations_lesion_tschandl.zip`):
 
     https://host/path                 a plain base URL: <base>/<file name>
     https://host/dataset.xhtml?persistentId=doi:...  or  doi:...   a Dataverse dataset (native API)
@@ -19,11 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from dermaops.dataset import ARCHIVES
+from dermaops.dataset import ARCHIVES, MASKS_ARCHIVE
 from dermaops.errors import StageError
 from dermaops.sources.transfer import Checksum, Fetched, TransferSettings
 
 METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab")
+# The lesion masks, in order of preference. Harvard Dataverse publishes them (Tschandl et al. 2020) as
+# `HAM10000_segmentations_lesion_tschandl.zip`, its members in a folder of that name; ingest stores
+# either under MASKS_ARCHIVE, so the same masks give the same dataset version from every source.
+MASKS_NAMES = (MASKS_ARCHIVE, "HAM10000_segmentations_lesion_tschandl.zip")
 DEFAULT_DATAVERSE_URL = "https://dataverse.harvard.edu"
 HAM10000_DOI = "doi:10.7910/DVN/DBW86T"
 
@@ -47,7 +53,8 @@ class Source(ABC):
 
     @abstractmethod
     def files(self) -> list[SourceFile]:
-        """The metadata file first, then the archives; a one-line StageError names what is missing."""
+        """The metadata file first, then the archives, then the lesion masks when the source has them;
+        a one-line StageError names a required file that is missing."""
 
     @abstractmethod
     def fetch(self, file: SourceFile, workdir: Path) -> Fetched:
@@ -67,8 +74,10 @@ class Source(ABC):
 def release_files(
     lookup: Callable[[str], SourceFile | None], locate: Callable[[str], str], why: str = ""
 ) -> list[SourceFile]:
-    """Find the metadata (.csv preferred over .tab) and the archives with `lookup(name)`; a missing
-    file fails with its location (`locate(name)`) and the reason the source gives (`why`)."""
+    """Find the metadata (.csv preferred over .tab), the archives and the optional masks with
+    `lookup(name)`; a missing required file fails with its location (`locate(name)`) and the reason
+    the source gives (`why`). A source without masks gives exactly the files it gave before masks
+    existed, so its fingerprint, and the dataset version, stay the same."""
     metadata = next((f for name in METADATA_NAMES if (f := lookup(name)) is not None), None)
     if metadata is None:
         raise StageError(f"no metadata file{why}: {' or '.join(locate(name) for name in METADATA_NAMES)}")
@@ -78,7 +87,8 @@ def release_files(
         if found is None:
             raise StageError(f"not found{why}: {locate(name)}")
         archives.append(found)
-    return [metadata, *archives]
+    masks = next((f for name in MASKS_NAMES if (f := lookup(name)) is not None), None)
+    return [metadata, *archives, *([masks] if masks else [])]
 
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")

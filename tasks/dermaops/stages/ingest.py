@@ -2,12 +2,17 @@
 
 Sources: an http(s) base URL, a Harvard Dataverse dataset (default, doi:10.7910/DVN/DBW86T), an
 s3:// prefix or a local directory, each holding HAM10000_metadata.csv (or Dataverse's .tab) and
-HAM10000_images_part_1.zip / _part_2.zip. Downloads stream to scratch, are retried with exponential
-backoff and resumed with HTTP ranges. Checks: every zip passes its CRC test, the metadata has the
-required columns, every metadata image_id has exactly one image. The dataset version is derived from
-the content, so the same data lands in the same place and a re-run skips.
+HAM10000_images_part_1.zip / _part_2.zip, and optionally the lesion masks
+HAM10000_segmentations_lesion.zip (Dataverse: HAM10000_segmentations_lesion_tschandl.zip). Downloads
+stream to scratch, are retried with exponential backoff and resumed with HTTP ranges. Checks: every zip
+passes its CRC test, the metadata has the required columns, every metadata image_id has exactly one
+image, no image_id has two masks. The dataset version is derived from the content, so the same data
+lands in the same place and a re-run skips; the masks are content too, and a source without them
+gives the version it gave before masks existed.
 
-Output: <datasets>/<dataset_version>/{HAM10000_metadata.csv, HAM10000_images_part_*.zip, manifest.json}
+Output: <datasets>/<dataset_version>/{HAM10000_metadata.csv, HAM10000_images_part_*.zip,
+[HAM10000_segmentations_lesion.zip,] manifest.json}; the manifest's `masks` names the masks zip when
+there is one (whether the masks are well-formed is the validate stage's to judge).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import time
 import zipfile
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from dermaops.dataset import METADATA, REQUIRED_COLUMNS, image_id_of
+from dermaops.dataset import MASKS_ARCHIVE, METADATA, REQUIRED_COLUMNS, image_id_of, mask_image_id_of
 from dermaops.errors import StageError, TransientError
 from dermaops.redaction import redact
-from dermaops.sources import DEFAULT_DATAVERSE_URL, HAM10000_DOI, Source, open_source
+from dermaops.sources import DEFAULT_DATAVERSE_URL, HAM10000_DOI, MASKS_NAMES, Source, open_source
 from dermaops.sources.transfer import Fetched, TransferSettings
 from dermaops.stage import Context, fingerprint, skipped, utcnow
 from dermaops.store import S3Uri, sha256_file
@@ -129,9 +135,14 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     try:
         fetched = [source.fetch(f, workdir) for f in files]
         metadata = read_metadata(fetched[0])
-        archives = fetched[1:]
+        masks = next((f for f in fetched if f.name in MASKS_NAMES), None)
+        archives = [f for f in fetched[1:] if f is not masks]
         images = index_archives(archives)
         extras = check_images(metadata, images, archives)
+        if masks is None:
+            log.info("no lesion masks in the source (the optional %s); ingesting without them", MASKS_ARCHIVE)
+        mask_index = index_archives([masks], mask_image_id_of) if masks else {}
+        masks_without_metadata = check_masks(metadata, mask_index, masks) if masks else []
     except TransientError:
         raise  # keep partial downloads: the next attempt resumes them
     except StageError:
@@ -142,6 +153,8 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     canonical_path.parent.mkdir(parents=True, exist_ok=True)
     canonical_path.write_bytes(metadata.canonical_csv())
     canonical = {METADATA: sha256_file(canonical_path), **{a.name: a.sha256 for a in archives}}
+    if masks:
+        canonical[MASKS_ARCHIVE] = masks.sha256  # absent without masks: the version stays what it was
     version = dataset_version(canonical)
     out = ctx.output(datasets.join(version), "ingest", fingerprint(dataset_version=version))
 
@@ -159,6 +172,9 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     for archive in archives:
         log.info("storing %s (%.1f MB)", archive.name, archive.size / 1e6)
         out.put_file(archive.name, archive.path, sha256=archive.sha256, content_type="application/zip")
+    if masks:
+        log.info("storing %s as %s (%.1f MB)", masks.name, MASKS_ARCHIVE, masks.size / 1e6)
+        out.put_file(MASKS_ARCHIVE, masks.path, sha256=masks.sha256, content_type="application/zip")
     if fetched[0].name != METADATA:
         # Keep the source's own metadata file too (e.g. Dataverse's .tab), next to the canonical CSV.
         out.put_file(fetched[0].name, fetched[0].path, sha256=fetched[0].sha256)
@@ -173,13 +189,22 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         "n_lesions": len(set(metadata.column("lesion_id"))),
         "class_counts": dict(sorted(dx.items())),
         "images_without_metadata": len(extras),
+        "n_masks": len(mask_index),
+        "masks_without_metadata": len(masks_without_metadata),
+        "masks_source": masks.name if masks else None,
         "source": redact(args.source),
         "source_kind": source.kind,
         "metadata_source": fetched[0].name,
         "bytes": sum(f.size for f in fetched),
         "seconds": round(time.monotonic() - started, 2),
     }
-    out.publish(summary, dataset_version=version, metadata=METADATA, archives=[a.name for a in archives])
+    out.publish(
+        summary,
+        dataset_version=version,
+        metadata=METADATA,
+        archives=[a.name for a in archives],
+        **({"masks": MASKS_ARCHIVE} if masks else {}),
+    )
     log.info("published dataset version %s at %s", version, out.prefix)
     _record_source(ctx, datasets, source, source_fp, version, out.fingerprint)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -214,8 +239,9 @@ def read_metadata(fetched: Fetched) -> Metadata:
     return Metadata(fetched.name, header, body)
 
 
-def index_archives(archives: list[Fetched]) -> dict[str, list[str]]:
-    """image_id -> ["<archive>:<member>", ...] over all archives, after a full CRC test of each."""
+def index_archives(archives: list[Fetched], id_of: Callable[[str], str | None] = image_id_of) -> dict[str, list[str]]:
+    """image_id -> ["<archive>:<member>", ...] over all archives, after a full CRC test of each.
+    `id_of` maps a member name to its image_id (None: not an image, or not a mask)."""
     images: dict[str, list[str]] = defaultdict(list)
     for archive in archives:
         started = time.monotonic()
@@ -231,19 +257,23 @@ def index_archives(archives: list[Fetched]) -> dict[str, list[str]]:
             if bad is not None:
                 raise StageError(f"{archive.name} is corrupt: member {bad} fails its CRC check ({archive.location})")
             for info in zf.infolist():
-                image_id = None if info.is_dir() else image_id_of(info.filename)
+                image_id = None if info.is_dir() else id_of(info.filename)
                 if image_id is not None:
                     images[image_id].append(f"{archive.name}:{info.filename}")
         log.info("%s: CRC test passed in %.1f s", archive.name, time.monotonic() - started)
     return dict(images)
 
 
-def check_images(metadata: Metadata, images: dict[str, list[str]], archives: list[Fetched]) -> list[str]:
-    """Every metadata image_id has exactly one image; returns image_ids that have no metadata row."""
-    duplicated = {image_id: where for image_id, where in images.items() if len(where) > 1}
+def _refuse_duplicates(index: dict[str, list[str]], what: str) -> None:
+    duplicated = {image_id: where for image_id, where in index.items() if len(where) > 1}
     if duplicated:
         image_id, where = sorted(duplicated.items())[0]
-        raise StageError(f"{len(duplicated)} image_ids have more than one image, e.g. {image_id}: {', '.join(where)}")
+        raise StageError(f"{len(duplicated)} image_ids have more than one {what}, e.g. {image_id}: {', '.join(where)}")
+
+
+def check_images(metadata: Metadata, images: dict[str, list[str]], archives: list[Fetched]) -> list[str]:
+    """Every metadata image_id has exactly one image; returns image_ids that have no metadata row."""
+    _refuse_duplicates(images, "image")
     ids = list(dict.fromkeys(metadata.column("image_id")))
     missing = [image_id for image_id in ids if image_id not in images]
     if missing:
@@ -254,6 +284,22 @@ def check_images(metadata: Metadata, images: dict[str, list[str]], archives: lis
     extras = sorted(set(images) - set(ids))
     if extras:
         log.warning("%d images have no metadata row (kept, not used), e.g. %s", len(extras), ", ".join(extras[:5]))
+    return extras
+
+
+def check_masks(metadata: Metadata, masks: dict[str, list[str]], archive: Fetched) -> list[str]:
+    """At most one mask per image_id, and at least one mask in the zip; returns the image_ids of masks
+    without a metadata row (counted, kept). Whether every image has a well-formed mask is validate's
+    to judge: it decodes them all, which ingest does not."""
+    if not masks:
+        raise StageError(
+            f"{archive.name} holds no lesion mask (no member named ISIC_<id>_segmentation.png) ({archive.location})"
+        )
+    _refuse_duplicates(masks, "mask")
+    extras = sorted(set(masks) - set(metadata.column("image_id")))
+    if extras:
+        log.warning("%d masks have no metadata row (kept), e.g. %s", len(extras), ", ".join(extras[:5]))
+    log.info("%s: %d lesion masks", archive.name, len(masks))
     return extras
 
 

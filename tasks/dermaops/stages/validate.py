@@ -1,14 +1,18 @@
 """Validate a dataset version with Great Expectations suites and write a data-quality report.
 
-Two GX suites are kept as JSON files in the expectations directory: ham10000_metadata checks
+GX suites are kept as JSON files in the expectations directory: ham10000_metadata checks
 HAM10000_metadata.csv (columns, ids, label and code sets, age, row count); ham10000_images checks a
 per-image facts table built by decoding every image in the archives (decodes, RGB, plausible size,
-no byte-identical files under two image_ids).
+no byte-identical files under two image_ids); ham10000_classes checks the class mix; ham10000_masks
+checks a per-mask facts table built by decoding every lesion mask (one per image, binary, the size of
+its image or of the 600x450 original, a lesion share within bounds). A dataset version without masks
+skips the masks suite and says so in the report and the summary (`masks.present` false): not fatal.
 
 Writes under --out (s3://<bucket>/runs/<run_id>/validation): results/<suite>.json (GX validation
 results), data_docs/ (GX Data Docs, open data_docs/index.html), dq_report.md (class distribution,
-imbalance ratio, missing values, image facts, every expectation's outcome), class_distribution.png,
-image_facts.csv, and manifest.json last, whose summary says "success".
+imbalance ratio, missing values, image facts, lesion masks, every expectation's outcome),
+class_distribution.png, image_facts.csv, mask_facts.csv (with masks), and manifest.json last, whose
+summary says "success".
 
 With --drift-registry, the dataset is also compared with the one the registry's champion was trained on
 (dermaops.drift: label, metadata and image statistics): drift.json, drift.png and a drift section in
@@ -33,10 +37,11 @@ from pathlib import Path
 
 from dermaops import drift as drift_lib
 from dermaops import quality_report
-from dermaops.dataset import Dataset
+from dermaops.dataset import MASKS_ARCHIVE, Dataset
 from dermaops.errors import StageError
 from dermaops.gx_validation import build_suites, default_expectations_dir, outcomes, read_suite_files, run_suites
 from dermaops.image_facts import build_image_facts
+from dermaops.mask_facts import build_mask_facts, image_sizes
 from dermaops.stage import fingerprint
 from dermaops.store import S3Uri
 
@@ -46,6 +51,7 @@ CHART = "class_distribution.png"
 DRIFT_PLOT = "drift.png"
 DRIFT_JSON = "drift.json"
 FACTS = "image_facts.csv"
+MASK_FACTS = "mask_facts.csv"
 DOCS = "data_docs"
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,25 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--min-image-side", type=int, default=8, help="smallest plausible image width/height (px)")
     parser.add_argument("--max-image-side", type=int, default=10000, help="largest plausible image width/height (px)")
+    # The lesion share of the 10,015 real masks (ham10000-200px pack, pixels at 255 over all pixels):
+    # min 0.0039, 0.1 % 0.0061, 1 % 0.0145, 5 % 0.0387, median 0.2223, 95 % 0.6385, 99 % 0.8345,
+    # 99.9 % 0.9684, max 1.0. The lower bound, a quarter of the smallest real lesion (0.1 %: 270 pixels
+    # of a 600x450 mask, 30 of a 200x150 one), refuses an empty or speck mask, which outlines no lesion
+    # although every HAM10000 image shows one. There is no upper bound below 1: two real masks
+    # (ISIC_0026042, ISIC_0029819) are all lesion, close-ups whose lesion fills the frame, and 19 cover
+    # more than 95 %. A mask inverted as a whole set shows in the suite's median check instead.
+    parser.add_argument(
+        "--min-lesion-share",
+        type=_fraction,
+        default=0.001,
+        help="smallest share of a mask's pixels that are lesion (HAM10000: 0.0039)",
+    )
+    parser.add_argument(
+        "--max-lesion-share",
+        type=_fraction,
+        default=1.0,
+        help="largest share of a mask's pixels that are lesion (HAM10000: 1.0, close-ups)",
+    )
 
 
 def _parameters(args) -> dict:
@@ -127,6 +152,10 @@ def _parameters(args) -> dict:
             f"need 0 < --drift-threshold < 100 and --drift-max-images >= 10 (got {args.drift_threshold} and "
             f"{args.drift_max_images})"
         )
+    if args.min_lesion_share > args.max_lesion_share:
+        raise StageError(
+            f"need --min-lesion-share <= --max-lesion-share (got {args.min_lesion_share} and {args.max_lesion_share})"
+        )
     from dermaops.splitting import SPLITS
 
     min_lesions = len(SPLITS) if args.min_lesions_per_class is None else args.min_lesions_per_class
@@ -139,6 +168,8 @@ def _parameters(args) -> dict:
         "min_age_present_fraction": round(1.0 - args.max_missing_age_fraction, 6),
         "min_image_side": args.min_image_side,
         "max_image_side": args.max_image_side,
+        "min_lesion_share": args.min_lesion_share,
+        "max_lesion_share": args.max_lesion_share,
     }
 
 
@@ -258,10 +289,19 @@ def run(args, ctx) -> dict:
     log.info("decoding every image of %s (%d metadata rows)", dataset.uri, len(metadata))
     lesion_of = dict(zip(metadata["image_id"].astype(str), metadata["lesion_id"], strict=True))
     facts = build_image_facts(dataset.iter_images(), lesion_of)
+    mask_facts, mask_figures, no_masks = None, None, ""
+    if dataset.masks_archive is not None:
+        log.info("decoding every lesion mask of %s (%s)", dataset.uri, dataset.masks_archive)
+        mask_facts = build_mask_facts(dataset.iter_masks(), image_sizes(facts))
+        mask_figures = quality_report.compute_mask_figures(mask_facts)
+    else:
+        suites.pop("mask_facts")
+        no_masks = f"dataset version {dataset.version} has no lesion masks (its source had no {MASKS_ARCHIVE})"
+        log.warning("%s; the mask checks are skipped", no_masks)
 
     docs_dir = ctx.scratch / "validate" / DOCS
     shutil.rmtree(docs_dir, ignore_errors=True)  # a kept scratch dir must not leak an earlier run's pages
-    tables = {"metadata": metadata, "image_facts": facts, "classes": class_table(metadata)}
+    tables = {"metadata": metadata, "image_facts": facts, "classes": class_table(metadata), "mask_facts": mask_facts}
     results = run_suites(suites, tables, parameters, docs_dir)
     found = outcomes(results)
     figures = quality_report.compute_figures(metadata, facts)
@@ -288,7 +328,7 @@ def run(args, ctx) -> dict:
         chart_name=CHART,
         data_docs_index=f"{DOCS}/index.html",
         results_files=results_files,
-        extra_sections=drift_section,
+        extra_sections=[*quality_report.render_mask_section(mask_figures, no_masks, MASK_FACTS), *drift_section],
     )
     chart = quality_report.render_chart(figures, ctx.scratch / "validate" / CHART)
 
@@ -299,6 +339,8 @@ def run(args, ctx) -> dict:
     facts_csv = io.StringIO()
     facts.to_csv(facts_csv, index=False)
     out.put_text(FACTS, facts_csv.getvalue(), "text/csv")
+    if mask_facts is not None:
+        out.put_text(MASK_FACTS, mask_facts.to_csv(index=False), "text/csv")
     out.put_file(CHART, chart, content_type="image/png")
     if drift is not None:
         out.put_json(DRIFT_JSON, drift.to_json())
@@ -324,6 +366,11 @@ def run(args, ctx) -> dict:
         "data_docs_uri": str(out.uri(f"{DOCS}/index.html")),
         "results_uris": [str(out.uri(name)) for name in results_files],
         "image_facts_uri": str(out.uri(FACTS)),
+        "masks": (
+            {**mask_figures.summary(), "archive": dataset.masks_archive, "mask_facts_uri": str(out.uri(MASK_FACTS))}
+            if mask_figures is not None
+            else {"present": False, "note": no_masks}
+        ),
         "chart_uri": str(out.uri(CHART)),
         "drift": (
             {**drift.summary(), "policy": args.drift_policy, "drift_uri": str(out.uri(DRIFT_JSON))}
