@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dermaops.dataset import MASKS_ARCHIVE, decode_mask
+from dermaops.dataset import MASKS_ARCHIVE
+from dermaops.frame import Frame
+from dermaops.imagecache import decode_mask
 from dermaops.mask_facts import build_mask_facts
 from dermaops.store import S3Uri
 from PIL import Image, ImageFilter, ImageOps
@@ -438,7 +440,7 @@ def test_palette_masks_are_read_through_their_palette(pack_200px):
         grey = np.asarray(Image.open(io.BytesIO(zf.read("ISIC_0024316.jpg"))).convert("L"), dtype=float)
     raw = Image.open(io.BytesIO(data))
     assert raw.mode == "P"
-    lesion = decode_mask(data)
+    lesion = decode_mask(data, Frame("aspect", 600))  # the original's 600x450: no resizing
     assert lesion.shape == (450, 600) and lesion.dtype == bool
     assert np.array_equal(np.asarray(raw) == 255, ~lesion)  # the raw indices are the inverse
     # The lesion is darker than the skin around it, as in most of HAM10000 (the mask at the image's size).

@@ -61,10 +61,10 @@ def mask_image_id_of(member: str) -> str | None:
 def mask_grey_levels(image):
     """An opened mask (PIL image) -> its grey levels as a mode-L image: 0 = skin, 255 = lesion.
 
-    Always read a mask through this (or `open_mask`, `decode_mask`), never as raw pixel values: 402 of
-    the 10,015 masks in the 200 px pack are palette (P) images whose palette runs from white at index
-    0 to black at index 255, so their raw indices are the inverse of the mask. convert("L") applies
-    the palette and gives what the mask shows.
+    Always read a mask through this (or `open_mask`; `imagecache.decode_mask` brings it to a frame), never
+    as raw pixel values: 402 of the 10,015 masks in the 200 px pack are palette (P) images whose palette
+    runs from white at index 0 to black at index 255, so their raw indices are the inverse of the mask.
+    convert("L") applies the palette and gives what the mask shows.
     """
     return image if image.mode == "L" else image.convert("L")
 
@@ -74,13 +74,6 @@ def open_mask(data: bytes):
     from PIL import Image
 
     return mask_grey_levels(Image.open(io.BytesIO(data)))  # in-memory bytes: no file handle to close
-
-
-def decode_mask(data: bytes):
-    """A mask's PNG bytes -> (height, width) bool array, True inside the lesion."""
-    import numpy as np
-
-    return np.asarray(open_mask(data)) == LESION
 
 
 @dataclass

@@ -124,14 +124,16 @@ def decode_full(data: bytes, frame: Frame | int) -> np.ndarray:
 
 
 def decode_mask(data: bytes, frame: Frame | int) -> np.ndarray:
-    """A lesion mask (PNG, 0 = skin, > 0 = lesion, at its image's size or the original's) -> (height, width)
+    """A lesion mask (PNG, 0 = skin, 255 = lesion, at its image's size or the original's) -> (height, width)
     bool of the frame, through the same box as its image: each output pixel is lesion when at least half
     of the mask pixels it covers are (box filter, so a thin border neither vanishes nor grows)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        binary = img.convert("L").point(lambda v: 255 if v else 0)
-        return _resize(binary, Frame.of(frame), img.size, Image.Resampling.BOX) >= 128
+    from dermaops.dataset import LESION, open_mask
+
+    grey = open_mask(data)  # palette masks read through their palette (dermaops.dataset.mask_grey_levels)
+    binary = grey.point(lambda v: 255 if v == LESION else 0)
+    return _resize(binary, Frame.of(frame), grey.size, Image.Resampling.BOX) >= 128
 
 
 def _decode_chunk(chunk: list[tuple[str, bytes]], frame: Frame) -> np.ndarray:

@@ -179,6 +179,12 @@ def build_model(arch: str, num_classes: int, image_size: int, pretrained: str = 
             model.maxpool = torch.nn.Identity()
     head = head_name(model)
     _replace(model, head, torch.nn.Linear(model.get_submodule(head).in_features, num_classes))
+    # MobileNetV3 and EfficientNet set BatchNorm's momentum to 0.01, tuned for ImageNet's 600 epochs of
+    # thousands of steps; a few hundred steps from scratch leave the running statistics near their start, and
+    # the model in eval mode predicts one class. The usual 0.1 lets them follow short schedules.
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and (module.momentum or 0.1) < 0.1:
+            module.momentum = 0.1
     if pretrained and pretrained not in ("none", "imagenet"):
         _load_compatible(model, state, pretrained)
     return model
