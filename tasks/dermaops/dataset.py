@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from dermaops.archives import read_member
 from dermaops.errors import StageError
+from dermaops.safepath import local_path
 from dermaops.stage import read_manifest
 from dermaops.store import ArtifactStore, S3Uri, sha256_file
 
@@ -89,7 +91,8 @@ class Dataset:
         entry = self.manifest["files"].get(name)
         if entry is None:
             raise StageError(f"dataset {self.uri} has no file {name!r} (files: {sorted(self.manifest['files'])})")
-        path = self.scratch / "datasets" / self.version / name
+        # The version and the file names come from manifest.json: data, checked before they become a path.
+        path = local_path(self.scratch / "datasets", f"{self.version}/{name}", f"dataset {self.uri}: file")
         if path.exists() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
             return path
         self.store.download(self.uri.join(name), path)
@@ -122,7 +125,7 @@ class Dataset:
                         continue
                     image_id = image_id_of(info.filename)
                     if image_id is not None:
-                        yield image_id, archive, zf.read(info)
+                        yield image_id, archive, read_member(zf, info, f"{self.uri.join(archive)}")
 
     def iter_masks(self) -> Iterator[tuple[str, bytes]]:
         """Yield (image_id, PNG bytes) for every lesion mask; nothing when the version has no masks."""
@@ -132,4 +135,4 @@ class Dataset:
             for info in zf.infolist():
                 image_id = None if info.is_dir() else mask_image_id_of(info.filename)
                 if image_id is not None:
-                    yield image_id, zf.read(info)
+                    yield image_id, read_member(zf, info, f"{self.uri.join(self.masks_archive)}")

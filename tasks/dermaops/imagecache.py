@@ -34,7 +34,6 @@ a DistributedSampler shards it across ranks with no change.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import mmap
@@ -50,6 +49,8 @@ import numpy as np
 
 from dermaops.dataset import Dataset, image_id_of
 from dermaops.errors import StageError
+from dermaops.imagefile import open_image
+from dermaops.safepath import local_path
 from dermaops.stage import Context, fingerprint, read_verified
 from dermaops.store import S3Uri, sha256_file
 
@@ -75,16 +76,17 @@ def shard_name(index: int) -> str:
 # -- decoding ---------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
+def decode_image(data: bytes, size: int, name: str = "an image") -> np.ndarray:
     """JPEG/PNG bytes -> (size, size, 3) uint8 RGB, the cache's exact recipe.
 
     draft() makes the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT domain, to the smallest size that is
     still >= size x size (600x450 at 224 px: 300x225), so the resize that follows starts from far fewer pixels.
-    Within PSNR 35 dB of a full decode + resize (tests/test_imagecache.py); a no-op for PNG.
+    Within PSNR 35 dB of a full decode + resize (tests/test_imagecache.py); a no-op for PNG. An image over
+    the pixel limit is refused before decoding, naming `name` (dermaops.imagefile).
     """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data, name) as img:
         img.draft("RGB", (size, size))
         rgb = img.convert("RGB")
         if rgb.size != (size, size):
@@ -92,11 +94,11 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
-def decode_full(data: bytes, size: int) -> np.ndarray:
+def decode_full(data: bytes, size: int, name: str = "an image") -> np.ndarray:
     """The reference path draft mode is checked against: decode every pixel, then resize."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data, name) as img:
         rgb = img.convert("RGB")
         if rgb.size != (size, size):
             rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
@@ -107,7 +109,7 @@ def _decode_chunk(chunk: list[tuple[str, bytes]], size: int) -> np.ndarray:
     out = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
     for i, (image_id, data) in enumerate(chunk):
         try:
-            out[i] = decode_image(data, size)
+            out[i] = decode_image(data, size, f"image {image_id}")
         except OSError as exc:
             raise StageError(f"cannot decode image {image_id}: {exc}") from None
     return out
@@ -425,12 +427,17 @@ def load_images(ctx: Context, dataset: Dataset, size: int) -> CachedImages:
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise StageError(f"image size {size} is out of range ({MIN_SIZE}..{MAX_SIZE} px)")
     out = ctx.output(cache_uri(dataset, size), "imagecache", _cache_fingerprint(dataset, size))
-    local = ctx.scratch / "imagecache" / dataset.version / str(size)
+    local = local_path(ctx.scratch / "imagecache", f"{dataset.version}/{size}", f"dataset {dataset.uri}: version")
     manifest = out.finished()
     if manifest is not None:
         ids = json.loads(read_verified(ctx.store, out.prefix, "image_ids.json", manifest))
         files = [
-            ShardFile(local / name, rows, manifest["files"][name]["sha256"], manifest["files"][name]["size"])
+            ShardFile(
+                local_path(local, name, f"image cache {out.prefix}: shard"),
+                rows,
+                manifest["files"][name]["sha256"],
+                manifest["files"][name]["size"],
+            )
             for name, rows in manifest["summary"]["shards"]
         ]
 
