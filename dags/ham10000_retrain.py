@@ -83,8 +83,9 @@ waits, the next weekly run queues behind it (one active run).
 weekly interval at once, and then one run a week.
 
 `notify` runs whatever happened upstream: it writes the run report (`notify/report.md`) and posts
-it to Slack. It is a teardown task, so the run's state is the pipeline's, not the notification's.
-A failed run also sends a Slack alert from the DAG's failure callback.
+it to Slack. It is a teardown task, so the run's state is the pipeline's, unless notify itself still
+fails after its retries (Slack down for minutes): then the run fails, so nobody mistakes it for a
+delivered success. A failed run also sends a Slack alert from the DAG's failure callback.
 """
 
 with DAG(
@@ -247,12 +248,19 @@ with DAG(
             "--report-out",
             f"{RUN}/notify",
         ],
-        retries=0,
+        # Slack unreachable is transient (exit 3): retried, 60 s, 120 s, 240 s apart (each with up to +100 %
+        # jitter). A bad token or channel (exit 2) is not retried.
+        retries=3,
+        retry_delay=dt.timedelta(seconds=60),
+        retry_exponential_backoff=2.0,
+        max_retry_delay=dt.timedelta(seconds=300),
         trigger_rule=TriggerRule.ALL_DONE,
     )
-    # A teardown does not decide the run's state: a failed pipeline fails the run (and fires the
-    # failure callback) even though notify, which reports the failure, succeeds.
+    # A teardown: a failed pipeline fails the run (and fires the failure callback) even though notify, which
+    # reports the failure, succeeds. And a notify that still fails after its retries fails the run too: the
+    # run must not look green while its report never reached Slack.
     notify.is_teardown = True
+    notify.on_failure_fail_dagrun = True
 
     ingest >> validate >> split >> changes >> retrain >> [train_baseline, train] >> evaluate
     evaluate >> approval >> approve >> promote >> notify

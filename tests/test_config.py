@@ -108,6 +108,7 @@ BAD_FLOATS = [
     ("train", "--lr", "inf", "--lr must be a finite number, got inf"),
     ("train", "--label-smoothing", "-inf", "--label-smoothing must be a finite number, got -inf"),
     ("train", "--lr", "0", "--lr must be > 0 and <= 1, got 0.0"),
+    ("train", "--lr", "1e30", "--lr must be > 0 and <= 1, got 1e+30"),  # the README's "train --lr 1e30" fault
     ("train", "--class-weight-power", "2.5", "--class-weight-power must be 0..2, got 2.5"),
     ("train", "--ema-decay", "1", "--ema-decay must be >= 0 and < 1, got 1.0"),
     ("train", "--finetune-lr", "nan", "--finetune-lr must be a finite number, got nan"),
@@ -202,7 +203,10 @@ def test_the_registry_is_the_stage_list_everyone_uses():
     assert list(cli.STAGES) == [s.name for s in STAGES]
     assert PIPELINE == tuple(s.name for s in STAGES if s.dag == "retrain" and s.name != "notify")
     assert {s.name for s in STAGES if s.gpu} == {"train", "evaluate", "predict"}
-    assert {s.name: s.secrets for s in STAGES if s.secrets != ("s3",)} == {"notify": ("s3", "slack")}
+    assert {s.name: s.secrets for s in STAGES if s.secrets != ("s3",)} == {
+        "ingest": ("s3", "source"),
+        "notify": ("s3", "slack"),
+    }
     assert set(CONFIGS) <= set(cli.STAGES)
     assert run_key("manual__2026-01-05T10:00:00+00:00") == "manual__2026-01-05T10-00-00-00-00"
 

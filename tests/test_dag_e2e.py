@@ -335,3 +335,59 @@ def test_docker_mode_failure_is_reported_and_alerted(
         check=True,
     )
     assert left.stdout.strip() == ""
+
+
+TINY_NOTIFY_DAG = """
+import datetime as dt
+
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, TriggerRule
+from dermaops_runner import stage_task
+
+with DAG(dag_id="tiny_notify", schedule=None, start_date=dt.datetime(2026, 1, 5, tzinfo=dt.UTC)) as dag:
+    work = EmptyOperator(task_id="work")
+    notify = stage_task(
+        "notify",
+        ["--run-id", "{{ run_id }}", "--states", "{}", "--report-out", "s3://%(bucket)s/runs/tiny/notify"],
+        retries=2,
+        retry_delay=dt.timedelta(seconds=0),
+        trigger_rule=TriggerRule.ALL_DONE,
+    )
+    notify.is_teardown = True
+    notify.on_failure_fail_dagrun = %(fail_dagrun)s
+    work >> notify
+"""
+
+
+@pytest.mark.parametrize("fail_dagrun", [True, False])
+def test_slack_down_through_notifys_retries_shows_on_the_run(
+    fail_dagrun, airflow_env, dag_env, store, bucket, tmp_path
+):
+    """The retrain DAG's notify (tests/test_dag_integrity.py checks its settings) in a DAG of its own, with
+    Slack unreachable: exit 3 is retried, and when every try failed the run fails, as the teardown's
+    on_failure_fail_dagrun makes it. Without it (fail_dagrun=False, the DAG before issue 19) the run was
+    green while the message was lost."""
+    from dermaops.embedded_s3 import free_port
+
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "tiny_notify.py").write_text(TINY_NOTIFY_DAG % {"bucket": bucket.bucket, "fail_dagrun": fail_dagrun})
+    down = f"http://127.0.0.1:{free_port()}/api/"  # nothing listens there
+    env = {
+        **dag_env,
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "DERMAOPS_RUNNER": "local",
+        "DERMAOPS_SLACK_API_URL": down,
+    }
+    proc = airflow_env.run("dags", "test", "tiny_notify", env=env, check=False, timeout=600)
+    run_id = airflow_env.latest_run_id("tiny_notify")
+    with airflow_env.db() as conn:
+        [tries] = conn.execute(
+            "SELECT try_number FROM task_instance WHERE dag_id = 'tiny_notify' AND run_id = ? AND task_id = 'notify'",
+            (run_id,),
+        ).fetchone()
+    states = airflow_env.task_states(run_id, dag_id="tiny_notify")
+    assert states == {"work": "success", "notify": "failed"}, proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert tries == 3  # the first try and 2 retries: exit 3 (Slack unreachable) is transient
+    assert store.exists(bucket.join("runs", "tiny", "notify", "report.md"))  # the report is written each try
+    assert airflow_env.run_state(run_id, dag_id="tiny_notify") == ("failed" if fail_dagrun else "success")

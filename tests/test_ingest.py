@@ -300,9 +300,13 @@ def test_rerun_skips_and_force_reingests(run_stage, store, bucket, http_source, 
 
     # Unchanged source (same ETags): skipped from the recorded source fingerprint, no archive downloaded.
     http_source.requests.clear()
-    again = ingest(run_stage, http_source.base_url("28px"), datasets).summary
+    rerun = ingest(run_stage, http_source.base_url("28px"), datasets)
+    again = rerun.summary
     assert again["status"] == "skipped" and again["dataset_version"] == first["dataset_version"]
     assert not [r for r in http_source.requests if r.method == "GET" and r.path.endswith(".zip")]
+    # The log names the source as the user gave it (it read "source http:http://..." before).
+    assert f"source {http_source.base_url('28px')} unchanged since" in rerun.stderr
+    assert "http:http" not in rerun.stderr
 
     # Another source with the same content: downloaded, found already published, skipped.
     other = ingest(run_stage, pack_28px, datasets).summary

@@ -60,9 +60,16 @@ def test_the_provider_builds_the_expected_pods(k8s_dag):
         assert not container.get("command")  # empty = the image's entrypoint, as in docker mode
         assert container["args"][:4] == ["python", "-m", "dermaops", task_id]
 
-        # Secrets: whole Kubernetes Secrets through envFrom; the plain env holds nothing secret.
-        refs = [source["secretRef"]["name"] for source in container["envFrom"]]
-        assert refs == (["dermaops-s3", "team-slack"] if task_id == "notify" else ["dermaops-s3"])
+        # Secrets: whole Kubernetes Secrets through envFrom; the plain env holds nothing secret. The data
+        # source's token is optional (a public source needs none): the pod starts without that Secret.
+        refs = {
+            source["secretRef"]["name"]: source["secretRef"].get("optional", False) for source in container["envFrom"]
+        }
+        expected = {
+            "notify": {"dermaops-s3": False, "team-slack": False},
+            "ingest": {"dermaops-s3": False, "dermaops-source": True},
+        }
+        assert refs == expected.get(task_id, {"dermaops-s3": False})
         assert container["env"] == [{"name": "PYTHONUNBUFFERED", "value": "1"}]
         text = json.dumps(pod)
         for name, value in SECRET_VALUES.items():

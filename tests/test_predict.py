@@ -15,6 +15,7 @@ from dermaops.models import load_checkpoint, predict_proba, save_checkpoint
 from dermaops.prediction import apply_temperature
 from dermaops.store import S3Uri
 
+from tests.support.faulty_files import add_zeros_member, jpeg_declaring
 from tests.support.registry import copy_registry, read_csv, sample_jpegs
 
 P_COLUMNS = [f"p_{c}" for c in CLASSES]
@@ -166,7 +167,7 @@ def test_s3_prefix_with_gradcam(promoted_registry, pack_sample, run_stage, store
 
 @pytest.mark.parametrize(
     "case",
-    ["png", "empty", "corrupt", "no_champion", "bad_model"],
+    ["png", "empty", "corrupt", "bomb", "header_mismatch", "zip_bomb", "no_champion", "bad_model"],
 )
 def test_bad_input_is_one_line_exit_2_naming_it(case, promoted_registry, pack_sample, run_stage, bucket, tmp_path):
     images = tmp_path / "folder"
@@ -187,6 +188,17 @@ def test_bad_input_is_one_line_exit_2_naming_it(case, promoted_registry, pack_sa
         first = sorted(images.iterdir())[0]
         first.write_bytes(first.read_bytes()[:600])
         expected = f"{first.name} is not a readable JPEG"
+    elif case == "bomb":  # a decompression bomb: crashed with PIL's DecompressionBombError (exit 1, retried)
+        first = sorted(images.iterdir())[0]
+        first.write_bytes(jpeg_declaring(first.read_bytes(), 30000, 30000))
+        expected = f"--images {images}: {first.name} declares 30000x30000 pixels, over the limit of 50 megapixels"
+    elif case == "header_mismatch":  # libjpeg made up the missing rows, and the image was predicted
+        first = sorted(images.iterdir())[0]
+        first.write_bytes(jpeg_declaring(first.read_bytes(), 600, 900))
+        expected = f"{first.name} is a corrupt JPEG: its header declares 600x900 pixels but its image data ends"
+    elif case == "zip_bomb":  # 10 MiB of zeros in a few KB: refused before the batch starts
+        add_zeros_member(images / "batch.zip", "ISIC_0000001.jpg", 10 * 2**20)
+        expected = f"--images {images}: batch.zip: member ISIC_0000001.jpg declares 10,485,760 bytes from"
     elif case == "no_champion":
         registry = f"s3://{bucket.bucket}/registry/elsewhere"
         expected = f"no champion at {registry}/champion.json: no model has been promoted yet"

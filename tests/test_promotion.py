@@ -102,6 +102,8 @@ def _gate(
     floor=0.0,
     override=False,
     require_approval=False,
+    score_champion=None,
+    paired=True,
 ) -> dict:
     """The gate with the absolute floors off and a Random Forest that scored 0: these tests are about
     the champion (small_models are weak on purpose); the absolute rules have their own test."""
@@ -111,14 +113,14 @@ def _gate(
     return run_gate(
         registry,
         challenger,
-        scored["scorer"].score_champion,
+        score_champion or scored["scorer"].score_champion,
         "macro_f1",
         margin,
         floors,
         tmp_path / run_id,
         baseline={"macro_f1": 0.0},
         allow_broken_champion=override,
-        compare=scored["scorer"].compare,
+        compare=scored["scorer"].compare if paired else None,
         require_approval=require_approval,
     )
 
@@ -372,3 +374,179 @@ def test_promote_refuses_bad_input_in_one_line(scored, store, bucket, tmp_path, 
         assert named in bad.error_line and bad.error_line.startswith("dermaops promote: error:"), bad.error_line
     assert not store.exists(registry.champion_uri)  # nothing was applied
     assert [h["decision"] for h in registry.history()] == ["awaiting_approval"]
+
+
+# -- concurrent promotions ------------------------------------------------------------------------------
+
+
+def test_the_embedded_s3_honours_conditional_writes(store, bucket):
+    """What the registry's lease and champion.json's write rely on (S3's If-None-Match: * and If-Match),
+    proven on the S3 server of the tests, scripts/run and the offline stack (moto's server mode); AWS S3 and
+    MinIO (the compose stack's release) document both."""
+    uri = bucket.join("registry", "lease.json")
+    created = store.put_if(uri, b"first", if_none_match=True)
+    assert created
+    assert store.put_if(uri, b"second", if_none_match=True) is None  # it exists: the creator already won
+    assert store.put_if(uri, b"second", if_match='"0123456789abcdef"') is None  # not the ETag it has
+    replaced = store.put_if(uri, b"second", if_match=created)
+    assert replaced and replaced != created
+    assert store.put_if(uri, b"third", if_match=created) is None  # a stale ETag loses
+    assert store.get_with_etag(uri) == (b"second", replaced)
+    assert store.put_if(bucket.join("registry", "absent.json"), b"x", if_match=created) is None
+    assert store.get_with_etag(bucket.join("registry", "absent.json")) == (None, None)
+
+
+def test_a_lease_has_one_holder_and_outlives_a_crashed_one(store, bucket, stage_env, caplog):
+    import json
+    import subprocess
+    import sys
+
+    from dermaops.errors import TransientError
+    from dermaops.lease import Lease
+
+    uri = bucket.join("registry", "lease.json")
+    # A holder that crashes: a process that takes the lease and dies without releasing it.
+    crash = (
+        "import os, sys\n"
+        "from dermaops.lease import Lease\n"
+        "from dermaops.store import ArtifactStore, S3Uri\n"
+        "Lease(ArtifactStore(), S3Uri.parse(sys.argv[1]), {'purpose': 'a crashing holder'}, ttl=3, wait=0).acquire()\n"
+        "os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", crash, str(uri)], env=stage_env, timeout=120).returncode == 9
+    # Until it expires nobody else gets it: a waiter gives up (transient, retried) naming the holder.
+    with pytest.raises(TransientError, match="is held by a crashing holder"):
+        Lease(store, uri, {"purpose": "an impatient waiter"}, ttl=3, wait=0.2).acquire()
+    # Then it is taken over, with a warning.
+    with Lease(store, uri, {"purpose": "the next holder"}, ttl=30, wait=20) as lease:
+        assert lease.still_held() and json.loads(store.get_bytes(uri))["purpose"] == "the next holder"
+        with pytest.raises(TransientError, match="is held by the next holder"):
+            Lease(store, uri, {"purpose": "a contender"}, ttl=30, wait=0.2).acquire()
+    assert "taking over the lease" in caplog.text and "a crashing holder" in caplog.text
+    assert json.loads(store.get_bytes(uri))["released"] is True
+
+    # A stalled holder whose lease expired and was taken over does not release the new holder's lease.
+    stalled = Lease(store, uri, {"purpose": "a stalled holder"}, ttl=0.5, wait=0)
+    stalled.acquire()
+    with Lease(store, uri, {"purpose": "the holder after it"}, ttl=30, wait=5):
+        assert not stalled.still_held()
+        stalled.release()
+        assert json.loads(store.get_bytes(uri))["purpose"] == "the holder after it"
+        assert "released" not in json.loads(store.get_bytes(uri))
+
+
+def _cached_scorer(scored: dict):
+    """score_champion from the scores computed once per module (looked up by the checkpoint's sha256)."""
+    from dermaops.store import sha256_file
+
+    by_sha = {sha256_file(path): (metrics, proba) for path, _, metrics, _, proba in scored["models"].values()}
+    return lambda path: by_sha[sha256_file(path)]
+
+
+def test_two_evaluates_at_once_end_with_the_better_challenger_and_the_history_records_both(
+    scored, store, bucket, tmp_path
+):
+    """The issue's race: challengers A and B both beat the champion, their gates run at once, and both
+    re-score the champion before either writes. Without serialization both said "promoted" and
+    champion.json ended as whichever wrote last."""
+    import threading
+
+    from dermaops.store import ArtifactStore
+
+    registry = Registry(store, bucket.join("registry", "ham10000"))
+    _gate(registry, scored, "weak", "run-champion", tmp_path)
+    f1 = {name: scored["models"][name][2]["macro_f1"] for name in ("weak", "fitted", "blind")}
+    assert f1["fitted"] > f1["blind"] + 0.005 > f1["weak"] + 0.01, f1  # A = fitted, B = blind
+    scorer = _cached_scorer(scored)
+    both_scored = threading.Barrier(2)
+
+    def racing_scorer(path):
+        if not getattr(threading.current_thread(), "raced", False):
+            threading.current_thread().raced = True
+            both_scored.wait(timeout=120)  # both gates have read the same champion
+        return scorer(path)
+
+    results, errors = {}, []
+
+    def gate(name: str, run_id: str) -> None:
+        try:
+            own = Registry(ArtifactStore(), registry.uri)  # a process of its own, as far as S3 can tell
+            # The point difference decides (no paired bootstrap): A beats B by 0.04 on these 42 test lesions,
+            # which the bootstrap cannot tell from noise; this test is about the race, not the statistics.
+            results[run_id] = _gate(own, scored, name, run_id, tmp_path, score_champion=racing_scorer, paired=False)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=gate, args=args) for args in (("fitted", "run-A"), ("blind", "run-B"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    champion = store.get_json(registry.champion_uri)
+    assert champion["run_id"] == "run-A", (results["run-A"]["reason"], results["run-B"]["reason"])
+
+    history = registry.history()
+    assert sorted(h["run_id"] for h in history) == ["run-A", "run-B", "run-champion"]
+    # One gate wrote first; the other found the champion replaced and judged its model again against it.
+    [late] = [h for h in history if h.get("rejudged")]
+    first = "run-B" if late["run_id"] == "run-A" else "run-A"
+    assert late["rejudged"][0]["champion_run_id"] == "run-champion" and late["rejudged"][0]["decision"] == "promoted"
+    assert late["champion_before"]["run_id"] == first
+    assert late["reason"].startswith(f"judged again against run {first}, promoted while this gate ran: ")
+    # Every promotion in the history replaced the champion it was judged against: none was lost.
+    promoted = [h for h in history if h["decision"] == "promoted"]
+    befores = [(h["champion_before"] or {}).get("run_id") for h in promoted]
+    assert len(befores) == len(set(befores)), befores
+    assert champion["previous_champion"]["run_id"] in ("run-champion", "run-B")
+
+
+def test_two_approvals_applied_at_once_promote_one_and_record_the_other_as_superseded(scored, store, bucket, tmp_path):
+    """Two `promote --decision approve` at once, both of challengers judged against the same champion: the
+    stale-approval check and the write of champion.json are one step under the registry's lease."""
+    import threading
+
+    from dermaops.promotion import resolve_approval
+    from dermaops.store import ArtifactStore
+
+    registry = Registry(store, bucket.join("registry", "ham10000"))
+    _gate(registry, scored, "weak", "run-champion", tmp_path)
+    for name, run_id in (("fitted", "run-A"), ("blind", "run-B")):
+        assert _gate(registry, scored, name, run_id, tmp_path, require_approval=True)["decision"] == "awaiting_approval"
+    reads = threading.Barrier(2)
+
+    class RacingRegistry(Registry):
+        def champion_state(self):
+            # Without the lease both approvals read the champion here before either writes (the barrier lets
+            # them through together). Under it the second cannot get here before the first has written: the
+            # first waits out the barrier's timeout and breaks it.
+            try:
+                reads.wait(timeout=3)
+            except threading.BrokenBarrierError:
+                pass
+            return super().champion_state()
+
+    results, errors = {}, []
+
+    def approve(run_id: str) -> None:
+        try:
+            own = RacingRegistry(ArtifactStore(), registry.uri)
+            results[run_id] = resolve_approval(own, run_id, True, "dr.lee", "", None, tmp_path / f"approve-{run_id}")
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=approve, args=(run_id,)) for run_id in ("run-A", "run-B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert reads.broken  # the two reads of champion.json never overlapped
+    decisions = sorted((r["decision"], run_id) for run_id, r in results.items())
+    assert [d for d, _ in decisions] == ["promoted", "superseded"], decisions
+    winner = next(run_id for run_id, r in results.items() if r["promoted"])
+    loser = next(run_id for run_id in results if run_id != winner)
+    assert store.get_json(registry.champion_uri)["run_id"] == winner
+    assert "but the champion changed since the gate" in results[loser]["reason"]
+    history = [(h["run_id"], h["decision"]) for h in registry.history()]
+    assert (winner, "promoted") in history and (loser, "superseded") in history

@@ -8,6 +8,10 @@ so a compose deployment keeps secrets in connections (or `.env`) and a laptop ru
   AWS_DEFAULT_REGION, DERMAOPS_S3_ENDPOINT_URL / AWS_ENDPOINT_URL(_S3).
 - "slack": connection `slack_api_default` (type slack: password = bot token, extra {"channel": ...,
   "base_url": ...}) or SLACK_BOT_TOKEN, DERMAOPS_SLACK_CHANNEL, DERMAOPS_SLACK_API_URL.
+- "source": connection `dermaops_source` (dermaops.config.SOURCE_CONNECTION; any type: password = the data
+  source's API token or password, login = its user for HTTP basic auth, host = the only host it is sent to)
+  or DERMAOPS_SOURCE_TOKEN, DERMAOPS_SOURCE_USER, DERMAOPS_SOURCE_HOST (dermaops.sources). Neither is
+  needed for a public source; the `source` param itself may carry no credential (dermaops.config).
 
 The result is a plain {NAME: value} dict for a subprocess environment or DockerOperator's
 `private_environment` (which Airflow does not render into the UI).
@@ -17,6 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+
+from dermaops.config import SOURCE_CONNECTION
+from dermaops.redaction import ENV_SECRETS
 
 S3_CONN_ID = "dermaops_s3"
 SLACK_CONN_ID = "slack_api_default"
@@ -31,7 +38,7 @@ S3_ENV = (
     "DERMAOPS_S3_ENDPOINT_URL",
 )
 SLACK_ENV = ("SLACK_BOT_TOKEN", "DERMAOPS_SLACK_CHANNEL", "DERMAOPS_SLACK_API_URL")
-SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SLACK_BOT_TOKEN")
+SECRET_NAMES = ENV_SECRETS  # the values registered with Airflow's masker, as the stages' own redaction masks them
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,18 @@ def slack_env() -> dict[str, str]:
     return {k: v for k, v in env.items() if v}
 
 
-RESOLVERS = {"s3": s3_env, "slack": slack_env}
+def source_env() -> dict[str, str]:
+    from dermaops.sources import HOST_ENV, TOKEN_ENV, USER_ENV
+
+    conn = _connection(SOURCE_CONNECTION)
+    if conn is None:
+        return _from_env((TOKEN_ENV, USER_ENV, HOST_ENV))
+    env = {TOKEN_ENV: conn.password or "", USER_ENV: conn.login or "", HOST_ENV: conn.host or ""}
+    log.info("data source credentials from connection %s", SOURCE_CONNECTION)
+    return {k: v for k, v in env.items() if v}
+
+
+RESOLVERS = {"s3": s3_env, "slack": slack_env, "source": source_env}
 
 
 def resolve(sets: tuple[str, ...]) -> dict[str, str]:

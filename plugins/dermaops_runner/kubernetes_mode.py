@@ -12,7 +12,9 @@ credentials.py), injected whole through `envFrom.secretRef`:
 - "s3":    Secret DERMAOPS_K8S_S3_SECRET (default `dermaops-s3`): AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
            optionally AWS_DEFAULT_REGION, DERMAOPS_S3_ENDPOINT_URL;
 - "slack": Secret DERMAOPS_K8S_SLACK_SECRET (default `dermaops-slack`): SLACK_BOT_TOKEN, optionally
-           DERMAOPS_SLACK_CHANNEL, DERMAOPS_SLACK_API_URL.
+           DERMAOPS_SLACK_CHANNEL, DERMAOPS_SLACK_API_URL;
+- "source": Secret DERMAOPS_K8S_SOURCE_SECRET (default `dermaops-source`), optional (a public source needs
+           none): DERMAOPS_SOURCE_TOKEN, optionally DERMAOPS_SOURCE_USER, DERMAOPS_SOURCE_HOST.
 
 Scheduling, all from environment variables read when the DAG file is parsed (like DERMAOPS_RUNNER):
 
@@ -45,7 +47,12 @@ from dermaops_runner.docker_mode import gpu_enabled
 from dermaops_runner.results import StageResultMixin, drop_empty, error_line, summary_from_lines
 from dermaops_runner.stages import StageSpec
 
-SECRET_ENV = {"s3": ("DERMAOPS_K8S_S3_SECRET", "dermaops-s3"), "slack": ("DERMAOPS_K8S_SLACK_SECRET", "dermaops-slack")}
+SECRET_ENV = {
+    "s3": ("DERMAOPS_K8S_S3_SECRET", "dermaops-s3"),
+    "slack": ("DERMAOPS_K8S_SLACK_SECRET", "dermaops-slack"),
+    "source": ("DERMAOPS_K8S_SOURCE_SECRET", "dermaops-source"),
+}
+OPTIONAL_SECRETS = ("source",)  # the pod starts without them (the provider's Secret cannot say so: env_from)
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_GPU_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 
@@ -82,14 +89,24 @@ def _gpu_count() -> str:
     return raw
 
 
+def _secret_name(name: str) -> str:
+    if name not in SECRET_ENV:
+        raise ValueError(f"unknown secret set {name!r} (known: {', '.join(SECRET_ENV)})")
+    env, default = SECRET_ENV[name]
+    return os.environ.get(env, "").strip() or default
+
+
 def secret_refs(sets: tuple[str, ...]) -> list[Secret]:
-    refs = []
-    for name in sets:
-        if name not in SECRET_ENV:
-            raise ValueError(f"unknown secret set {name!r} (known: {', '.join(SECRET_ENV)})")
-        env, default = SECRET_ENV[name]
-        refs.append(Secret("env", None, os.environ.get(env, "").strip() or default))  # no key: the whole Secret
-    return refs
+    # No key: the whole Secret.
+    return [Secret("env", None, _secret_name(name)) for name in sets if name not in OPTIONAL_SECRETS]
+
+
+def optional_secret_refs(sets: tuple[str, ...]) -> list[k8s.V1EnvFromSource]:
+    return [
+        k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=_secret_name(name), optional=True))
+        for name in sets
+        if name in OPTIONAL_SECRETS
+    ]
 
 
 def pod_settings(spec: StageSpec) -> dict:
@@ -127,6 +144,7 @@ class KubernetesStageOperator(StageResultMixin, KubernetesPodOperator):
             arguments=["python", "-m", "dermaops", spec.stage, *argv],
             env_vars={"PYTHONUNBUFFERED": "1"},
             secrets=secret_refs(secrets),
+            env_from=optional_secret_refs(secrets) or None,
             name=f"dermaops-{spec.stage.replace('_', '-')}",
             labels={"app.kubernetes.io/name": "dermaops", "dermaops/stage": spec.stage},
             get_logs=True,

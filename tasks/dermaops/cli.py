@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -33,6 +34,19 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, redact(f"{self.prog}: error: {message}\n"))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help texts are prose ("95 % intervals"), but argparse %-formats every help string to fill in
+    `%(default)s`: a lone `%` made `--help` crash. Every `%` that does not start a `%(name)s` field is
+    taken literally here, once for all stages, instead of asking each help text to write `%%`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        return _LONE_PERCENT.sub("%%", text) if text else text
+
+
+_LONE_PERCENT = re.compile(r"%(?!\()")
 
 
 def _available_stages() -> dict:
@@ -59,7 +73,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
             name,
             help=mod.HELP,
             description=mod.__doc__,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
         if hasattr(mod, "CONFIG"):

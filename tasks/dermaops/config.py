@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dermaops.errors import StageError
+from dermaops.redaction import SOURCE_TOKEN_ENV, URL_CREDENTIAL_PATTERN
 
 # torchvision classifiers the train stage builds (dermaops.models adapts each: head, stages, stem).
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -519,6 +520,15 @@ CONFIGS: dict[str, type[StageConfig]] = {
 
 # -- the DAG's trigger form ---------------------------------------------------------------------------
 DATAVERSE_SOURCE = "https://dataverse.harvard.edu/dataset.xhtml?persistentId=doi:10.7910/DVN/DBW86T"
+# The Airflow connection ingest's credentials come from (the runner's "source" secret set).
+SOURCE_CONNECTION = "dermaops_source"
+# Why a `source` param with a URL password or a token query parameter is refused when the run is triggered:
+# params are stored in the run's conf, shown in the UI and rendered into the task's command line.
+SOURCE_CREDENTIALS_RULE = (
+    f"the source URL must carry no credential (no user:password@, no ?key=, ?token=, ?api_key=...): put the "
+    f"token in the Airflow connection {SOURCE_CONNECTION} (password; login for a user, host to limit where it "
+    f"is sent) or in {SOURCE_TOKEN_ENV} on the workers; ingest sends it to the source in a header"
+)
 
 # Named recipes: a blank (null) recipe param takes the chosen recipe's value. Both were chosen on the
 # validation split of the 28 px pack, three seeds each (benchmarks/recipe_sweep.py; README's ablation table).
@@ -576,9 +586,13 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
         "default": DATAVERSE_SOURCE,
         "type": "string",
         "minLength": 1,
+        # Airflow validates this when the run is triggered, before the run (and its conf) is stored. A JSON
+        # schema error has no custom message, but it prints the subschema: hence the rule as a $comment.
+        "not": {"$comment": SOURCE_CREDENTIALS_RULE, "pattern": URL_CREDENTIAL_PATTERN},
         "title": "Data source",
         "description": "Where HAM10000 comes from: an http(s) base URL, a Dataverse dataset URL or doi:..., an s3:// "
-        "prefix, or a directory on the worker, in the official layout (metadata CSV + two image zips).",
+        "prefix, or a directory on the worker, in the official layout (metadata CSV + two image zips). "
+        f"{SOURCE_CREDENTIALS_RULE[0].upper()}{SOURCE_CREDENTIALS_RULE[1:]}.",
     },
     # ["boolean", "null"]: Airflow's form marks every param whose type has no "null" as required, and a
     # switch is never "missing".

@@ -16,7 +16,6 @@ the right sha256 is reused (a persistent DERMAOPS_SCRATCH_DIR makes repeated run
 
 from __future__ import annotations
 
-import io
 import logging
 import zipfile
 from collections.abc import Iterator
@@ -24,7 +23,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from dermaops.archives import read_member
 from dermaops.errors import StageError
+from dermaops.safepath import local_path
 from dermaops.stage import read_manifest
 from dermaops.store import ArtifactStore, S3Uri, sha256_file
 
@@ -69,11 +70,13 @@ def mask_grey_levels(image):
     return image if image.mode == "L" else image.convert("L")
 
 
-def open_mask(data: bytes):
-    """A mask's PNG bytes -> its grey levels as a mode-L PIL image (see `mask_grey_levels`)."""
-    from PIL import Image
+def open_mask(data: bytes, name: str = "a lesion mask"):
+    """A mask's PNG bytes -> its grey levels as a mode-L PIL image (see `mask_grey_levels`), under the pixel
+    limit every decode keeps (dermaops.imagefile)."""
+    from dermaops.imagefile import open_image
 
-    return mask_grey_levels(Image.open(io.BytesIO(data)))  # in-memory bytes: no file handle to close
+    with open_image(data, name) as image:
+        return mask_grey_levels(image.copy() if image.mode == "L" else image)
 
 
 @dataclass
@@ -111,7 +114,8 @@ class Dataset:
         entry = self.manifest["files"].get(name)
         if entry is None:
             raise StageError(f"dataset {self.uri} has no file {name!r} (files: {sorted(self.manifest['files'])})")
-        path = self.scratch / "datasets" / self.version / name
+        # The version and the file names come from manifest.json: data, checked before they become a path.
+        path = local_path(self.scratch / "datasets", f"{self.version}/{name}", f"dataset {self.uri}: file")
         if path.exists() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
             return path
         self.store.download(self.uri.join(name), path)
@@ -144,7 +148,7 @@ class Dataset:
                         continue
                     image_id = image_id_of(info.filename)
                     if image_id is not None:
-                        yield image_id, archive, zf.read(info)
+                        yield image_id, archive, read_member(zf, info, f"{self.uri.join(archive)}")
 
     def iter_masks(self) -> Iterator[tuple[str, bytes]]:
         """Yield (image_id, PNG bytes) for every lesion mask; nothing when the version has no masks."""
@@ -154,4 +158,4 @@ class Dataset:
             for info in zf.infolist():
                 image_id = None if info.is_dir() else mask_image_id_of(info.filename)
                 if image_id is not None:
-                    yield image_id, zf.read(info)
+                    yield image_id, read_member(zf, info, f"{self.uri.join(self.masks_archive)}")

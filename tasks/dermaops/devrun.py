@@ -4,6 +4,7 @@ embedded S3, the run's params from a recipe, and what happened in the run.
     python -m dermaops.devrun exports ENV_JSON                  shell `export` lines of a JSON env file
     python -m dermaops.devrun copy up|down DIR s3://bucket/prefix
     python -m dermaops.devrun conf RECIPE [--source S] [--extra JSON]
+    python -m dermaops.devrun redact TEXT                      TEXT with its secrets masked, for the console
     python -m dermaops.devrun outcome DAG_ID MIRROR_DIR [--airflow BIN]
 
 The run's outcome is read through Airflow's own CLI (`airflow dags list-runs`, `airflow tasks
@@ -20,8 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dermaops.config import RECIPES
+from dermaops.config import RECIPES, SOURCE_CREDENTIALS_RULE
+from dermaops.errors import StageError
 from dermaops.pipeline import run_key
+from dermaops.redaction import has_url_secret, redact
+from dermaops.safepath import local_path
 
 REPORTS = ("notify/report.md", "evaluation/report.md", "evaluation/metrics.json", "validation/dq_report.md")
 
@@ -40,9 +44,13 @@ def copy(direction: str, local: Path, prefix: str) -> int:
         for path in files:
             store.put_file(uri.join(path.relative_to(local).as_posix()), path)
         return len(files)
-    objects = list(store.list(uri))
-    for obj, _ in objects:
-        store.download(obj, local / obj.key[len(uri.key) :].lstrip("/"))
+    base = uri.key.rstrip("/") + "/" if uri.key else ""
+    objects = [
+        (obj, local_path(local, obj.key[len(base) :], f"copy down {prefix}: object {obj}"))
+        for obj, _ in store.list(uri)
+    ]
+    for obj, path in objects:  # every name checked before the first file is written
+        store.download(obj, path)
     return len(objects)
 
 
@@ -60,7 +68,12 @@ def conf(recipe: str, source: str | None, extra: str) -> dict:
         raise SystemExit(f"run: --conf is not valid JSON: {exc}") from None
     if not isinstance(more, dict):
         raise SystemExit("run: --conf must be a JSON object")
-    return {**params, **more}
+    params = {**params, **more}
+    if has_url_secret(str(params.get("source", ""))):
+        # The DAG refuses it too (its source param's schema), but only after the command line and the conf
+        # were printed; and Airflow's refusal quotes the value back.
+        raise SystemExit(f"run: --source: {SOURCE_CREDENTIALS_RULE}")
+    return params
 
 
 def _airflow_json(airflow: str, *argv: str) -> list[dict]:
@@ -111,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe")
     p.add_argument("--source", default=None)
     p.add_argument("--extra", default="{}")
+    p = sub.add_parser("redact")
+    p.add_argument("text")
     p = sub.add_parser("outcome")
     p.add_argument("dag_id")
     p.add_argument("mirror", type=Path)
@@ -119,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "exports":
         print(exports(args.env_file))
     elif args.command == "copy":
-        print(f"{copy(args.direction, args.local, args.prefix)} files", file=sys.stderr)
+        try:
+            print(f"{copy(args.direction, args.local, args.prefix)} files", file=sys.stderr)
+        except StageError as exc:
+            raise SystemExit(f"run: {exc}") from None
     elif args.command == "conf":
         print(json.dumps(conf(args.recipe, args.source, args.extra)))
+    elif args.command == "redact":
+        print(redact(args.text))
     else:
         print(outcome(args.dag_id, args.mirror, args.airflow))
     return 0

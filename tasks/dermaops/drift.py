@@ -22,7 +22,6 @@ of the grey image (higher = more fine detail); brightness the mean of ITU-R BT.6
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -172,10 +171,11 @@ def sampled(image_id: str, fraction: float) -> bool:
 def image_stats(data: bytes) -> dict | None:
     """The statistics of one image file (None if it does not decode: the validation suites report that)."""
     import numpy as np
-    from PIL import Image
+
+    from dermaops.imagefile import open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, "image") as image:  # over the pixel limit: refused, a validation finding
             rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     except Exception:  # PIL raises many types; an undecodable image is a validation finding, not drift
         return None

@@ -34,8 +34,9 @@ SUITE_FOR_TABLE = {
 }
 DOCS_SITE = "dermaops"
 EXAMPLES = 5
-# Failed rows are identified by image_id in results and summaries (every per-row table has it).
-INDEX_COLUMN = "image_id"
+# The column that names a failed row in results and summaries, per table: the image tables' rows are images,
+# the classes table's rows are classes (its failed values alone, "0, 0", would not say which class).
+INDEX_COLUMNS = {"metadata": "image_id", "image_facts": "image_id", "classes": "dx", "mask_facts": "image_id"}
 
 
 def default_expectations_dir() -> Path:
@@ -156,8 +157,8 @@ def run_suites(suites: dict, tables: dict, parameters: dict[str, Any], docs_dir:
             gx.ValidationDefinition(name=suite.name, data=batch, suite=context.suites.add(suite))
         )
         result_format = {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}
-        if INDEX_COLUMN in frame.columns:
-            result_format["unexpected_index_column_names"] = [INDEX_COLUMN]
+        if INDEX_COLUMNS.get(table) in frame.columns:
+            result_format["unexpected_index_column_names"] = [INDEX_COLUMNS[table]]
         result = definition.run(
             batch_parameters={"dataframe": frame},
             expectation_parameters=parameters,
@@ -215,12 +216,12 @@ def _short(value: Any, width: int = 24) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _examples(result: dict, column: str | None) -> tuple[str, ...]:
+def _examples(result: dict, column: str | None, index: str | None) -> tuple[str, ...]:
     indexed = result.get("partial_unexpected_index_list")
-    if indexed and isinstance(indexed[0], dict):
-        if column == INDEX_COLUMN:
-            return tuple(_short(row.get(INDEX_COLUMN)) for row in indexed[:EXAMPLES])
-        return tuple(f"{row.get(INDEX_COLUMN)}={_short(row.get(column))}" for row in indexed[:EXAMPLES])
+    if index and indexed and isinstance(indexed[0], dict):
+        if column == index:
+            return tuple(_short(row.get(index)) for row in indexed[:EXAMPLES])
+        return tuple(f"{row.get(index)}={_short(row.get(column))}" for row in indexed[:EXAMPLES])
     return tuple(_short(v) for v in result.get("partial_unexpected_list", [])[:EXAMPLES])
 
 
@@ -248,6 +249,7 @@ def _expected(kwargs: dict) -> str | None:
 def outcomes(results: dict[str, dict]) -> list[Outcome]:
     """Outcome per expectation, in suite order, from run_suites()'s results."""
     found = []
+    table_of = {suite: table for table, suite in SUITE_FOR_TABLE.items()}
     for suite, validation in results.items():
         for item in validation["results"]:
             config = item["expectation_config"]
@@ -263,7 +265,7 @@ def outcomes(results: dict[str, dict]) -> list[Outcome]:
                     success=bool(item["success"]),
                     unexpected_count=result.get("unexpected_count"),
                     element_count=result.get("element_count"),
-                    examples=_examples(result, column),
+                    examples=_examples(result, column, INDEX_COLUMNS.get(table_of.get(suite, ""))),
                     observed=result.get("observed_value"),
                     expected=_expected(kwargs),
                     error=_error(item.get("exception_info")),

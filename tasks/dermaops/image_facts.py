@@ -7,10 +7,11 @@ Every image is fully decoded (not just its header read): a truncated JPEG or a n
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
 from collections.abc import Iterable, Mapping
+
+from dermaops.imagefile import open_image
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +19,12 @@ COLUMNS = ("image_id", "archive", "bytes", "sha256", "decodes", "mode", "width",
 PROGRESS_EVERY_S = 30.0
 
 
-def describe_image(data: bytes) -> dict:
-    """Decode one image file; never raises, a failure is a fact like any other."""
-    from PIL import Image
-
+def describe_image(data: bytes, name: str = "the image") -> dict:
+    """Decode one image file; never raises, a failure is a fact like any other (an image over the pixel
+    limit of dermaops.imagefile is one, found before anything is decoded)."""
     facts = {"decodes": False, "mode": None, "width": None, "height": None, "format": None, "error": None}
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, name) as image:
             image.load()
             facts.update(decodes=True, mode=image.mode, width=image.width, height=image.height, format=image.format)
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
@@ -52,7 +52,7 @@ def build_image_facts(images: Iterable[tuple[str, str, bytes]], lesion_of: Mappi
                 "archive": archive,
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
-                **describe_image(data),
+                **describe_image(data, f"image {image_id}"),
             }
         )
         if time.monotonic() - last_log > PROGRESS_EVERY_S:

@@ -37,7 +37,6 @@ a DistributedSampler shards it across ranks with no change.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -52,9 +51,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dermaops.archives import read_member
 from dermaops.dataset import Dataset, image_id_of
 from dermaops.errors import StageError
 from dermaops.frame import Frame
+from dermaops.imagefile import open_image
+from dermaops.safepath import local_path
 from dermaops.stage import Context, fingerprint, read_verified
 from dermaops.store import S3Uri, sha256_file
 
@@ -94,20 +96,21 @@ def _resize(img, frame: Frame, full_size: tuple[int, int], resample) -> np.ndarr
     return np.asarray(img.resize((width, height), resample, box=box), dtype=np.uint8)
 
 
-def decode_image(data: bytes, frame: Frame | int) -> np.ndarray:
+def decode_image(data: bytes, frame: Frame | int, name: str = "an image") -> np.ndarray:
     """JPEG/PNG bytes -> (height, width, 3) uint8 RGB of the frame (a bare size: squashed square), the
     cache's exact recipe.
 
     draft() makes the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT domain, to the smallest size at which
     the frame's box still covers the target (600x450 at 224 px squashed: 300x225), so the resize that follows
     starts from far fewer pixels. Within PSNR 35 dB of a full decode + resize (tests/test_imagecache.py);
-    a no-op for PNG.
+    a no-op for PNG. An image over the pixel limit is refused before decoding, naming `name`
+    (dermaops.imagefile).
     """
     from PIL import Image
 
     frame = Frame.of(frame)
     height, width = frame.shape
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data, name) as img:
         full_w, full_h = img.size
         left, top, right, bottom = frame.box(full_w, full_h)
         # The whole picture at the size where the box is still >= the target (draft only ever shrinks by 2^k).
@@ -115,15 +118,15 @@ def decode_image(data: bytes, frame: Frame | int) -> np.ndarray:
         return _resize(img.convert("RGB"), frame, (full_w, full_h), Image.Resampling.BICUBIC)
 
 
-def decode_full(data: bytes, frame: Frame | int) -> np.ndarray:
+def decode_full(data: bytes, frame: Frame | int, name: str = "an image") -> np.ndarray:
     """The reference path draft mode is checked against: decode every pixel, then resize."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data, name) as img:
         return _resize(img.convert("RGB"), Frame.of(frame), img.size, Image.Resampling.BICUBIC)
 
 
-def decode_mask(data: bytes, frame: Frame | int) -> np.ndarray:
+def decode_mask(data: bytes, frame: Frame | int, name: str = "a lesion mask") -> np.ndarray:
     """A lesion mask (PNG, 0 = skin, 255 = lesion, at its image's size or the original's) -> (height, width)
     bool of the frame, through the same box as its image: each output pixel is lesion when at least half
     of the mask pixels it covers are (box filter, so a thin border neither vanishes nor grows)."""
@@ -131,7 +134,7 @@ def decode_mask(data: bytes, frame: Frame | int) -> np.ndarray:
 
     from dermaops.dataset import LESION, open_mask
 
-    grey = open_mask(data)  # palette masks read through their palette (dermaops.dataset.mask_grey_levels)
+    grey = open_mask(data, name)  # palette masks read through their palette (dermaops.dataset.mask_grey_levels)
     binary = grey.point(lambda v: 255 if v == LESION else 0)
     return _resize(binary, Frame.of(frame), grey.size, Image.Resampling.BOX) >= 128
 
@@ -140,7 +143,7 @@ def _decode_chunk(chunk: list[tuple[str, bytes]], frame: Frame) -> np.ndarray:
     out = np.empty((len(chunk), *frame.shape, 3), dtype=np.uint8)
     for i, (image_id, data) in enumerate(chunk):
         try:
-            out[i] = decode_image(data, frame)
+            out[i] = decode_image(data, frame, f"image {image_id}")
         except OSError as exc:
             raise StageError(f"cannot decode image {image_id}: {exc}") from None
     return out
@@ -461,12 +464,17 @@ def load_images(ctx: Context, dataset: Dataset, frame: Frame | int) -> CachedIma
     else built once and published."""
     frame = Frame.of(frame)
     out = ctx.output(cache_uri(dataset, frame), "imagecache", _cache_fingerprint(dataset, frame))
-    local = ctx.scratch / "imagecache" / dataset.version / frame.name
+    local = local_path(ctx.scratch / "imagecache", f"{dataset.version}/{frame.name}", f"dataset {dataset.uri}: version")
     manifest = out.finished()
     if manifest is not None:
         ids = json.loads(read_verified(ctx.store, out.prefix, "image_ids.json", manifest))
         files = [
-            ShardFile(local / name, rows, manifest["files"][name]["sha256"], manifest["files"][name]["size"])
+            ShardFile(
+                local_path(local, name, f"image cache {out.prefix}: shard"),
+                rows,
+                manifest["files"][name]["sha256"],
+                manifest["files"][name]["size"],
+            )
             for name, rows in manifest["summary"]["shards"]
         ]
 
@@ -542,7 +550,8 @@ def load_masks(dataset: Dataset, image_ids, frame: Frame | int) -> np.ndarray | 
             image_id = None if info.is_dir() else mask_image_id_of(info.filename)
             if image_id in wanted:
                 try:
-                    out[wanted[image_id]] = decode_mask(zf.read(info), frame)
+                    data = read_member(zf, info, str(dataset.uri.join(dataset.masks_archive)))
+                    out[wanted[image_id]] = decode_mask(data, frame, f"the lesion mask of {image_id}")
                 except OSError as exc:
                     raise StageError(f"cannot decode the lesion mask of {image_id} ({info.filename}): {exc}") from None
                 found += 1

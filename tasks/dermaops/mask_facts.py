@@ -10,7 +10,6 @@ core), and the masks are decoded in a process pool.
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import os
@@ -19,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 
 from dermaops.dataset import LESION, ORIGINAL_SIZE, mask_grey_levels
+from dermaops.imagefile import open_image
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,10 @@ def levels(values: list[int]) -> str:
 def describe_mask(data: bytes) -> dict:
     """Decode one mask; never raises, a failure is a fact like any other."""
     import numpy as np
-    from PIL import Image
 
     facts = dict.fromkeys(("mode", "width", "height", "values", "lesion_share", "error")) | {"decodes": False}
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data, "the mask")  # the pixel limit of every decode: a bomb becomes a failed fact
         mode = image.mode  # the file's own mode: L or P in HAM10000
         pixels = np.asarray(mask_grey_levels(image))
         lesion = np.count_nonzero(pixels == LESION)

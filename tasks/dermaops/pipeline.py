@@ -17,12 +17,13 @@ class Stage:
     module: str  # the module holding HELP, add_arguments and run (CONFIG when it has settings)
     image: str  # "data" (light image) or "torch" (PyTorch image)
     gpu: bool  # can use a GPU (DERMAOPS_GPU=1 in docker mode; the gpu queue on Celery)
-    secrets: tuple[str, ...] = ("s3",)  # credential sets the runner hands it: "s3", "slack"
+    secrets: tuple[str, ...] = ("s3",)  # credential sets the runner hands it: "s3", "slack", "source"
     dag: str = "retrain"  # the DAG that runs it: "retrain" (dags/ham10000_retrain.py) or "predict"
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "dermaops.stages.ingest", "data", gpu=False),
+    # "source": the data source's token, from a connection, never from the `source` param (dermaops.config).
+    Stage("ingest", "dermaops.stages.ingest", "data", gpu=False, secrets=("s3", "source")),
     Stage("validate", "dermaops.stages.validate", "data", gpu=False),
     Stage("split", "dermaops.stages.split", "data", gpu=False),
     # Nothing new (same dataset version and recipe as the champion): the DAG skips training (force_retrain).

@@ -6,8 +6,11 @@ Which images. `--images` is a local folder, a zip, or an s3:// prefix. Files are
 bytes, not their names: a JPEG is predicted, a zip is opened and its members judged the same way,
 dot-files and `__MACOSX/` are skipped, and sidecar files that travel with image folders (metadata
 CSV/TSV/JSON/text, SHA256SUMS) are listed as ignored. Anything else (a PNG, a HEIC, a PDF, a
-corrupt JPEG) stops the run with one line naming it: the model was trained on JPEG photographs and a
-silently skipped image is a missing prediction nobody notices.
+corrupt JPEG, one whose data does not fit the size its header declares, one over the pixel limit of
+dermaops.imagefile) stops the run with one line naming it: the model was trained on JPEG photographs and
+a silently skipped image is a missing prediction nobody notices. Names are data: an S3 key is saved
+under scratch only as a plain relative path (dermaops.safepath), and zip members are read in memory,
+within the size limits of dermaops.archives.
 
 Which model. `champion` resolves `<registry>/champion.json` (dermaops.promotion's layout) and
 verifies the checkpoint's sha256 against it; otherwise an s3:// URI of a checkpoint (`.pt`) or of a
@@ -39,7 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dermaops.archives import check_member, read_member
 from dermaops.errors import StageError
+from dermaops.safepath import local_path
 from dermaops.store import ArtifactStore, S3Uri, sha256_file
 
 CHAMPION = "champion"
@@ -75,7 +80,7 @@ class InputImage:
         if self.member is None:
             return self.path.read_bytes()
         with zipfile.ZipFile(self.path) as zf:
-            return zf.read(self.member)
+            return read_member(zf, zf.getinfo(self.member), self.name.rsplit(":", 1)[0])
 
 
 @dataclass
@@ -114,6 +119,7 @@ def _judge_zip(path: Path, relative: str, spec: str, images: list, ignored: list
             if info.is_dir() or _hidden(info.filename):
                 continue
             name = f"{relative}:{info.filename}"
+            check_member(info, f"--images {spec}: {relative}")  # before the batch starts, not half-way through it
             with zf.open(info) as f:
                 head = f.read(4)
             if head.startswith(JPEG_MAGIC):
@@ -157,13 +163,18 @@ def _local_files(spec: str) -> tuple[Path, list[tuple[str, Path]]]:
 def _s3_files(spec: str, store: ArtifactStore, scratch: Path) -> list[tuple[str, Path]]:
     prefix = S3Uri.parse(spec)
     base = prefix.key.rstrip("/") + "/" if prefix.key else ""
-    files = []
+    wanted = []
     for uri, _size in sorted(store.list(prefix), key=lambda item: item[0].key):
         relative = uri.key[len(base) :]
-        if not relative or relative.endswith("/") or _hidden(relative):
+        if not relative or relative.endswith("/"):
             continue
-        files.append((relative, store.download(uri, scratch / "inputs" / relative)))
-    return files
+        # `<prefix>//tmp/x` is the absolute /tmp/x relative to the prefix: every name is checked (before the
+        # dot-files are skipped, so `..` is refused too) before the first download, so a refused one leaves
+        # nothing written anywhere.
+        path = local_path(scratch / "inputs", relative, f"--images {spec}: object {uri}")
+        if not _hidden(relative):
+            wanted.append((relative, uri, path))
+    return [(relative, store.download(uri, path)) for relative, uri, path in wanted]
 
 
 def collect_images(spec: str, store: ArtifactStore, scratch: Path) -> ImageInputs:
@@ -303,12 +314,22 @@ class Batch:
 
 def decode_batch(images: list[InputImage], frame, spec: str, pool: ThreadPoolExecutor) -> np.ndarray:
     from dermaops.imagecache import decode_image
+    from dermaops.imagefile import jpeg_mismatch
 
     def decode(item: InputImage) -> np.ndarray:
+        data = item.read()
         try:
-            return decode_image(item.read(), frame)
+            pixels = decode_image(data, frame, f"--images {spec}: {item.name}")
         except (OSError, SyntaxError, ValueError) as exc:
             raise StageError(f"--images {spec}: {item.name} is not a readable JPEG ({exc})") from exc
+        # libjpeg decodes a JPEG whose data does not fit its header without an error, making up the rows it
+        # has no data for: a prediction on them would look like any other.
+        if (mismatch := jpeg_mismatch(data)) is not None:
+            raise StageError(
+                f"--images {spec}: {item.name} is a corrupt JPEG: {mismatch}; not predicting on pixels the decoder "
+                "would make up: re-export the image or move it out of the folder"
+            )
+        return pixels
 
     return np.stack(list(pool.map(decode, images)))
 

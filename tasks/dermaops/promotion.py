@@ -6,6 +6,7 @@ Registry layout (`--registry s3://<bucket>/registry/ham10000`):
     models/<run_id>-<sha12>/cnn.pt         immutable copies of every promoted checkpoint
     history/<decided_at>-<run_id>.json     one object per decision, promoted or not (append-only)
     pending/<run_id>.json                  a challenger that passed the gate and awaits a reviewer (approval)
+    lease.json                             who may change champion.json now (held for seconds, see below)
 
 Why copy the checkpoint into the registry instead of pointing at runs/<run_id>/models/cnn/cnn.pt:
 run prefixes are working areas (re-run with --force, lifecycle-expired, deleted by hand), while the
@@ -43,6 +44,13 @@ checkpoint copy first, then the history entry, the model card, champion.json LAS
 crash between the two finds itself already champion (same checkpoint hash) and records that. One
 function makes a champion (`write_promotion`), whether the gate promotes at once or a reviewer approves.
 
+Concurrent promotions (two evaluates at once, two approvals applied at once) are serialized by the
+registry's lease (`lease.json`, dermaops.lease: created with If-None-Match, an expiry so that a crashed
+holder blocks the others for LEASE_SECONDS at most). Under it, a promotion checks that champion.json is
+still the one it was judged against (its ETag) and writes it, conditionally on that ETag. A gate that
+lost the race judges its model again against the new champion (`rejudged` in its decision record); an
+approval that lost it is recorded as superseded. Either way the history records both runs.
+
 Human approval (evaluate's --require-approval, the DAG's `require_approval` param). A challenger that
 passes the gate is not promoted yet: the gate records the decision `awaiting_approval` in the history
 and writes `pending/<run_id>.json` (what would be promoted and why: the decision record, the test
@@ -56,20 +64,30 @@ the run's checkpoint still has the hash the gate saw; otherwise the history reco
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from dermaops.errors import StageError, TransientError
+from dermaops.lease import Lease
 from dermaops.metrics import headline as metrics_headline
 from dermaops.metrics import mel_recall
 from dermaops.pipeline import run_key
-from dermaops.store import ArtifactStore, S3Uri, sha256_file
+from dermaops.store import ArtifactStore, S3Uri, json_bytes, sha256_file
 
 CHAMPION = "champion.json"
 PENDING = "pending"
 AWAITING = "awaiting_approval"
+LEASE = "lease.json"
+# How long a promotion may hold the registry's lease: its critical section is three small writes (the
+# history entry, the model card, champion.json; the checkpoint is copied before), so this is ample, and
+# it is also the longest a crashed holder keeps every other promotion waiting.
+LEASE_SECONDS = 120.0
+# A gate that finds the champion replaced while it judged (a concurrent promotion) judges again against
+# the new one; after this many rounds it records itself as superseded.
+GATE_ROUNDS = 3
 
 log = logging.getLogger(__name__)
 
@@ -217,36 +235,63 @@ class Challenger:
     recipe: dict | None = None  # the run's recipe params (dermaops.config.recipe_values); freshness compares it
 
 
+@dataclass(frozen=True)
+class ChampionState:
+    record: dict | None  # champion.json, None when absent or broken
+    problem: str  # "" when the record is fine or absent; else what is wrong with it
+    etag: str | None  # of champion.json as read; None when there is none
+
+
 @dataclass
 class Registry:
     store: ArtifactStore
     uri: S3Uri
+    lease_seconds: float = LEASE_SECONDS
 
     @property
     def champion_uri(self) -> S3Uri:
         return self.uri.join(CHAMPION)
 
-    def champion_record(self) -> tuple[dict | None, str]:
-        """(champion.json, "") ; (None, "") when there is no champion yet; (None, what is wrong with it)."""
-        if not self.store.exists(self.champion_uri):
-            promoted = [h for h in self.history() if h.get("decision") == "promoted"]
-            if promoted:
-                return None, (
-                    f"the champion record {self.champion_uri} is missing, but the history records "
-                    f"{len(promoted)} promotions (last: run {promoted[-1].get('run_id')})"
-                )
-            return None, ""
+    def champion_state(self) -> ChampionState:
+        """champion.json as it is now: the record (or what is wrong with it) and the ETag a promotion's
+        conditional write of champion.json must match (None: there is no champion.json)."""
         try:
-            record = self.store.get_json(self.champion_uri)
+            data, etag = self.store.get_with_etag(self.champion_uri)
         except TransientError:
             raise
         except StageError as exc:
-            return None, f"the champion record {self.champion_uri} is unreadable ({exc})"
+            return ChampionState(None, f"the champion record {self.champion_uri} is unreadable ({exc})", None)
+        if data is None:
+            promoted = [h for h in self.history() if h.get("decision") == "promoted"]
+            if promoted:
+                return ChampionState(None, (
+                    f"the champion record {self.champion_uri} is missing, but the history records "
+                    f"{len(promoted)} promotions (last: run {promoted[-1].get('run_id')})"
+                ), None)  # fmt: skip
+            return ChampionState(None, "", None)
+        try:
+            record = json.loads(data)
+        except ValueError as exc:
+            return ChampionState(
+                None, f"the champion record {self.champion_uri} is unreadable (not valid JSON: {exc})", etag
+            )
         required = ("model_uri", "model_sha256", "run_id")
         missing = [k for k in required if not isinstance(record, dict) or k not in record]
         if missing:
-            return None, f"the champion record {self.champion_uri} lacks {missing}"
-        return record, ""
+            return ChampionState(None, f"the champion record {self.champion_uri} lacks {missing}", etag)
+        return ChampionState(record, "", etag)
+
+    def champion_record(self) -> tuple[dict | None, str]:
+        """(champion.json, "") ; (None, "") when there is no champion yet; (None, what is wrong with it)."""
+        state = self.champion_state()
+        return state.record, state.problem
+
+    def promotion_lease(self, purpose: str) -> Lease:
+        """The registry's lease (LEASE): whoever changes champion.json holds it, so a promotion's check that the
+        champion is still the one it was judged against and its write of champion.json are one step."""
+        return Lease(
+            self.store, self.uri.join(LEASE), {"purpose": purpose}, self.lease_seconds, self.lease_seconds * 1.5
+        )
 
     def fetch_champion_model(self, record: dict, dest: Path) -> tuple[Path | None, str]:
         """The champion's checkpoint downloaded and checksum-verified, or (None, what is wrong)."""
@@ -307,29 +352,31 @@ class ChampionIncident(StageError):
     """The registry has a champion that cannot be loaded: promotion is refused until someone looks."""
 
 
-def run_gate(
+@dataclass(frozen=True)
+class _Judgement:
+    decision: Decision
+    gate_reason: str  # the gate's own reason (before require_approval turned a promotion into a wait)
+    entry: dict  # the decision record, as the history keeps it
+
+
+def _judge(
     registry: Registry,
     challenger: Challenger,
+    sha256: str,
+    state: ChampionState,
     score_champion: ChampionScorer,
     primary_metric: str,
     margin: float,
-    mel_recall_floor: float | Floors,
+    floors: Floors,
     scratch: Path,
-    baseline: dict | None = None,
-    subset: str | None = None,
-    allow_broken_champion: bool = False,
-    compare: PairedComparison | None = None,
-    require_approval: bool = False,
-) -> dict:
-    """Decide, record the decision in the history, and (if promoted) write champion.json last.
-    Returns the decision record (also what the history holds). Raises ChampionIncident (after
-    recording it) when the champion cannot be loaded and `allow_broken_champion` is False. With
-    `compare` and the challenger's probabilities, rule 5 is the paired bootstrap (module docstring).
-    With `require_approval`, a challenger the gate would promote is recorded as awaiting approval
-    (history and pending/<run_id>.json) instead, and champion.json is left alone."""
-    floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else Floors(mel_recall=mel_recall_floor)
-    sha256 = sha256_file(challenger.checkpoint)
-    record, problem = registry.champion_record()
+    baseline: dict | None,
+    subset: str | None,
+    allow_broken_champion: bool,
+    compare: PairedComparison | None,
+    require_approval: bool,
+) -> _Judgement:
+    """The gate against the champion of `state`: re-score it, decide, build the decision record."""
+    record, problem = state.record, state.problem
     champion_info = {"run_id": record["run_id"], "model_uri": record["model_uri"]} if record else None
     paired = None
     if record is not None and record["model_sha256"] == sha256:
@@ -369,8 +416,6 @@ def run_gate(
     gate_reason = decision.reason
     if decision.decision == "promoted" and require_approval:
         decision = Decision(False, AWAITING, f"{decision.reason}; awaiting a reviewer's approval (require_approval)")
-    log.info("promotion decision: %s (%s)", decision.decision, decision.reason)
-
     entry = {
         "run_id": challenger.run_id,
         "decided_at": _now(),
@@ -397,9 +442,80 @@ def run_gate(
         "paired_bootstrap": paired,
         "champion_uri": (record or {}).get("model_uri"),
     }
-    if decision.decision == "promoted":
-        entry, history_uri = write_promotion(registry, challenger, entry, sha256)
-        return {**entry, "history_uri": str(history_uri), "registry_uri": str(registry.uri)}
+    return _Judgement(decision, gate_reason, entry)
+
+
+def run_gate(
+    registry: Registry,
+    challenger: Challenger,
+    score_champion: ChampionScorer,
+    primary_metric: str,
+    margin: float,
+    mel_recall_floor: float | Floors,
+    scratch: Path,
+    baseline: dict | None = None,
+    subset: str | None = None,
+    allow_broken_champion: bool = False,
+    compare: PairedComparison | None = None,
+    require_approval: bool = False,
+) -> dict:
+    """Decide, record the decision in the history, and (if promoted) write champion.json last.
+    Returns the decision record (also what the history holds). Raises ChampionIncident (after
+    recording it) when the champion cannot be loaded and `allow_broken_champion` is False. With
+    `compare` and the challenger's probabilities, rule 5 is the paired bootstrap (module docstring).
+    With `require_approval`, a challenger the gate would promote is recorded as awaiting approval
+    (history and pending/<run_id>.json) instead, and champion.json is left alone.
+
+    Concurrent gates (two evaluates at once): the slow part, re-scoring the champion, runs unlocked; a
+    promotion then takes the registry's lease and promotes only if champion.json is still the one it
+    was judged against (same ETag). Otherwise another run was promoted meanwhile: the gate judges this
+    model again against the new champion (GATE_ROUNDS rounds at most, then it is recorded as
+    superseded), and its decision record lists the rounds it lost under `rejudged`."""
+    floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else Floors(mel_recall=mel_recall_floor)
+    sha256 = sha256_file(challenger.checkpoint)
+    rejudged: list[dict] = []
+    for _ in range(GATE_ROUNDS):
+        state = registry.champion_state()
+        judged = _judge(
+            registry, challenger, sha256, state, score_champion, primary_metric, margin, floors, scratch,
+            baseline, subset, allow_broken_champion, compare, require_approval,
+        )  # fmt: skip
+        decision, entry = judged.decision, judged.entry
+        if rejudged:
+            entry["rejudged"] = rejudged
+            entry["reason"] = (
+                f"judged again against run {(state.record or {}).get('run_id')}, promoted while this gate ran: "
+                f"{entry['reason']}"
+            )
+        log.info("promotion decision: %s (%s)", decision.decision, entry["reason"])
+        if decision.decision != "promoted":
+            break
+        registry.store_model(challenger, sha256)  # content-addressed, so harmless to copy before the lease
+        with registry.promotion_lease(f"promotion of run {challenger.run_id} (evaluate)"):
+            now = registry.champion_state()
+            if now.etag == state.etag:
+                entry, history_uri = write_promotion(registry, challenger, entry, sha256, state.etag)
+                return {**entry, "history_uri": str(history_uri), "registry_uri": str(registry.uri)}
+        rejudged.append(
+            {
+                "champion_run_id": (state.record or {}).get("run_id"),
+                "decision": decision.decision,
+                "reason": entry["reason"],
+                "champion_run_id_now": (now.record or {}).get("run_id"),
+            }
+        )
+        log.warning(
+            "%s changed while this gate ran (champion run %s then, %s now): judging run %s again against it",
+            registry.champion_uri, rejudged[-1]["champion_run_id"], rejudged[-1]["champion_run_id_now"],
+            challenger.run_id,
+        )  # fmt: skip
+    else:
+        entry.update(
+            decision="superseded",
+            promoted=False,
+            reason=f"the champion changed in each of {GATE_ROUNDS} rounds of this gate (other runs were promoted "
+            f"meanwhile); not promoted: re-run to judge this model against the champion then",
+        )
     history_uri = registry.append_history(entry)
     result = {**entry, "history_uri": str(history_uri), "registry_uri": str(registry.uri)}
     if decision.decision == AWAITING:
@@ -409,7 +525,7 @@ def run_gate(
             pending_uri,
             {
                 "gate": result,
-                "gate_reason": gate_reason,
+                "gate_reason": judged.gate_reason,
                 "challenger": {
                     "run_id": challenger.run_id,
                     "source_model_uri": challenger.source_uri,
@@ -430,12 +546,18 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
-def write_promotion(registry: Registry, challenger: Challenger, entry: dict, sha256: str) -> tuple[dict, S3Uri]:
+def write_promotion(
+    registry: Registry, challenger: Challenger, entry: dict, sha256: str, champion_etag: str | None
+) -> tuple[dict, S3Uri]:
     """Make `challenger` the champion: the one place that does it, for the gate and for an approval.
 
-    `entry` is its decision record with decision "promoted"; its `champion_before` becomes champion.json's
-    `previous_champion`. In order: the checkpoint's immutable copy, the history entry, the model card
-    beside the copy, champion.json LAST. Returns (the entry as recorded, its history URI)."""
+    Called holding the registry's lease (Registry.promotion_lease), after checking that champion.json still
+    has `champion_etag` (None: there is none). `entry` is its decision record with decision "promoted"; its
+    `champion_before` becomes champion.json's `previous_champion`. In order: the checkpoint's immutable
+    copy, the history entry, the model card beside the copy, champion.json LAST, as a conditional write
+    on `champion_etag`: should a lease have expired under a stalled holder and another promotion have
+    landed meanwhile, this one is recorded as superseded and fails as transient instead of replacing it.
+    Returns (the entry as recorded, its history URI)."""
     from dermaops.model_card import write_model_card
 
     model_uri = registry.store_model(challenger, sha256)
@@ -443,8 +565,7 @@ def write_promotion(registry: Registry, challenger: Challenger, entry: dict, sha
     history_uri = registry.append_history(entry)
     # Beside the immutable copy, before champion.json: a champion always has its card.
     write_model_card(registry, challenger, entry, model_uri, sha256)
-    registry.store.put_json(
-        registry.champion_uri,
+    record = json_bytes(
         {
             "model_uri": str(model_uri),
             "model_sha256": sha256,
@@ -463,8 +584,24 @@ def write_promotion(registry: Registry, challenger: Challenger, entry: dict, sha
             "history_uri": str(history_uri),
             "previous_champion": entry.get("champion_before"),
             **({"approval": entry["approval"]} if entry.get("approval") else {}),
-        },
+        }
     )
+    condition = {"if_match": champion_etag} if champion_etag else {"if_none_match": True}
+    if registry.store.put_if(registry.champion_uri, record, **condition) is None:
+        registry.append_history(
+            {
+                **entry,
+                "decided_at": _now(),
+                "decision": "superseded",
+                "promoted": False,
+                "reason": f"{registry.champion_uri} changed while this promotion was written (the registry lease had "
+                f"expired): the promotion recorded at {history_uri} did not take effect",
+            }
+        )
+        raise TransientError(
+            f"{registry.champion_uri} changed while run {challenger.run_id}'s promotion was being written; "
+            "not replacing it (a retry judges this model against the new champion)"
+        )
     return entry, history_uri
 
 
@@ -524,11 +661,7 @@ def resolve_approval(
         history_uri = registry.append_history(entry)
     else:
         before = gate.get("champion_before") or {}
-        record, problem = registry.champion_record()
-        if problem and not before.get("override"):
-            raise ChampionIncident(f"the approval of run {run_id} by {reviewer} was not applied: {problem}")
         then = None if before.get("override") else before.get("model_uri")
-        now = None if problem else (record or {}).get("model_uri")
         checkpoint = scratch / "approved" / "cnn.pt"
         registry.store.download(facts["source_model_uri"], checkpoint)
         if sha256_file(checkpoint) != facts["model_sha256"]:
@@ -536,28 +669,38 @@ def resolve_approval(
                 f"the approved checkpoint {facts['source_model_uri']} changed since the gate (sha256 differs from "
                 f"{pending_uri}); re-run evaluate"
             )
-        if now != then:
-            entry.update(
-                decision="superseded",
-                promoted=False,
-                reason=f"{said}, but the champion changed since the gate ({then or 'none'} then, {now or 'none'} "
-                "now): the comparison no longer holds; re-run to judge this model against the new champion",
-                champion_uri=now,
-            )
-            history_uri = registry.append_history(entry)
-        else:
-            entry.update(decision="promoted", promoted=True, reason=f"{said}; the gate: {pending.get('gate_reason')}")
-            challenger = Challenger(
-                run_id=facts["run_id"],
-                checkpoint=checkpoint,
-                source_uri=facts["source_model_uri"],
-                metrics=facts["metrics"],
-                meta=facts["meta"],
-                dataset_version=facts["dataset_version"],
-                split_uri=facts["split_uri"],
-                recipe=facts.get("recipe"),
-            )
-            entry, history_uri = write_promotion(registry, challenger, entry, facts["model_sha256"])
+        challenger = Challenger(
+            run_id=facts["run_id"],
+            checkpoint=checkpoint,
+            source_uri=facts["source_model_uri"],
+            metrics=facts["metrics"],
+            meta=facts["meta"],
+            dataset_version=facts["dataset_version"],
+            split_uri=facts["split_uri"],
+            recipe=facts.get("recipe"),
+        )
+        registry.store_model(challenger, facts["model_sha256"])  # content-addressed: copied before the lease
+        # The stale-approval check and the write are one step under the lease: of two approvals applied at
+        # once, the second sees the first one's champion and is recorded as superseded.
+        with registry.promotion_lease(f"approval of run {run_id} (promote)"):
+            state = registry.champion_state()
+            if state.problem and not before.get("override"):
+                raise ChampionIncident(f"the approval of run {run_id} by {reviewer} was not applied: {state.problem}")
+            now = None if state.problem else (state.record or {}).get("model_uri")
+            if now != then:
+                entry.update(
+                    decision="superseded",
+                    promoted=False,
+                    reason=f"{said}, but the champion changed since the gate ({then or 'none'} then, {now or 'none'} "
+                    "now): the comparison no longer holds; re-run to judge this model against the new champion",
+                    champion_uri=now,
+                )
+                history_uri = registry.append_history(entry)
+            else:
+                entry.update(
+                    decision="promoted", promoted=True, reason=f"{said}; the gate: {pending.get('gate_reason')}"
+                )
+                entry, history_uri = write_promotion(registry, challenger, entry, facts["model_sha256"], state.etag)
     log.info("approval of run %s: %s (%s)", run_id, entry["decision"], entry["reason"])
     result = {
         **entry,

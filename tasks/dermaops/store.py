@@ -149,6 +149,22 @@ class ArtifactStore:
             raise self._translate(exc, u, "read") from exc
         return _parse_json(data, uri)
 
+    def get_with_etag(self, uri: str | S3Uri) -> tuple[bytes | None, str | None]:
+        """(bytes, ETag) of the object at `uri`, or (None, None) when there is none: the ETag is what a
+        conditional write (`put_if`) compares against."""
+        from botocore.exceptions import ClientError
+
+        u = _as_uri(uri)
+        try:
+            response = self.client.get_object(Bucket=u.bucket, Key=u.key)
+            return response["Body"].read(), response["ETag"]
+        except ClientError as exc:
+            if _missing(exc):
+                return None, None
+            raise self._translate(exc, u, "read") from exc
+        except Exception as exc:
+            raise self._translate(exc, u, "read") from exc
+
     def open(self, uri: str | S3Uri, start: int = 0) -> BinaryIO:
         """A streaming body (file-like, `.read(n)` / `.iter_chunks()`), optionally from a byte offset."""
         u = _as_uri(uri)
@@ -198,8 +214,41 @@ class ArtifactStore:
             raise self._translate(exc, u, "write") from exc
         return u
 
+    def put_if(
+        self,
+        uri: str | S3Uri,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/json",
+    ) -> str | None:
+        """A conditional PUT (S3's If-Match / If-None-Match: *, honoured by AWS S3, MinIO and the embedded
+        moto server, tests/test_promotion.py): the new ETag, or None when the condition did not hold,
+        i.e. the object is no longer the one with ETag `if_match`, or (`if_none_match`) it exists."""
+        from botocore.exceptions import ClientError
+
+        if (if_match is None) == (not if_none_match):
+            raise ValueError("put_if needs exactly one of if_match and if_none_match")
+        u = _as_uri(uri)
+        condition = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
+        try:
+            response = self.client.put_object(
+                Bucket=u.bucket, Key=u.key, Body=data, ContentType=content_type, **condition
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            # 412: the condition failed; 409: another conditional write to the key was in flight (AWS);
+            # NoSuchKey: If-Match on an object that was deleted meanwhile.
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or _missing(exc):
+                return None
+            raise self._translate(exc, u, "write") from exc
+        except Exception as exc:
+            raise self._translate(exc, u, "write") from exc
+        return response["ETag"]
+
     def put_json(self, uri: str | S3Uri, obj: Any) -> S3Uri:
-        return self.put_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), "application/json")
+        return self.put_bytes(uri, json_bytes(obj), "application/json")
 
     def put_file(self, uri: str | S3Uri, path: Path, content_type: str | None = None) -> S3Uri:
         """Upload a local file (multipart for large files, handled by boto3's transfer manager)."""
@@ -234,6 +283,11 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_bytes(obj: Any) -> bytes:
+    """How every JSON object is stored: indented, sorted keys."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -13,16 +13,19 @@ them, `HAM10000_segmentations_lesion_tschandl.zip`):
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from dermaops.dataset import ARCHIVES, MASKS_ARCHIVE
 from dermaops.errors import StageError
+from dermaops.redaction import SOURCE_TOKEN_ENV
 from dermaops.sources.transfer import Checksum, Fetched, TransferSettings
 
 METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab")
@@ -32,6 +35,42 @@ METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab")
 MASKS_NAMES = (MASKS_ARCHIVE, "HAM10000_segmentations_lesion_tschandl.zip")
 DEFAULT_DATAVERSE_URL = "https://dataverse.harvard.edu"
 HAM10000_DOI = "doi:10.7910/DVN/DBW86T"
+# The source's credentials come from the environment, never from --source: a URL is stored in the DAG
+# run's conf, rendered in the UI and shown in process lists. The runner fills these from the Airflow
+# connection dermaops.config.SOURCE_CONNECTION (plugins/dermaops_runner/credentials.py): password ->
+# token, login -> user, host -> host.
+TOKEN_ENV = SOURCE_TOKEN_ENV
+USER_ENV = "DERMAOPS_SOURCE_USER"
+HOST_ENV = "DERMAOPS_SOURCE_HOST"
+
+
+@dataclass(frozen=True)
+class SourceCredentials:
+    """What an http(s) or Dataverse source is sent: with a user, HTTP basic auth (user, token); without,
+    the token alone, in the header the source reads it from (Dataverse: `X-Dataverse-key`; a plain base
+    URL: `Authorization: Bearer`). With a host, only requests to that host get them (a run triggered with
+    another source URL cannot collect the token), and a redirect to another host never carries them."""
+
+    token: str
+    user: str | None = None
+    host: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SourceCredentials | None:
+        environ = os.environ if environ is None else environ
+        token = (environ.get(TOKEN_ENV) or "").strip()
+        if not token:
+            return None
+        user, host = (environ.get(USER_ENV) or "").strip(), (environ.get(HOST_ENV) or "").strip().lower()
+        return cls(token, user or None, host or None)
+
+    def headers(self, url: str, token_header: str) -> dict[str, str]:
+        if self.host and (urlsplit(url).hostname or "") != self.host:
+            return {}
+        if self.user:
+            basic = base64.b64encode(f"{self.user}:{self.token}".encode()).decode()
+            return {"Authorization": f"Basic {basic}"}
+        return {token_header: f"Bearer {self.token}" if token_header == "Authorization" else self.token}
 
 
 @dataclass(frozen=True)
@@ -59,6 +98,11 @@ class Source(ABC):
     @abstractmethod
     def fetch(self, file: SourceFile, workdir: Path) -> Fetched:
         """Make the file available locally, verified against `file.checksum` when there is one."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where it is, for log lines and messages (credentials redacted)."""
 
     @property
     def key(self) -> str:
@@ -94,8 +138,14 @@ def release_files(
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
-def open_source(spec: str, settings: TransferSettings, dataverse_url: str = DEFAULT_DATAVERSE_URL) -> Source:
-    """Parse `--source` into a Source, or fail with one line listing what is accepted."""
+def open_source(
+    spec: str,
+    settings: TransferSettings,
+    dataverse_url: str = DEFAULT_DATAVERSE_URL,
+    credentials: SourceCredentials | None = None,
+) -> Source:
+    """Parse `--source` into a Source, or fail with one line listing what is accepted. `credentials` go to
+    http(s) and Dataverse sources (an s3:// source uses the artifact store's)."""
     from dermaops.sources.dataverse import DataverseSource
     from dermaops.sources.http import HttpSource
     from dermaops.sources.local import LocalSource
@@ -103,15 +153,15 @@ def open_source(spec: str, settings: TransferSettings, dataverse_url: str = DEFA
 
     spec = spec.strip()
     if spec.lower().startswith("doi:"):
-        return DataverseSource(dataverse_url, spec, settings)
+        return DataverseSource(dataverse_url, spec, settings, credentials)
     match = _SCHEME.match(spec)
     scheme = match.group(1).lower() if match else ""
     if scheme in ("http", "https"):
         parts = urlsplit(spec)
         persistent_id = parse_qs(parts.query).get("persistentId")
         if persistent_id:
-            return DataverseSource(f"{parts.scheme}://{parts.netloc}", persistent_id[0], settings)
-        return HttpSource(spec, settings)
+            return DataverseSource(f"{parts.scheme}://{parts.netloc}", persistent_id[0], settings, credentials)
+        return HttpSource(spec, settings, credentials)
     if scheme == "s3":
         return S3Source(spec, settings)
     if scheme == "file":

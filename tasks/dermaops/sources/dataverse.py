@@ -13,33 +13,41 @@ taken as it is and converted by ingest.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import quote
 
 from dermaops.errors import StageError
-from dermaops.sources import Source, SourceFile, release_files
+from dermaops.redaction import redact
+from dermaops.safepath import local_path
+from dermaops.sources import Source, SourceCredentials, SourceFile, release_files
 from dermaops.sources.http import HttpClient, NotFound
 from dermaops.sources.transfer import Checksum, Fetched, TransferSettings
 
-TOKEN_ENV = "DATAVERSE_API_TOKEN"
+# Dataverse's API token header (its `?key=` query parameter would put the token into URLs and logs).
+TOKEN_HEADER = "X-Dataverse-key"
 HASHLIB_NAMES = {"MD5": "md5", "SHA-1": "sha1", "SHA-256": "sha256", "SHA-512": "sha512"}
 
 
 class DataverseSource(Source):
     kind = "dataverse"
 
-    def __init__(self, server: str, persistent_id: str, settings: TransferSettings):
+    def __init__(
+        self, server: str, persistent_id: str, settings: TransferSettings, credentials: SourceCredentials | None = None
+    ):
         if not server.lower().startswith(("http://", "https://")):
             raise StageError(f"--dataverse-url must be an http(s):// URL, got {server!r}")
         self.server = server.rstrip("/")
         self.persistent_id = persistent_id.strip()
-        token = os.environ.get(TOKEN_ENV)  # only needed for restricted or draft files
-        self.http = HttpClient(settings, {"X-Dataverse-key": token} if token else None)
+        # A token is only needed for restricted or draft files.
+        self.http = HttpClient(settings, credentials, TOKEN_HEADER)
 
     @property
     def identity(self) -> str:
         return f"dataverse:{self.server}/{self.persistent_id}"
+
+    @property
+    def location(self) -> str:
+        return redact(f"Dataverse dataset {self.persistent_id} at {self.server}")
 
     def files(self) -> list[SourceFile]:
         url = f"{self.server}/api/datasets/:persistentId/?persistentId={quote(self.persistent_id, safe=':/')}"
@@ -75,7 +83,9 @@ class DataverseSource(Source):
         return SourceFile(name, url, size, checksum, stamp=f"id:{file_id};{checksum}")
 
     def fetch(self, file: SourceFile, workdir: Path) -> Fetched:
-        return self.http.download(file.name, file.location, workdir / file.name, file.checksum)
+        return self.http.download(
+            file.name, file.location, local_path(workdir, file.name, "source file"), file.checksum
+        )
 
 
 def _checksum(data_file: dict) -> Checksum | None:

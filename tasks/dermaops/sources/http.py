@@ -8,13 +8,15 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
 from dermaops import __version__
 from dermaops.errors import StageError
 from dermaops.redaction import redact
-from dermaops.sources import Source, SourceFile, release_files
+from dermaops.safepath import local_path
+from dermaops.sources import Source, SourceCredentials, SourceFile, release_files
 from dermaops.sources.transfer import (
     Checksum,
     Fetched,
@@ -36,15 +38,36 @@ class NotFound(StageError):
     pass
 
 
+class _Session(requests.Session):
+    """requests drops `Authorization` when a redirect leaves the host; a token in another header (Dataverse's
+    X-Dataverse-key) would follow the redirect to, e.g., the storage a download is sent to. Not here."""
+
+    token_header = "Authorization"
+
+    def rebuild_auth(self, prepared_request, response) -> None:
+        super().rebuild_auth(prepared_request, response)
+        if self.should_strip_auth(response.request.url, prepared_request.url):
+            prepared_request.headers.pop(self.token_header, None)
+
+
 class HttpClient:
-    def __init__(self, settings: TransferSettings, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        settings: TransferSettings,
+        credentials: SourceCredentials | None = None,
+        token_header: str = "Authorization",
+    ):
         self.settings = settings
-        self.session = requests.Session()
+        self.credentials = credentials
+        self.session = _Session()
+        self.session.token_header = token_header
         # identity: byte counts must match Content-Length and ranges must address the stored bytes.
         self.session.headers.update({"User-Agent": f"dermaops/{__version__}", "Accept-Encoding": "identity"})
-        self.session.headers.update(headers or {})
 
     def _send(self, method: str, url: str, **kwargs) -> requests.Response:
+        if self.credentials is not None:
+            auth = self.credentials.headers(url, self.session.token_header)
+            kwargs["headers"] = {**auth, **kwargs.get("headers", {})}
         try:
             return self.session.request(method, url, timeout=self.settings.timeout, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -119,19 +142,28 @@ class HttpClient:
 class HttpSource(Source):
     kind = "http"
 
-    def __init__(self, base_url: str, settings: TransferSettings):
+    def __init__(self, base_url: str, settings: TransferSettings, credentials: SourceCredentials | None = None):
         self.base_url = base_url.rstrip("/")
-        self.http = HttpClient(settings)
+        self.http = HttpClient(settings, credentials)
 
     @property
     def identity(self) -> str:
         return f"http:{redact(self.base_url)}"
 
+    @property
+    def location(self) -> str:
+        return redact(self.base_url)
+
+    def url(self, name: str) -> str:
+        """<base>/<name>, the query string (if any) kept after the path."""
+        parts = urlsplit(self.base_url)
+        return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
+
     def files(self) -> list[SourceFile]:
-        return release_files(self._lookup, lambda name: f"{self.base_url}/{name}", " (HTTP 404)")
+        return release_files(self._lookup, self.url, " (HTTP 404)")
 
     def _lookup(self, name: str) -> SourceFile | None:
-        url = f"{self.base_url}/{name}"
+        url = self.url(name)
         resp = self.http.head(url)
         if resp is None:
             return None
@@ -139,7 +171,7 @@ class HttpSource(Source):
         return SourceFile(name, url, int(length) if length else None, stamp=_stamp(resp))
 
     def fetch(self, file: SourceFile, workdir: Path) -> Fetched:
-        return self.http.download(file.name, file.location, workdir / file.name)
+        return self.http.download(file.name, file.location, local_path(workdir, file.name, "source file"))
 
 
 def _stamp(resp: requests.Response) -> str | None:

@@ -20,6 +20,10 @@ class LocalSource(Source):
     def identity(self) -> str:
         return f"local:{self.directory}"
 
+    @property
+    def location(self) -> str:
+        return str(self.directory)
+
     def files(self) -> list[SourceFile]:
         if not self.directory.is_dir():
             raise StageError(f"--source directory does not exist: {self.directory}")

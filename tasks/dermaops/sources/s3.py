@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dermaops.errors import StageError, TransientError
+from dermaops.safepath import local_path
 from dermaops.sources import Source, SourceFile, release_files
 from dermaops.sources.transfer import CHUNK, Fetched, Retryable, Stream, TransferSettings, fetch_resumable
 from dermaops.store import ArtifactStore, S3Uri
@@ -24,6 +25,10 @@ class S3Source(Source):
     @property
     def identity(self) -> str:
         return f"s3:{self.prefix}"
+
+    @property
+    def location(self) -> str:
+        return str(self.prefix)
 
     def files(self) -> list[SourceFile]:
         return release_files(self._lookup, lambda name: str(self.prefix.join(name)))
@@ -60,7 +65,8 @@ class S3Source(Source):
             finally:
                 body.close()
 
-        return fetch_resumable(file.name, file.location, open_at, workdir / file.name, self.settings)
+        dest = local_path(workdir, file.name, "source file")
+        return fetch_resumable(file.name, file.location, open_at, dest, self.settings)
 
 
 def _chunks(body) -> Iterator[bytes]:

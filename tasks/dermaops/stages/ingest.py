@@ -31,10 +31,19 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dermaops.archives import check_archive
 from dermaops.dataset import MASKS_ARCHIVE, METADATA, REQUIRED_COLUMNS, image_id_of, mask_image_id_of
 from dermaops.errors import StageError, TransientError
 from dermaops.redaction import redact
-from dermaops.sources import DEFAULT_DATAVERSE_URL, HAM10000_DOI, MASKS_NAMES, Source, open_source
+from dermaops.sources import (
+    DEFAULT_DATAVERSE_URL,
+    HAM10000_DOI,
+    MASKS_NAMES,
+    TOKEN_ENV,
+    Source,
+    SourceCredentials,
+    open_source,
+)
 from dermaops.sources.transfer import Fetched, TransferSettings
 from dermaops.stage import Context, fingerprint, skipped, utcnow
 from dermaops.store import S3Uri, sha256_file
@@ -72,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
         default=DEFAULT_SOURCE,
-        help="http(s) base URL, Dataverse dataset URL or doi:..., s3://bucket/prefix, or a local directory",
+        help="http(s) base URL, Dataverse dataset URL or doi:..., s3://bucket/prefix, or a local directory; a token "
+        f"or password goes in ${TOKEN_ENV} (see dermaops.sources), not in the URL",
     )
     parser.add_argument(
         "--datasets", required=True, help="S3 prefix of the dataset versions, e.g. s3://<bucket>/datasets/ham10000"
@@ -121,7 +131,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         timeout=args.timeout,
         progress_every=args.progress_every,
     )
-    source = open_source(args.source, settings, args.dataverse_url)
+    source = open_source(args.source, settings, args.dataverse_url, SourceCredentials.from_env())
     next(ctx.store.list(datasets), None)  # fail on a missing bucket now, not after downloading gigabytes
 
     files = source.files()
@@ -250,6 +260,8 @@ def index_archives(archives: list[Fetched], id_of: Callable[[str], str | None] =
         except (zipfile.BadZipFile, OSError) as exc:
             raise StageError(f"{archive.name} is not a zip archive ({archive.location})") from exc
         with zf:
+            # Declared sizes and ratios first: a bomb is refused before a byte of it is decompressed.
+            check_archive(zf, f"{archive.name} ({redact(archive.location)})", archive.size)
             try:
                 bad = zf.testzip()
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
@@ -314,7 +326,7 @@ def _unchanged_source(ctx: Context, datasets: S3Uri, source: Source, source_fp: 
         return None
     record = ctx.store.get_json(uri)
     if record.get("fingerprint") != source_fp:
-        log.info("source %s changed since %s; fetching", source.identity, record.get("recorded_at"))
+        log.info("source %s changed since %s; fetching", source.location, record.get("recorded_at"))
         return None
     out = ctx.output(datasets.join(record["dataset_version"]), "ingest", record["output_fingerprint"])
     finished = out.finished()
@@ -322,7 +334,7 @@ def _unchanged_source(ctx: Context, datasets: S3Uri, source: Source, source_fp: 
         return None
     log.info(
         "source %s unchanged since %s (dataset version %s); skipping without downloading",
-        source.identity,
+        source.location,
         record.get("recorded_at"),
         record["dataset_version"],
     )

@@ -79,8 +79,9 @@ def run(args, ctx) -> dict:
     from dermaops.models import pick_device
     from dermaops.prediction import collect_images, load_model, operating_point, resolve_model, temperature_of
 
-    resolved = resolve_model(ctx.store, args.model, registry, ctx.scratch)
+    # The inputs first: a bad one fails before a checkpoint is downloaded.
     inputs = collect_images(args.images, ctx.store, ctx.scratch)
+    resolved = resolve_model(ctx.store, args.model, registry, ctx.scratch)
     device = pick_device(args.device)
     model, meta = load_model(resolved, device)
     temperature = temperature_of(meta)
