@@ -35,6 +35,7 @@ SLOW_FIXTURES = {
     "run_stage",
     "dataset_28px",
     "dataset_200px",
+    "small_pack_200px",
     "dataset_sample",
     "small_split",
     "small_models",

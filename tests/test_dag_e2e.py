@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from dermaops.config import param_names, param_schema, recipe_values
+from dermaops.dataset import CLASSES
 from dermaops.store import S3Uri
 from dermaops_runner.templating import run_key
 
@@ -73,7 +74,9 @@ def dag_env(s3_server, slack_api, bucket) -> dict[str, str]:
     return {**s3_server.env, **slack_api.env(), "DERMAOPS_BUCKET": bucket.bucket}
 
 
-def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: str, n_images: int) -> None:
+def assert_successful_run(
+    airflow_env, store, bucket: S3Uri, slack_api, run_id: str, n_images: int, image_size: int = 28
+) -> None:
     assert airflow_env.run_state(run_id) == "success"
     assert airflow_env.task_states(run_id) == {**{t: "success" for t in (*STAGES, "notify")}, **NO_APPROVAL}
     runs = bucket.join("runs", run_key(run_id))
@@ -91,7 +94,7 @@ def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: 
     train = xcom["train"]
     assert (train["arch"], train["image_size"], train["model_uri"]) == (
         "resnet18",
-        28,
+        image_size,
         str(runs.join("models", "cnn", "cnn.pt")),
     )
     evaluation = xcom["evaluate"]
@@ -135,14 +138,26 @@ def assert_successful_run(airflow_env, store, bucket: S3Uri, slack_api, run_id: 
 
 
 @pytest.mark.slow
-def test_local_mode_runs_every_stage(airflow_env, small_pack, dag_env, store, bucket, slack_api):
-    proc, run_id, seconds = dags_test(
-        airflow_env, {**QUICK_CONF, "source": str(small_pack)}, {**dag_env, "DERMAOPS_RUNNER": "local"}
-    )
+def test_local_mode_runs_every_stage(airflow_env, small_pack_200px, dag_env, store, bucket, slack_api):
+    """The whole DAG on a subset of the 200 px pack with its lesion masks: validate checks the masks, train
+    keeps the 4:3 frame, evaluate judges Grad-CAM against the real masks."""
+    conf = {**QUICK_CONF, "geometry": "aspect", "image_size": 64, "source": str(small_pack_200px)}
+    proc, run_id, seconds = dags_test(airflow_env, conf, {**dag_env, "DERMAOPS_RUNNER": "local"})
     assert proc.returncode == 0, proc.stderr[-6000:]
     print("local mode task seconds:", task_seconds(airflow_env, run_id))
     assert dag_env["SLACK_BOT_TOKEN"] not in proc.stdout + proc.stderr
-    assert_successful_run(airflow_env, store, bucket, slack_api, run_id, pack_rows(small_pack))
+    n_images = pack_rows(small_pack_200px)
+    assert_successful_run(airflow_env, store, bucket, slack_api, run_id, n_images, image_size=64)
+
+    # The masks travelled: stored with the version, checked by validate, used to judge Grad-CAM.
+    xcom = airflow_env.xcoms(run_id)
+    assert xcom["ingest"]["n_masks"] == n_images and xcom["validate"]["masks"]["present"] is True
+    assert xcom["train"]["geometry"] == "aspect"
+    metrics = store.get_json(bucket.join("runs", run_key(run_id), "evaluation", "metrics.json"))
+    assert metrics["model_meta"]["input_shape"] == [48, 64] and metrics["model_meta"]["geometry"] == "aspect"
+    cam = metrics["gradcam"]
+    assert cam["mask_source"] == "lesion segmentations" and cam["overall"]["n"] == metrics["test"]["n"]
+    assert set(cam["per_class"]) == set(CLASSES) and 0 <= cam["per_class"]["mel"]["pointing_hit_rate"] <= 1
 
     # scripts/run's account of the run, read through Airflow's CLI (dermaops.devrun), says the same.
     outcome = subprocess.run(

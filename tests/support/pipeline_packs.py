@@ -1,5 +1,6 @@
-"""Small real packs for whole-pipeline runs: lesion-complete subsets of the 28 px pack, written in the
-official layout (metadata CSV + the two image zips, members copied byte for byte).
+"""Small real packs for whole-pipeline runs: lesion-complete subsets of the 28 px and 200 px packs, written
+in the official layout (metadata CSV + the two image zips, and the lesion masks zip where the source pack
+has one; members copied byte for byte).
 
 Big enough for every stage to do real work (all 7 classes in train, val and test after a lesion-grouped
 split), small enough that a whole DAG run takes a minute or two on CPU.
@@ -13,8 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from dermaops.dataset import ARCHIVES, MASKS_ARCHIVE
 
-ARCHIVES = ("HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip")
 IMAGES_PER_CLASS = 90
 
 
@@ -44,7 +45,9 @@ def write_subset_pack(source: Path, dest: Path, per_class: int, seed: int = 7, c
         writer.writeheader()
         writer.writerows(chosen)
     wanted = {f"{row['image_id']}.jpg" for row in chosen}
-    for archive in ARCHIVES:
+    if (source / MASKS_ARCHIVE).exists():
+        wanted |= {f"{row['image_id']}_segmentation.png" for row in chosen}
+    for archive in (*ARCHIVES, *([MASKS_ARCHIVE] if (source / MASKS_ARCHIVE).exists() else [])):
         with zipfile.ZipFile(source / archive) as src, zipfile.ZipFile(dest / archive, "w") as out:
             for member in src.infolist():
                 if member.filename in wanted:
@@ -56,6 +59,12 @@ def write_subset_pack(source: Path, dest: Path, per_class: int, seed: int = 7, c
 def small_pack(pack_28px, tmp_path_factory) -> Path:
     """About 90 images per class (whole lesions) from the real 28 px pack."""
     return write_subset_pack(pack_28px, tmp_path_factory.mktemp("small-pack"), IMAGES_PER_CLASS)
+
+
+@pytest.fixture(scope="session")
+def small_pack_200px(pack_200px, tmp_path_factory) -> Path:
+    """About 90 images per class (whole lesions) from the real 200 px pack, with their lesion masks."""
+    return write_subset_pack(pack_200px, tmp_path_factory.mktemp("small-pack-200px"), IMAGES_PER_CLASS)
 
 
 @pytest.fixture(scope="session")
