@@ -19,7 +19,7 @@ from dermaops.stages.evaluate import dihedral_views_uint8
 
 from tests.support.data import PACK_200PX, PACK_SAMPLE
 
-OFF = AugmentConfig(max_rotation_deg=0, max_zoom=0, brightness=0, contrast=0, saturation=0, hue=0)
+OFF = AugmentConfig(max_rotation_deg=0, max_zoom=0, max_shift=0, brightness=0, contrast=0, saturation=0, hue=0)
 
 
 def _members(pack, n: int, suffix: str = ".jpg") -> list[tuple[str, bytes]]:
@@ -106,7 +106,8 @@ def test_augmentation_of_a_4_3_frame_keeps_its_shape_and_uses_the_rectangles_sym
     # A small free rotation turns pixels, not normalised coordinates: a centred disk stays a disk.
     yy, xx = np.mgrid[:60, :80]
     disk = torch.from_numpy(((yy - 29.5) ** 2 + (xx - 39.5) ** 2 <= 15**2).astype(np.float32)).expand(8, 3, 60, 80)
-    turned = geometric(disk.contiguous(), AugmentConfig(max_rotation_deg=45, max_zoom=0), torch.Generator())
+    free = AugmentConfig(max_rotation_deg=45, max_zoom=0, max_shift=0)
+    turned = geometric(disk.contiguous(), free, torch.Generator())
     assert torch.allclose(turned.sum(dim=(2, 3)), disk.sum(dim=(2, 3)), rtol=0.03)
     assert float((turned - disk).abs().mean()) < 0.01
 

@@ -19,6 +19,7 @@ import numpy as np
 class AugmentConfig:
     max_rotation_deg: float = 20.0
     max_zoom: float = 0.10
+    max_shift: float = 0.05  # crop jitter: the frame moves by up to this share of its width / height
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
@@ -34,7 +35,8 @@ def _uniform(n: int, low: float, high: float, like, generator):
 def geometric(x, cfg: AugmentConfig, generator):
     """One resampling per batch: a random element of the frame's symmetry group (flips and turns that keep
     its shape: quarter turns for a square, half turns for a 4:3 frame; exact on the pixel grid) composed
-    with a small free rotation and zoom; reflection padding so no black corners appear.
+    with a small free rotation, zoom and shift (scale and crop jitter); reflection padding so no black
+    corners appear.
 
     The rotation is one of PIXELS: affine_grid works in coordinates normalised to [-1, 1] on each axis, so
     on a height x width frame the rotation matrix is conjugated by the aspect ratio (r = height / width),
@@ -51,10 +53,10 @@ def geometric(x, cfg: AugmentConfig, generator):
     scale = _uniform(n, 1.0 - cfg.max_zoom, 1.0 + cfg.max_zoom, x, generator)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     r = height / width
-    zeros = torch.zeros_like(cos)
-    theta = torch.stack(
-        [torch.stack([cos * mirror, -sin * r, zeros], 1), torch.stack([sin * mirror / r, cos, zeros], 1)], 1
-    )
+    # Normalised coordinates span 2 per side: a shift of s of the side is 2 s.
+    dx = _uniform(n, -cfg.max_shift, cfg.max_shift, x, generator) * 2
+    dy = _uniform(n, -cfg.max_shift, cfg.max_shift, x, generator) * 2
+    theta = torch.stack([torch.stack([cos * mirror, -sin * r, dx], 1), torch.stack([sin * mirror / r, cos, dy], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
