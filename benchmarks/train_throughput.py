@@ -29,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--geometry", default="squash", help="squash, aspect or crop (dermaops.frame)")
     p.add_argument("--stem", default="auto", help="auto = small stem below 40 px, as in training")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="measured steps per round and side")
@@ -41,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measure(args) -> dict:
     import torch
     from dermaops.dataset import CLASSES
+    from dermaops.frame import Frame
     from dermaops.models import normalize
     from dermaops.training import Split, TrainConfig, Trainer
 
@@ -50,11 +52,12 @@ def measure(args) -> dict:
     cuda = device.type == "cuda"
     n = args.steps * args.batch_size
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=gen)
+    height, width = Frame(args.geometry, args.image_size).shape
+    images = torch.randint(0, 256, (n, height, width, 3), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, len(CLASSES), (n,), generator=gen)
     train = Split.in_memory(images.to(device), labels.to(device))
     cfg = TrainConfig(
-        arch=args.arch, image_size=args.image_size, stem=args.stem, pretrained="none", epochs=100,
+        arch=args.arch, image_size=args.image_size, geometry=args.geometry, stem=args.stem, pretrained="none", epochs=100,
         finetune_epochs=0, finetune_depth=1, batch_size=args.batch_size, lr=1e-3, finetune_lr=1e-5,
         weight_decay=5e-4, label_smoothing=0.0, class_weights=True, patience=0, seed=0,
     )  # fmt: skip
@@ -64,7 +67,7 @@ def measure(args) -> dict:
         learn, optimizer, scheduler = trainer.configure(1)
 
         # Model only: same model object, optimizer and loss; a batch already normalised on the device.
-        x = normalize(torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device),
+        x = normalize(torch.rand(args.batch_size, 3, height, width, device=device),
                       trainer.meta["mean"], trainer.meta["std"], channels_last=cuda)  # fmt: skip
         y = labels[: args.batch_size].to(device)
 
@@ -98,6 +101,7 @@ def measure(args) -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "arch": args.arch,
         "image_size": args.image_size,
+        "input_shape": [height, width],
         "stem": trainer.meta["stem"],
         "batch_size": args.batch_size,
         "bf16_autocast": cuda,
