@@ -57,7 +57,8 @@ def measure(args) -> dict:
     labels = torch.randint(0, len(CLASSES), (n,), generator=gen)
     train = Split.in_memory(images.to(device), labels.to(device))
     cfg = TrainConfig(
-        arch=args.arch, image_size=args.image_size, geometry=args.geometry, stem=args.stem, pretrained="none", epochs=100,
+        arch=args.arch, image_size=args.image_size, geometry=args.geometry, stem=args.stem,
+        pretrained="none", epochs=100,
         finetune_epochs=0, finetune_depth=1, batch_size=args.batch_size, lr=1e-3, finetune_lr=1e-5,
         weight_decay=5e-4, label_smoothing=0.0, class_weights=True, patience=0, seed=0,
     )  # fmt: skip
