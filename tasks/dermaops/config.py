@@ -293,6 +293,28 @@ class TrainConfig(StageConfig):
         fingerprint="if-set",
     )
     augment: bool = setting(True, "augment training batches")
+    sampling_power: float = setting(
+        1.0,
+        "class-balanced sampling: an epoch draws its images with probability proportional to (class frequency) ** "
+        "(power - 1), with replacement: 1 = every image once per epoch, in a shuffled order (no resampling); 0.5 = "
+        "square-root sampling; 0 = every class equally often. Below 1, lower --class-weight-power too (both "
+        "correct for the imbalance)",
+        lo=0,
+        hi=1,
+        param=True,
+        title="Class sampling power",
+        fingerprint="if-set",
+    )
+    epoch_images: int | None = setting(
+        None,
+        "images drawn per epoch (default: the training split's size); with --sampling-power 1 and fewer images "
+        "than the split, each epoch is a fresh random subset. A compute budget: epochs x epoch images",
+        lo=1,
+        hi=10**8,
+        param=True,
+        title="Images per epoch",
+        fingerprint="if-set",
+    )
     auto_augment: str = setting(
         "none",
         "an augmentation policy per training image on top of --augment, from torchvision's v2 transforms: "

@@ -160,6 +160,35 @@ class _TensorImages:
         return [self.images[idx.to(getattr(self.images, "device", "cpu"))], self.labels[idx.to(self.labels.device)]]
 
 
+class ClassSampler:
+    """The epoch's draw of training images for class-balanced sampling or a fixed epoch size: `size` indices
+    drawn with probability proportional to (class frequency) ** (power - 1) (with replacement when power < 1; a
+    shuffled subset, or the split repeated and shuffled, when power is 1), seeded by (seed, epoch) so a
+    resumed epoch draws alike. Rank r takes items r, r + W, ... of the one shared draw, as DistributedSampler
+    does, so the ranks' batches of a step make the batch one process would take."""
+
+    def __init__(self, labels, power: float, size: int, seed: int, world: int = 1, rank: int = 0):
+        counts = np.bincount(labels)
+        self.weights = counts[labels].astype(np.float64) ** (power - 1.0)
+        self.power, self.size, self.seed, self.world, self.rank = power, size, seed, world, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.weights)
+        if self.power < 1:
+            draw = rng.choice(n, size=self.size, replace=True, p=self.weights / self.weights.sum())
+        else:
+            draw = np.concatenate([rng.permutation(n) for _ in range(-(-self.size // n))])[: self.size]
+        return iter(draw[self.rank :: self.world].tolist())
+
+
 def _batch(batch):
     return batch  # the datasets' __getitems__ return collated batches already
 
@@ -285,7 +314,7 @@ class Trainer:
             self.criterion = lambda logits, y: ce(logits + shift, y)
         else:
             self.criterion = ce
-        self.steps_per_epoch = max(1, len(train.labels) // cfg.batch_size)
+        self.steps_per_epoch = max(1, (cfg.epoch_images or len(train.labels)) // cfg.batch_size)
         self.net = self.model  # what the training step calls: DDP over the model when distributed (_sync)
         self.train_loader, self.train_sampler = self._train_loader()
         self.val_loader = self._val_loader()
@@ -324,14 +353,20 @@ class Trainer:
                 f"--batch-size {self.cfg.batch_size} is not divisible by the {world} training processes "
                 "(it is the global batch, split evenly across them)"
             )
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=world,
-            rank=self.dist.rank,
-            shuffle=True,
-            seed=self.cfg.seed * 100_003,
-            drop_last=True,
-        )
+        if self.cfg.sampling_power < 1 or self.cfg.epoch_images is not None:
+            sampler = ClassSampler(
+                self.train.labels, self.cfg.sampling_power, self.steps_per_epoch * global_batch,
+                self.cfg.seed * 100_003, world, self.dist.rank,
+            )  # fmt: skip
+        else:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=world,
+                rank=self.dist.rank,
+                shuffle=True,
+                seed=self.cfg.seed * 100_003,
+                drop_last=True,
+            )
         loader = DataLoader(
             dataset, batch_size=global_batch // world, sampler=sampler, drop_last=True,
             **self._loader_args(),
