@@ -355,3 +355,28 @@ def test_ema_decay_validates_and_checkpoints_the_averaged_weights(run_stage, spl
     assert all(torch.equal(best[k], averaged[k].cpu()) for k in best)
     assert any(not torch.equal(best[k], trained[k].cpu()) for k in best if best[k].is_floating_point())
     assert last["config"]["ema_decay"] == 0.9
+
+
+def test_class_sampling_draws_rare_classes_more_often_and_repeats_per_epoch():
+    from dermaops.training import ClassSampler
+
+    labels = np.array([0] * 900 + [1] * 100)
+    natural = ClassSampler(labels, 1.0, 1000, seed=3)
+    assert sorted(natural) == list(range(1000))  # power 1, the split's size: every image once, shuffled
+    balanced = ClassSampler(labels, 0.0, 4000, seed=3)
+    balanced.set_epoch(2)
+    drawn = labels[list(balanced)]
+    assert len(drawn) == len(balanced) == 4000 and 0.45 < drawn.mean() < 0.55  # classes equally often
+    sqrt = labels[list(ClassSampler(labels, 0.5, 4000, seed=3))]
+    assert 0.2 < sqrt.mean() < 0.3  # sqrt(100) / (sqrt(900) + sqrt(100)) = 0.25
+    again = ClassSampler(labels, 0.0, 4000, seed=3)
+    again.set_epoch(2)
+    assert list(again) == list(balanced)  # (seed, epoch) fixes the draw: a resumed epoch draws alike
+    again.set_epoch(3)
+    assert list(again) != list(balanced)
+    ranks = [ClassSampler(labels, 0.0, 4000, seed=3, world=2, rank=r) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(balanced)  # the ranks share one draw
+    subset = ClassSampler(labels, 1.0, 300, seed=3)
+    assert len(set(subset)) == 300  # fewer than the split: a fresh subset without repeats
