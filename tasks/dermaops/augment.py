@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -104,47 +102,34 @@ def augment_batch(x, generator, cfg: AugmentConfig = AugmentConfig()):
 
 
 class PolicyAugment:
-    """A dataset wrapper that applies an augmentation policy of torchvision's v2 transforms to each image of
-    a batch as it is read (`__getitems__`, so in the DataLoader's workers): TrivialAugmentWide (Mueller &
-    Hutter, 2021) or RandAugment (Cubuk et al., 2020), per image, on uint8 (3, H, W) tensors.
+    """An augmentation policy of torchvision's v2 transforms applied to each image of a uint8 batch, on the
+    batch's device: TrivialAugmentWide (Mueller & Hutter, 2021) or RandAugment (Cubuk et al., 2020).
 
-    The transforms draw from torch's global generator; it is seeded per batch from the run's seed and the
-    batch's item indices (which the sampler derives from the seed and the epoch), so a resumed run augments
-    exactly as an uninterrupted one, whichever worker reads the batch."""
+    Per image, because a policy's point is that every image gets its own op and strength (v2 applies one
+    draw to a whole batched tensor). On the device, not in the loader's workers: on a GPU host a worker
+    would spend milliseconds of CPU per image (more than the GPU's step for it), while on the GPU each op
+    is a few kernel launches. The ops draw their parameters from torch's CPU generator; the draw is seeded
+    per batch (`seed`) inside `fork_rng`, so a resumed epoch augments exactly alike and nothing else's
+    randomness moves."""
 
-    def __init__(self, dataset, policy: str, seed: int):
-        self.dataset, self.policy, self.seed = dataset, policy, seed
-        self._transform = None
+    def __init__(self, policy: str):
+        from torchvision.transforms import v2
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+        policies = {"trivial": v2.TrivialAugmentWide, "randaugment": lambda: v2.RandAugment(2, 9)}
+        if policy not in policies:
+            raise ValueError(f"unknown augmentation policy {policy!r} (allowed: {', '.join(policies)})")
+        self.policy = policy
+        self.transform = policies[policy]()
 
-    def __getstate__(self):
-        return {"dataset": self.dataset, "policy": self.policy, "seed": self.seed}  # the transform is rebuilt
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _transform=None)
-
-    @property
-    def transform(self):
-        if self._transform is None:
-            from torchvision.transforms import v2
-
-            policies = {"trivial": v2.TrivialAugmentWide, "randaugment": lambda: v2.RandAugment(2, 9)}
-            if self.policy not in policies:
-                raise ValueError(f"unknown augmentation policy {self.policy!r} (allowed: {', '.join(policies)})")
-            self._transform = policies[self.policy]()
-        return self._transform
-
-    def __getitems__(self, indices) -> list:
+    def __call__(self, images_uint8_nhwc, seed: int):
+        """uint8 (N, H, W, 3) -> the same shape and device, each image through the policy."""
         import torch
 
-        images, labels = self.dataset.__getitems__(indices)
-        key = np.asarray(indices, dtype=np.uint64)
-        torch.manual_seed(int((key * np.uint64(2654435761) + np.uint64(self.seed)).sum() % np.uint64(2**63)))
-        chw = images.permute(0, 3, 1, 2)
-        out = torch.stack([self.transform(image) for image in chw]).permute(0, 2, 3, 1).contiguous()
-        return [out, labels]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            chw = images_uint8_nhwc.permute(0, 3, 1, 2)
+            out = torch.stack([self.transform(image) for image in chw])
+        return out.permute(0, 2, 3, 1)
 
 
 def mix_batch(x, mixup_alpha: float, cutmix_alpha: float, rng):

@@ -319,7 +319,8 @@ class TrainConfig(StageConfig):
         "none",
         "an augmentation policy per training image on top of --augment, from torchvision's v2 transforms: "
         "trivial = TrivialAugmentWide (one random op of random strength), randaugment = RandAugment (2 ops at "
-        "magnitude 9); none = off. Applied where the batches are read (the loader workers), on uint8 pixels",
+        "magnitude 9); none = off. Applied per image on the training device, on uint8 pixels, before --augment's "
+        "flips, turns and colour jitter",
         choices=AUTO_AUGMENTS,
         param=True,
         title="Augmentation policy",

@@ -319,6 +319,7 @@ class Trainer:
         self.train_loader, self.train_sampler = self._train_loader()
         self.val_loader = self._val_loader()
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.policy = PolicyAugment(cfg.auto_augment) if cfg.augment and cfg.auto_augment != "none" else None
         self.state = TrainState()
         self._resume_blob: dict | None = None
 
@@ -343,8 +344,6 @@ class Trainer:
 
         n, world = len(self.train.labels), self.dist.world_size
         dataset = self.train.dataset
-        if self.cfg.auto_augment != "none":
-            dataset = PolicyAugment(dataset, self.cfg.auto_augment, self.cfg.seed)
         global_batch = min(self.cfg.batch_size, n) // world * world
         if global_batch == 0:
             raise StageError(f"{n} training images cannot be shared by {world} training processes")
@@ -570,7 +569,10 @@ class Trainer:
         started = last_log = time.monotonic()
         steps = self.steps_per_epoch
         for step, (images, labels) in enumerate(self.train_loader):
-            x = to_float(images.to(self.device, non_blocking=True))
+            images = images.to(self.device, non_blocking=True)
+            if self.policy is not None:
+                images = self.policy(images, seed=aug_seed * 10_007 + step)
+            x = to_float(images)
             if cfg.augment:
                 x = augment_batch(x, aug_rng)
             x, lam = mix_batch(x, cfg.mixup_alpha, cfg.cutmix_alpha, mix_rng)
