@@ -15,7 +15,7 @@ import os
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Asset, Param, TriggerRule
-from dermaops.config import dag_argv, param_names, param_schema
+from dermaops.config import RECIPES, dag_argv, param_names, param_schema, recipe_summary
 from dermaops.pipeline import PIPELINE
 from dermaops_runner import stage_task
 from dermaops_runner.alerts import alert_dag_failure
@@ -48,6 +48,7 @@ def _param(name: str) -> Param:
 
 PARAMS = {name: _param(name) for name in param_names()}
 
+RECIPE_LINES = "; ".join(f"`{name}`: {recipe_summary(name)}" for name in RECIPES)
 DOC = f"""
 # DermaOps: HAM10000 retraining
 
@@ -63,9 +64,8 @@ artifacts through S3 (bucket `{BUCKET}`):
   (`<run_id>` with characters outside `A-Za-z0-9._-` replaced by `-`);
 - the production model: `{REGISTRY}/champion.json`, changed only when the challenger wins.
 
-**Recipe.** `quick-cpu` (the default) trains a ResNet18 at 48 px for 6 + 1 epochs: minutes on a CPU
-worker. `full-gpu` is the long recipe (ResNet18 at 28 px with the small stem, 20 + 3 epochs) for a GPU
-worker. Every training param left blank takes the recipe's value; a value typed in overrides it.
+**Recipe.** {RECIPE_LINES}. The first is the default. Every training param left blank takes the recipe's
+value; a value typed in overrides it.
 
 **Nothing new, nothing trained.** `changes` compares the ingested dataset version and the recipe (the
 training params as resolved) with the champion's; when both are equal, `retrain_needed` short-circuits

@@ -188,7 +188,7 @@ def test_argv_items_and_recipe_resolution():
     assert argv_item("--lr", 0.003) == "--lr=0.003"
     assert argv_item("--max-train-images", None) == ""  # dropped: the stage keeps its default
     assert argv_item("--tta", False) == "--no-tta"
-    assert resolve({"recipe": "full-gpu", "epochs": None}, "epochs") == 20
+    assert resolve({"recipe": "full-gpu", "epochs": None}, "epochs") == RECIPES["full-gpu"]["epochs"]
     assert resolve({"recipe": "full-gpu", "epochs": 2}, "epochs") == 2
     assert resolve({"epochs": None}, "epochs") == RECIPES["quick-cpu"]["epochs"]
     assert resolve({"seed": 7}, "seed") == 7

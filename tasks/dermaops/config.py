@@ -553,35 +553,38 @@ SOURCE_CREDENTIALS_RULE = (
     f"is sent) or in {SOURCE_TOKEN_ENV} on the workers; ingest sends it to the source in a header"
 )
 
-# Named recipes: a blank (null) recipe param takes the chosen recipe's value. Both were chosen on the
-# validation split of the 28 px pack, three seeds each (benchmarks/recipe_sweep.py; README's ablation table).
-# quick-cpu: ResNet18 at 48 px (ImageNet stem), 6 + 1 epochs, about 4 min of training on 2 cores; 6 rather than
-# 3 phase-1 epochs: validation macro F1 0.478 against 0.459 (one seed). Its lever sweep found nothing better at
-# its cost; the compact stem at 28 px gave +0.012 (within the seeds' spread) for 27 % more time per step.
-# full-gpu: the same network at the pack's own 28 px with the small stem (layer1 sees 28x28), 20 + 3 epochs:
-# validation macro F1 0.571 +- 0.012, against 0.517 for 20 + 3 at 48 px and 0.447 for the former full-gpu
-# recipe (ResNet50 at 64 px, 20 + 5). About 4x quick-cpu's compute per image: minutes on a GPU.
+# Named recipes: a blank (null) recipe param takes the chosen recipe's value. Chosen on the validation split of
+# the 200 px pack (benchmarks/recipe_ablation.py, recipe_sweep.py; the README's measured tables say which
+# figures are three seeds and which one).
+# quick-cpu: PROVISIONAL, being chosen.
+# full-gpu: the whole picture at the pack's full 200x150 (aspect kept), ResNet18, 30 + 3 epochs with
+# TrivialAugment; not measured on a GPU yet (benchmarks/gpu_quality.sh measures it and sweeps its geometry).
 RECIPES: dict[str, dict[str, Any]] = {
     "quick-cpu": {
         "arch": "resnet18",
         "image_size": 48,
-        "epochs": 6,
-        "finetune_epochs": 1,
+        "geometry": "squash",
+        "epochs": 3,
+        "finetune_epochs": 0,
         "finetune_depth": 2,
         "batch_size": 128,
         "lr": 3e-3,
         "finetune_lr": 3e-4,
         "label_smoothing": 0.1,
         "class_weight_power": 0.5,
+        "sampling_power": 1.0,
+        "epoch_images": None,
+        "auto_augment": "none",
         "baseline_trees": 100,
         # 8-view TTA multiplies every evaluation pass by 8: on a CPU worker evaluate would cost more than
-        # training itself (it gave +0.011 accuracy on the official split).
+        # training itself.
         "tta": False,
     },
     "full-gpu": {
         "arch": "resnet18",
-        "image_size": 28,
-        "epochs": 20,
+        "image_size": 200,
+        "geometry": "aspect",
+        "epochs": 30,
         "finetune_epochs": 3,
         "finetune_depth": 2,
         "batch_size": 128,
@@ -589,11 +592,39 @@ RECIPES: dict[str, dict[str, Any]] = {
         "finetune_lr": 3e-4,
         "label_smoothing": 0.1,
         "class_weight_power": 0.5,
+        "sampling_power": 1.0,
+        "epoch_images": None,
+        "auto_augment": "trivial",
         "baseline_trees": 300,
         "tta": True,
     },
 }
 DEFAULT_RECIPE = "quick-cpu"
+# What each recipe is for (the rest of its description is derived from its values: `recipe_summary`).
+RECIPE_PURPOSE = {
+    "quick-cpu": "the main command's model, minutes on a CPU worker",
+    "full-gpu": "meant for a GPU worker",
+}
+
+
+def recipe_summary(name: str) -> str:
+    """One line of what a recipe trains, from its values: "resnet18 at 64x48 px (whole picture, 4:3 kept), 6 + 1
+    epochs, TrivialAugment, ...: <purpose>"."""
+    from dermaops.frame import Frame  # stdlib only; imported here because frame.py imports this module
+
+    r = RECIPES[name]
+    epochs = f"{r['epochs']} + {r['finetune_epochs']} epochs" if r["finetune_epochs"] else f"{r['epochs']} epochs"
+    extras = [
+        *([f"{r['auto_augment']} augmentation policy"] if r["auto_augment"] != "none" else []),
+        *([f"class sampling power {r['sampling_power']}"] if r["sampling_power"] < 1 else []),
+        *([f"{r['epoch_images']} images per epoch"] if r["epoch_images"] else []),
+    ]
+    return (
+        f"{r['arch']} at {Frame(r['geometry'], r['image_size']).describe()}, {epochs}"
+        + "".join(f", {extra}" for extra in extras)
+        + f": {RECIPE_PURPOSE[name]}"
+    )
+
 
 # Trigger-form params that are not a stage setting: (default, JSON schema, title, description).
 RUN_PARAMS: dict[str, dict[str, Any]] = {
@@ -601,9 +632,8 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
         "default": DEFAULT_RECIPE,
         "enum": list(RECIPES),
         "title": "Recipe",
-        "description": "quick-cpu: ResNet18 at 48 px, 6 + 1 epochs, minutes on a CPU worker; full-gpu: ResNet18 at "
-        "28 px with the small stem, 20 + 3 epochs, meant for a GPU worker. Every training param left blank takes the "
-        "recipe's value.",
+        "description": "; ".join(f"{name}: {recipe_summary(name)}" for name in RECIPES)
+        + ". Every training param left blank takes the recipe's value.",
     },
     "source": {
         "default": DATAVERSE_SOURCE,
@@ -702,7 +732,7 @@ def param_schema(name: str) -> dict[str, Any]:
     if allowed:
         description += f" Allowed: {allowed}."
     if recipe:
-        values = ", ".join(f"{r} {values[name]}" for r, values in RECIPES.items())
+        values = ", ".join(f"{r} {'unset' if v[name] is None else v[name]}" for r, v in RECIPES.items())
         description += f" Blank: the recipe's value ({values})."
     elif default is not None:
         description += f" Default: {default}."
