@@ -1,7 +1,7 @@
 """The recipe ablation over several seeds at once: every variant x seed is one
-`benchmarks/recipe_ablation.py` process (the train stage's own Trainer on the real 28 px pack, lesion-grouped
-split), --jobs of them side by side. On a GPU one such small run leaves the card mostly idle, so a whole
-ablation table with three seeds per lever fits in minutes.
+`benchmarks/recipe_ablation.py` process (the train stage's own Trainer on the real 200 px pack, lesion-grouped
+split), --jobs of them side by side. On a GPU one such run leaves the card mostly idle, so a whole ablation
+table with three seeds per lever fits in minutes.
 
 Prints one JSON object: per variant the mean and standard deviation over the seeds of the validation macro F1
 under the fitted decision rule (the selection criterion: what `train --calibrate` maximises), of the plain
@@ -9,8 +9,8 @@ validation macro F1, and, for reporting only, of the test figures; with several 
 softmax of the seeds' models, decision rule refitted on validation); the variant chosen on validation; the runs'
 own JSON files are in --out.
 
-    python benchmarks/recipe_sweep.py --device cuda --jobs 8                     # the levers below, 3 seeds
-    python benchmarks/recipe_sweep.py --variant base --variant la:loss_tau=1,class_weight_power=0 --seeds 42
+    python benchmarks/recipe_sweep.py --recipe full-gpu --device cuda --jobs 8     # the GPU levers, 3 seeds
+    python benchmarks/recipe_sweep.py --variant base --variant sqrt:sampling_power=0.5,class_weight_power=0 --seeds 42
 """
 
 from __future__ import annotations
@@ -26,21 +26,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# The levers of issue 10 at the quick-cpu recipe's cost (same network, size and epochs), one change each.
-LEVERS = (
+# Issue 18's levers, one change each from the recipe the sweep starts from (--recipe): the geometry and size
+# the budget allows, the architecture, the augmentation policy, class sampling. GPU_LEVERS for full-gpu (its
+# geometry at the sizes a GPU affords), CPU_LEVERS for quick-cpu (what fits its minutes).
+GPU_LEVERS = (
     "base",
-    "logit_adjusted:loss_tau=1,class_weight_power=0",
-    "class_weight_1:class_weight_power=1",
-    "no_class_weights:class_weight_power=0",
-    "no_label_smoothing:label_smoothing=0",
-    "ema:ema_decay=0.99",
-    "lr_6e-3:lr=6e-3",
-    "weight_decay_0.05:weight_decay=0.05",
-    "mixup:mixup_alpha=0.2",
-    "cutmix:cutmix_alpha=1.0",
-    "one_phase_7:epochs=7,finetune_epochs=0",
-    "batch_64:batch_size=64",
+    "aspect_160:image_size=160",
+    "squash_160:geometry=squash,image_size=160",
+    "crop_160:geometry=crop,image_size=160",
+    "aspect_128:image_size=128",
+    "no_policy:auto_augment=none",
+    "resnet34:arch=resnet34",
+    "sqrt_sampling:sampling_power=0.5,class_weight_power=0",
 )
+CPU_LEVERS = (
+    "base",
+    "aspect:geometry=aspect,image_size=64",
+    "crop:geometry=crop",
+    "trivial:auto_augment=trivial",
+    "sqrt_sampling:sampling_power=0.5,class_weight_power=0",
+)
+LEVERS = {"full-gpu": GPU_LEVERS, "quick-cpu": CPU_LEVERS}
 
 
 def variant_arg(text: str) -> tuple[str, list[str]]:
@@ -70,6 +76,7 @@ def summarise(runs: list[dict]) -> dict:
         "test_balanced_accuracy": lambda r: r["cnn_pt"]["adjusted"]["test"]["balanced_accuracy"],
         "test_accuracy": lambda r: r["cnn_pt"]["adjusted"]["test"]["accuracy"],
         "test_df_recall": lambda r: r["cnn_pt"]["adjusted"]["test"]["recall"]["df"],
+        "test_mel_recall": lambda r: r["cnn_pt"]["adjusted"]["test"]["recall"]["mel"],
         "train_seconds": lambda r: r["train_seconds"],
     }
     return {key: mean_std([get(r) for r in runs]) for key, get in pick.items()}
@@ -99,7 +106,9 @@ def ensemble(out: Path, runs: list[str]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", type=variant_arg, action="append", help="NAME[:FIELD=VALUE,...] (default: LEVERS)")
+    p.add_argument(
+        "--variant", type=variant_arg, action="append", help="NAME[:FIELD=VALUE,...] (default: the recipe's LEVERS)"
+    )
     p.add_argument("--recipe", default="quick-cpu", help="the RECIPES entry every variant starts from")
     p.add_argument("--seeds", default="42,43,44", help="training seeds, comma-separated")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side")
@@ -107,13 +116,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (default: cores / jobs)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is killed")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dermaops-sweep")
-    p.add_argument("--pack", type=Path, default=None, help="the 28 px pack (recipe_ablation.py's default)")
+    p.add_argument("--pack", type=Path, default=None, help="the pack (default: recipe_ablation.py's, 200 px)")
     args = p.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    variants = args.variant or [variant_arg(v) for v in LEVERS]
+    variants = args.variant or [variant_arg(v) for v in LEVERS.get(args.recipe, ("base",))]
     names = [name for name, _ in variants]
     if len(set(names)) != len(names):
         p.error(f"variant names repeat: {names}")
