@@ -43,7 +43,8 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def recipe_flags(recipe: str) -> list[str]:
-    return [argv_item(flag(k), v) for k, v in RECIPES[recipe].items() if k in TRAIN_FIELDS]
+    # A blank value ("") keeps the stage's default, as the DAG's argv drops it.
+    return [item for k, v in RECIPES[recipe].items() if k in TRAIN_FIELDS and (item := argv_item(flag(k), v))]
 
 
 KEYS = (

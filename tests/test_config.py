@@ -236,6 +236,51 @@ def test_stages_import_library_modules_and_library_modules_never_import_stages()
     assert stage_modules == {f"dermaops.stages.{p.stem}" for p in (PACKAGE / "stages").glob("[!_]*.py")}
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """dermaops module -> the dermaops modules it imports anywhere (at the top or inside a function: a deferred
+    import still makes the two modules depend on each other)."""
+    modules = {
+        "dermaops." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in sorted(PACKAGE.rglob("*.py"))
+    }
+    graph = {}
+    for module, path in modules.items():
+        # "from dermaops.x import name" names a module when x.name is one, else x.
+        graph[module] = {n for n in _dermaops_imports(path) if n in modules and n != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` as [a, b, ..., a], or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_module_of_the_package_imports_itself_round_a_cycle():
+    graph = _module_graph()
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    # The check itself: a cycle put into the real graph (sources.base importing the package that imports it).
+    injected = {**graph, "dermaops.sources.base": graph["dermaops.sources.base"] | {"dermaops.sources"}}
+    assert find_cycle(injected) == ["dermaops.sources", "dermaops.sources.base", "dermaops.sources"]
+
+
 def test_the_modules_the_dag_parses_with_import_nothing_heavy():
     """dermaops.config and dermaops.pipeline are imported by the DAG file and the plugin at parse time."""
     code = (

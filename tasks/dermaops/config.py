@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dermaops.errors import StageError
+from dermaops.frame import GEOMETRIES, Frame  # standard library only, like this module
 from dermaops.redaction import SOURCE_TOKEN_ENV, URL_CREDENTIAL_PATTERN
 
 # torchvision classifiers the train stage builds (dermaops.models adapts each: head, stages, stem).
@@ -33,7 +34,6 @@ ARCHS = (
     "convnext_tiny",
 )  # fmt: skip
 STEMS = ("auto", "imagenet", "small", "compact")
-GEOMETRIES = ("squash", "aspect", "crop")  # dermaops.frame says what each keeps of the picture
 AUTO_AUGMENTS = ("none", "trivial", "randaugment")  # dermaops.augment.PolicyAugment
 DEVICES = ("auto", "cpu", "cuda")
 PRIMARY_METRICS = ("macro_f1", "weighted_f1", "balanced_accuracy", "accuracy", "macro_auc")
@@ -610,8 +610,6 @@ RECIPE_PURPOSE = {
 def recipe_summary(name: str) -> str:
     """One line of what a recipe trains, from its values: "resnet18 at 64x48 px (whole picture, 4:3 kept), 6 + 1
     epochs, TrivialAugment, ...: <purpose>"."""
-    from dermaops.frame import Frame  # stdlib only; imported here because frame.py imports this module
-
     r = RECIPES[name]
     epochs = f"{r['epochs']} + {r['finetune_epochs']} epochs" if r["finetune_epochs"] else f"{r['epochs']} epochs"
     extras = [

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dermaops.config import GEOMETRIES
 from dermaops.errors import StageError
 
+GEOMETRIES = ("squash", "aspect", "crop")  # the choices of the geometry setting (dermaops.config)
 ASPECT_W, ASPECT_H = 4, 3  # HAM10000's 600x450 frame
 MIN_SIZE, MAX_SIZE = 8, 1024
 

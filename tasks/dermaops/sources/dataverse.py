@@ -19,7 +19,7 @@ from urllib.parse import quote
 from dermaops.errors import StageError
 from dermaops.redaction import redact
 from dermaops.safepath import local_path
-from dermaops.sources import Source, SourceCredentials, SourceFile, release_files
+from dermaops.sources.base import Source, SourceCredentials, SourceFile, release_files
 from dermaops.sources.http import HttpClient, NotFound
 from dermaops.sources.transfer import Checksum, Fetched, TransferSettings
 

@@ -16,7 +16,7 @@ from dermaops import __version__
 from dermaops.errors import StageError
 from dermaops.redaction import redact
 from dermaops.safepath import local_path
-from dermaops.sources import Source, SourceCredentials, SourceFile, release_files
+from dermaops.sources.base import Source, SourceCredentials, SourceFile, release_files
 from dermaops.sources.transfer import (
     Checksum,
     Fetched,

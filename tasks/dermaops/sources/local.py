@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dermaops.errors import StageError
-from dermaops.sources import Source, SourceFile, release_files
+from dermaops.sources.base import Source, SourceFile, release_files
 from dermaops.sources.transfer import Fetched, TransferSettings, hash_in_place
 
 

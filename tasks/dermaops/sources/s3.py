@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dermaops.errors import StageError, TransientError
 from dermaops.safepath import local_path
-from dermaops.sources import Source, SourceFile, release_files
+from dermaops.sources.base import Source, SourceFile, release_files
 from dermaops.sources.transfer import CHUNK, Fetched, Retryable, Stream, TransferSettings, fetch_resumable
 from dermaops.store import ArtifactStore, S3Uri
 
