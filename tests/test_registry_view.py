@@ -34,6 +34,35 @@ def test_stored_text_cannot_inject_markup():
     assert "<table>" in html and 'src="artifacts/confusion_matrix.png"' in html and 'src="http://e/x.png"' in html
 
 
+def test_trend_and_comparison_pages_escape_stored_text_and_draw_the_charts():
+    """Run ids, decisions and alerts come from runs: escaped in the tables, drawn as paths in the SVG charts."""
+    from dermaops.registry_trends import Version, figures_of, render_compare, render_trends
+    from dermaops.registry_view import STYLE
+
+    evil = "<script>alert(1)</script>"
+    versions = []
+    for i, decision in enumerate(("promoted", "refused")):
+        entry = {"run_id": f"{evil}{i}", "decided_at": f"2026-01-0{i + 1}T00:00:00", "decision": decision,
+                 "challenger": {"metrics": {"macro_f1": 0.4 + i / 10, "balanced_accuracy": 0.5, "mel_recall": 0.6}},
+                 "recipe": {"epochs": i, "lr": 0.003}, "dataset_version": evil}  # fmt: skip
+        version = Version(entry["run_id"], entry["decided_at"], decision, entry)
+        version.figures = figures_of(entry, None, {"max_psi": 0.1 * i})
+        versions.append(version)
+    record = {"created_at": "2026-01-05T00:00:00", "run": evil, "classes": list(CLASSES), "n_images": 9,
+              "class_mix": {c: 1 / 7 for c in CLASSES}, "train_prior": None, "class_mix_shift": None,
+              "referral_rate": 0.1, "ood_rate": 0.4, "bounds": {"ood_rate": 0.2, "class_mix_shift": 0.3},
+              "alerts": [evil]}  # fmt: skip
+    trends = render_trends(versions, [record], STYLE)
+    # Escaped in the tables (and in the comments matplotlib writes beside each text path).
+    assert "<script>" not in trends and trends.count("<svg") == 2 and "<td>&lt;script&gt;alert(1)" in trends
+    assert versions[1].figures == {"macro_f1": 0.5, "balanced_accuracy": 0.5, "mel_sensitivity": 0.6, "ece": None,
+                                   "drift": 0.1}  # fmt: skip
+    compare = render_compare(versions, versions[0], versions[1], STYLE)
+    assert "<script>" not in compare and "<th>epochs</th><td>0</td><td>1</td>" in compare
+    assert "lr" not in compare.split("Recipe settings that differ")[1].split("</table>")[0]  # equal: not listed
+    assert "No evaluation metrics (the run folder is gone)" in compare
+
+
 @pytest.fixture
 def api_server(tmp_path, s3_server, promoted_registry):
     home = tmp_path / "airflow"
