@@ -31,6 +31,12 @@ CORRUPTIONS = ("blurred", "overexposed", "rotated_black_border")
 BLUR_SHARE = 0.03
 # Overexposure: every channel times this, clipped at white (the lesion and the skin wash out).
 OVEREXPOSURE_GAIN = 2.5
+# What each corruption does, in words (the reports).
+CORRUPTION_TEXT = {
+    "blurred": f"Gaussian blur, radius {BLUR_SHARE:.0%} of the longer side",
+    "overexposed": f"every channel x {OVEREXPOSURE_GAIN}, clipped",
+    "rotated_black_border": "turned 90 degrees and fitted whole into the frame, black bars beside it",
+}
 
 
 @dataclass(frozen=True)

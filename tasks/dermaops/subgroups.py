@@ -128,7 +128,9 @@ class Subgroups:
         for attribute, group, idx in self.members():
             labels, p = self.labels[idx], proba[idx]
             point = resample_metrics(np.ones((1, len(idx))), labels, p, self.mel, with_auc=False)
-            samples = resample_metrics(self.weights[:, idx], labels, p, self.mel, with_auc=False)
+            # A resample that drew none of the group's lesions has no figure (NaN, left out of the interval).
+            with np.errstate(invalid="ignore", divide="ignore"):
+                samples = resample_metrics(self.weights[:, idx], labels, p, self.mel, with_auc=False)
             sens, spec = _flag_counts(np.ones((1, len(idx))), is_mel[idx], flagged[idx])
             sens_b, spec_b = _flag_counts(self.weights[:, idx], is_mel[idx], flagged[idx])
             support = np.bincount(labels, minlength=self.n_classes)

@@ -53,12 +53,6 @@ ABLATION_KEYS = ("accuracy", "macro_f1", "macro_auc", "mel_recall")
 LOCALIZATION_KEYS = ("mask_source", "layer", "pointing_tolerance_px", "per_class", "overall")
 MODEL_META_KEYS = ("arch", "image_size", "geometry", "input_shape", "stem", "phase", "epoch")
 SUBGROUP_PLOT, RISK_COVERAGE_PLOT = "subgroups_mel_sensitivity.png", "risk_coverage.png"
-# What each corruption of the out-of-distribution check does (dermaops.ood.corrupt), for the report.
-CORRUPTION_TEXT = {
-    "blurred": "Gaussian blur, radius 3 % of the longer side",
-    "overexposed": "every channel x 2.5, clipped",
-    "rotated_black_border": "turned 90 degrees and fitted into the frame with black bars",
-}
 log = logging.getLogger(__name__)
 
 
@@ -764,7 +758,7 @@ class SplitScorer:
         from dermaops.frame import Frame
         from dermaops.guards import OOD, detector, features
         from dermaops.imagecache import decode_image
-        from dermaops.ood import CORRUPTIONS, corrupt
+        from dermaops.ood import CORRUPTION_TEXT, CORRUPTIONS, corrupt
 
         found = detector(scored.meta)
         if found is None:
