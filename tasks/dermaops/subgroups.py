@@ -252,7 +252,8 @@ def draw_forest(path, figures: dict, overall: dict | None, title: str) -> None:
             tick.set_fontweight("bold")
     ax.invert_yaxis()
     ax.set_xlim(0, 1.02)
-    ax.set_xlabel(f"melanoma sensitivity ({figures['operating_point']}), 95 % lesion-bootstrap interval")
+    label = f"melanoma sensitivity, 95 % lesion-bootstrap interval\nflag: {figures['operating_point']}"
+    ax.set_xlabel(label, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
