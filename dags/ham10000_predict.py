@@ -18,6 +18,7 @@ import datetime as dt
 import os
 
 from airflow.sdk import DAG, Asset, Param
+from dermaops.config import PredictConfig, dag_argv, stage_param_schemas
 from dermaops_runner import stage_task
 from dermaops_runner.alerts import alert_dag_failure
 from dermaops_runner.incoming import images_to_predict
@@ -56,6 +57,11 @@ PARAMS = {
         True, type="boolean", description="Average over the 8 flips/quarter turns, as evaluation scores the model."
     ),
     "force": Param(False, type="boolean", description="Predict again even if this run's outputs are finished."),
+    # The prediction-monitoring bounds, defined once with predict's flags (dermaops.config.PredictConfig).
+    **{
+        name: Param(schema.pop("default"), description=schema.pop("description"), **schema)
+        for name, schema in stage_param_schemas(PredictConfig).items()
+    },
 }
 
 DOC = f"""
@@ -64,7 +70,10 @@ DOC = f"""
 `predict`: `python -m dermaops predict --model <champion|s3 uri> --images <folder> --out ...` in the
 torch image. Writes `{PREDICTIONS}/<run_id>/predictions.csv` (per image: class probabilities, calibrated
 when the model carries a temperature; the melanoma flag at the stored operating point; optional
-Grad-CAM) and `predictions.json` (which model, which rule).
+Grad-CAM) and `predictions.json` (which model, which rule). Each image is `decided`, `refer` (below the
+model's referral threshold: no diagnosis) or `out_of_distribution` (unlike the training data: nothing). Each
+batch's class mix, referral and out-of-distribution rates go to `{REGISTRY}/monitoring/`; a batch past the
+monitoring bounds posts a Slack alert (connection `slack_api_default`).
 
 Trigger it with a folder, or emit an event on the Asset `{INCOMING}` with
 `extra={{"images": "{INCOMING}/<batch>/"}}` once a folder of new images has landed.
@@ -99,6 +108,7 @@ with DAG(
             "{{ params.gradcam }}",
             "{{ '--tta' if params.tta else '--no-tta' }}",
             "{{ '--force' if params.force else '' }}",
+            *dag_argv(PredictConfig),
         ],
         outlets=[PREDICTIONS_ASSET],
     )

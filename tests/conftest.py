@@ -39,6 +39,7 @@ SLOW_FIXTURES = {
     "dataset_sample",
     "small_split",
     "small_models",
+    "guarded_model",
     "split_uri",
     "airflow_env",
     "docker_engine",

@@ -206,6 +206,7 @@ def test_the_registry_is_the_stage_list_everyone_uses():
     assert {s.name: s.secrets for s in STAGES if s.secrets != ("s3",)} == {
         "ingest": ("s3", "source"),
         "notify": ("s3", "slack"),
+        "predict": ("s3", "slack"),
     }
     assert set(CONFIGS) <= set(cli.STAGES)
     assert run_key("manual__2026-01-05T10:00:00+00:00") == "manual__2026-01-05T10-00-00-00-00"

@@ -91,3 +91,38 @@ def test_card_shows_intervals_calibration_operating_point_and_recipe():
     assert "64x64 px" in text
     # The whole history, the refused challenger before this model included; a '|' cannot break the table.
     assert "| r1 | refused | below the floor |" in text and "| r2 (this model) | promoted | beats / it |" in text
+
+
+def test_card_states_subgroups_referral_and_inputs_unlike_the_training_data():
+    per_class = {c: {"precision": 0.5, "recall": 0.6, "f1": 0.55, "auc": 0.8, "support": 10} for c in CLASSES}
+    entry = {"value": 0.8, "low": 0.6, "high": 0.9}
+    group = {"attribute": "sex", "group": "female", "n": 40, "lesions": 25, "n_mel": 6, "small": True,
+             "accuracy": entry, "balanced_accuracy": entry, "macro_f1": {"value": None, "low": None, "high": None},
+             "mel_sensitivity": {"value": 0.5, "low": 0.2, "high": 0.83}, "mel_specificity": entry}  # fmt: skip
+    metrics = {
+        "n": 70, "accuracy": 0.7, "balanced_accuracy": 0.6, "macro_f1": 0.55, "weighted_f1": 0.68, "macro_auc": 0.8,
+        "per_class": per_class,
+        "subgroups": {"operating_point": "p(mel) >= 0.2000", "small_lesions": 30, "groups": [group]},
+        "referral": {"aurc": 0.081, "target_accuracy": 0.9, "test": {"threshold": 0.61, "coverage": 0.72,
+                     "coverage_ci": [0.68, 0.76], "accuracy": 0.905, "accuracy_ci": [0.88, 0.93]}},
+        "ood": {"threshold": 812.5, "false_flag_rate": 0.052, "detection": {"blurred": 0.91, "overexposed": 0.99},
+                "fitted": {"means": "left out of the card"}},
+    }  # fmt: skip
+    meta = {"arch": "resnet18", "image_size": 48, "classes": list(CLASSES), "phase": 2, "epoch": 3}
+    decision = {"run_id": "r1", "decided_at": "2026-02-01T00:00:00", "decision": "promoted", "reason": "first"}
+    args = dict(
+        run_id="r1", model_uri="s3://b/m/cnn.pt", model_sha256="cd" * 32, meta=meta, metrics=metrics,
+        dataset_version="v1", split_uri="s3://b/runs/r1/split", decision=decision, history=[decision],
+        train_manifest=None, split_manifest=None,
+    )  # fmt: skip
+    card = build_card(**args)
+    text = render_card(card)
+    assert "## Subgroups (test split)" in text and "| sex | female (small) | 40 | 6 |" in text
+    assert "0.500 [0.200, 0.830]" in text and "sex, age band, anatomic site" in card["factors"]["evaluated"][1]
+    assert "coverage 0.7200 [0.6800, 0.7600] of the images are decided, with accuracy 0.9050 [0.8800, 0.9300]" in text
+    assert "below 0.6100 are referred" in text and "an accuracy of 0.9" in text
+    assert "On the test split 0.0520 of genuine images are flagged; corrupted copies detected: blurred 0.910" in text
+    assert "fitted" not in card["out_of_distribution"]
+    # A model evaluated before the guards existed says so instead of leaving the reader guessing.
+    bare = render_card(build_card(**{**args, "metrics": {**metrics, "referral": None, "ood": None}}))
+    assert "No referral threshold: every image gets a prediction." in bare and "No out-of-distribution detector" in bare

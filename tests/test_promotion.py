@@ -8,7 +8,7 @@ import io
 
 import pandas as pd
 import pytest
-from dermaops.dataset import Dataset
+from dermaops.dataset import CLASSES, Dataset
 from dermaops.errors import StageError
 from dermaops.promotion import Challenger, ChampionIncident, Floors, Registry, decide, run_gate
 from dermaops.stage import Context
@@ -550,3 +550,60 @@ def test_two_approvals_applied_at_once_promote_one_and_record_the_other_as_super
     assert "but the champion changed since the gate" in results[loser]["reason"]
     history = [(h["run_id"], h["decision"]) for h in registry.history()]
     assert (winner, "promoted") in history and (loser, "superseded") in history
+
+
+def test_the_subgroup_gate_refuses_a_challenger_built_to_fail_one_group(scored, guarded_model, store, bucket, tmp_path):
+    """The champion is the `calibrated` model (melanoma flag at its validation-fitted threshold). The challenger is
+    the `guarded` checkpoint (the same weights and calibration, another file) whose test probabilities have p(mel)
+    moved to nv on the melanomas of ONE group: the group of sex, age band, localization or dx_type where the
+    champion finds the most melanoma lesions. Overall it passes the gate (margin -1: rule 5 holds whatever the
+    difference); with the subgroup gate on it is refused, and the decision names that group."""
+    import numpy as np
+    from dermaops.prediction import operating_point
+
+    scorer = scored["scorer"]
+    mel, labels = scorer.mel, scorer.labels
+    _, champion_meta, _, _, champion_proba = scored["models"]["calibrated"]
+    source = f"{guarded_model}/cnn.pt"
+    path = store.download(source, tmp_path / "guarded.pt")
+    challenger_scored = scorer.score_checkpoint(path, "guarded")
+    meta, proba = challenger_scored.meta, challenger_scored.proba(scorer.tta)
+    caught = operating_point(champion_meta, None).flags(champion_proba, mel) & (labels == mel)
+    table = scorer.subgroup_table
+    attribute, group, idx = max(table.members(), key=lambda m: len(set(scorer.groups[m[2]][caught[m[2]]])))
+    assert len(set(scorer.groups[idx][caught[idx]])) >= 3, "the fixture's champion finds too few melanomas"
+    failed = proba.copy()
+    rows = idx[labels[idx] == mel]
+    failed[rows, CLASSES.index("nv")] += failed[rows, mel]
+    failed[rows, mel] = 0.0
+    n_mel = len(rows)
+
+    def gate(registry, run_id, probabilities, subgroup_check):
+        challenger = Challenger(run_id, path, source, scorer.metrics(probabilities), meta, scored["dataset_version"],
+                                scored["split"], probabilities)  # fmt: skip
+        return run_gate(
+            registry, challenger, scorer.score_champion, "macro_f1", -1.0, Floors(0.0, 0.0, 0.0), tmp_path / run_id,
+            baseline={"macro_f1": 0.0}, compare=scorer.compare, subgroup_check=subgroup_check,
+        )  # fmt: skip
+
+    registry = Registry(store, bucket.join("registry", "ham10000"))
+    _gate(registry, scored, "calibrated", "run-1", tmp_path)
+    champion = store.get_json(registry.champion_uri)
+    refused = gate(registry, "run-2", failed, scorer.subgroup_check(min_melanomas=n_mel))
+    assert refused["decision"] == "refused" and not refused["promoted"]
+    assert refused["reason"].startswith(f"subgroup gate: melanoma sensitivity in {attribute} = {group} ({n_mel} test")
+    assert "against the champion's" in refused["reason"] and "wholly below 0" in refused["reason"]
+    judged = {(g["attribute"], g["group"]): g for g in refused["subgroup_gate"]["groups"]}
+    assert judged[(attribute, group)]["worse"] and judged[(attribute, group)]["challenger"] == 0.0
+    assert all(g["n_mel"] >= n_mel for g in judged.values())
+    assert store.get_json(registry.champion_uri) == champion
+    # The same challenger with the gate off (the default) is promoted: the subgroup is what refused it.
+    other = Registry(store, bucket.join("registry", "gate-off"))
+    _gate(other, scored, "calibrated", "run-1", tmp_path)
+    assert gate(other, "run-2", failed, None)["decision"] == "promoted"
+    # And the unaltered challenger, which fails no group, passes the gate.
+    honest = Registry(store, bucket.join("registry", "honest"))
+    _gate(honest, scored, "calibrated", "run-1", tmp_path)
+    passed = gate(honest, "run-3", proba, scorer.subgroup_check(min_melanomas=1))
+    assert passed["decision"] == "promoted" and passed["subgroup_gate"]["refusal"] is None
+    assert passed["subgroup_gate"]["groups"] and not np.any([g["worse"] for g in passed["subgroup_gate"]["groups"]])

@@ -69,6 +69,21 @@ def _snapshot():
         raise HTTPException(status_code=502, detail=f"cannot read the registry: {exc}") from exc
 
 
+def _trends(monitoring: bool = True):
+    """(every judged version with its figures, every prediction batch's monitoring record), oldest first."""
+    from dermaops.errors import StageError
+    from dermaops.monitoring import read_all
+    from dermaops.promotion import Registry
+    from dermaops.registry_trends import versions
+
+    store, uri = _store(), registry_uri()
+    try:
+        found = versions(store, Registry(store, uri).history())
+        return found, read_all(store, uri) if monitoring else []
+    except StageError as exc:
+        raise HTTPException(status_code=502, detail=f"cannot read the registry: {exc}") from exc
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="DermaOps model registry",
@@ -94,6 +109,39 @@ def create_app() -> FastAPI:
     @app.get("/api/registry")
     def registry_json() -> dict:
         return _snapshot().as_json()
+
+    @app.get("/trends", response_class=HTMLResponse)
+    def trends() -> str:
+        from dermaops.registry_trends import render_trends
+        from dermaops.registry_view import STYLE
+
+        found, records = _trends()
+        return render_trends(found, records, STYLE)
+
+    @app.get("/api/trends")
+    def trends_json() -> dict:
+        found, records = _trends()
+        return {
+            "versions": [
+                {"run_id": v.run_id, "decided_at": v.decided_at, "decision": v.decision, **v.figures} for v in found
+            ],
+            "monitoring": records,
+        }
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare(a: str | None = None, b: str | None = None) -> str:
+        from dermaops.errors import StageError
+        from dermaops.registry_trends import pick, render_compare
+        from dermaops.registry_view import STYLE
+
+        found, _ = _trends(monitoring=False)
+        try:
+            first, second = pick(found, a), pick(found, b)
+        except StageError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
+        if first is None and second is None and len(found) >= 2:  # default: the two latest versions
+            first, second = found[-2], found[-1]
+        return render_compare(found, first, second, STYLE)
 
     @app.get("/artifacts/{name}")
     def artifact(name: str) -> Response:

@@ -358,6 +358,29 @@ class TrainConfig(StageConfig):
         owner=False,
         fingerprint="if-set",
     )
+    referral_accuracy: float = setting(
+        0.90,
+        "target accuracy of the images predict decides rather than refers: after training, the lowest threshold on "
+        "the calibrated confidence (largest probability) at which the decided VALIDATION images reach this accuracy "
+        "is stored in cnn.pt's meta (dermaops.guards); predict refers every image below it to a clinician, evaluate "
+        "reports the test coverage and accuracy at it",
+        lo=0,
+        lo_open=True,
+        hi=1,
+        param=True,
+        title="Referral: target accuracy of decided images",
+        fingerprint="if-set",
+    )
+    ood_tpr: float = setting(
+        0.95,
+        "share of the in-distribution VALIDATION images the out-of-distribution threshold keeps (the Mahalanobis "
+        "distance of the penultimate-layer features to the nearest training class mean): 0.95 flags about 5 % of "
+        "genuine dermatoscopy by design",
+        lo=0.5,
+        hi=1,
+        hi_open=True,
+        fingerprint="if-set",
+    )
     num_threads: int = setting(0, "CPU threads for torch (0 = torch's default)", lo=0, hi=1024, fingerprint=False)
     device: str = setting("auto", "training device", choices=DEVICES, fingerprint=False)
     # Not a DAG param: how many processes fit is a fact of the host the task lands on (its GPUs), not of
@@ -495,6 +518,25 @@ class EvaluateConfig(StageConfig):
         title="Require a reviewer's approval before promotion",
         fingerprint="if-set",
     )
+    subgroup_gate: bool = setting(
+        False,
+        "refuse a challenger whose melanoma sensitivity (at its own operating point) in any subgroup of sex, age band, "
+        "localization or dx_type with at least subgroup_min_melanomas test melanomas is below the re-scored "
+        "champion's beyond the paired lesion bootstrap (the upper bound of the 95 % interval of the difference "
+        "is below 0); the decision names the group",
+        param=True,
+        title="Subgroup gate: no significant melanoma-sensitivity loss in any subgroup",
+        fingerprint="if-set",
+    )
+    subgroup_min_melanomas: int = setting(
+        10,
+        "test melanomas a subgroup needs for the subgroup gate to judge it (fewer: reported, marked, not judged)",
+        lo=1,
+        hi=100_000,
+        param=True,
+        title="Subgroup gate: minimum melanomas per group",
+        fingerprint="if-set",
+    )
     gradcam_images: int = setting(8, "melanoma test images in the Grad-CAM grid", lo=1, hi=64)
     gradcam: bool = setting(
         True,
@@ -532,6 +574,33 @@ class EvaluateConfig(StageConfig):
     )
     batch_size: int = setting(256, "inference batch size", lo=1, hi=65536, fingerprint=False)
     device: str = setting("auto", "inference device", choices=DEVICES, fingerprint=False)
+
+
+@dataclass(frozen=True)
+class PredictConfig(StageConfig):
+    """The prediction-monitoring bounds of `predict` (dermaops.monitoring); a batch past one posts a Slack alert.
+    They change no prediction (not in the fingerprint); the batch DAG's trigger form offers them."""
+
+    max_class_mix_shift: float = setting(
+        0.3,
+        "alert when the batch's predicted class mix differs from the model's training prior by more than this total "
+        "variation distance (the share of predictions that would have to change class)",
+        lo=0,
+        hi=1,
+        param=True,
+        title="Monitoring: class-mix bound",
+        fingerprint=False,
+    )
+    max_ood_rate: float = setting(
+        0.2,
+        "alert when more than this share of the batch is out of distribution (about 5 % of genuine dermatoscopy is "
+        "flagged by design)",
+        lo=0,
+        hi=1,
+        param=True,
+        title="Monitoring: out-of-distribution bound",
+        fingerprint=False,
+    )
 
 
 CONFIGS: dict[str, type[StageConfig]] = {
@@ -701,6 +770,19 @@ def param_schema(name: str) -> dict[str, Any]:
     if name in RUN_PARAMS:
         return dict(RUN_PARAMS[name])
     _, f, spec, kind, nullable = param_settings()[name]
+    return _schema(name, f, spec, kind, nullable)
+
+
+def stage_param_schemas(cls: type[StageConfig]) -> dict[str, dict[str, Any]]:
+    """The trigger-form params of a stage outside the retraining DAG (predict's), by name."""
+    return {
+        param_name(f, spec): _schema(param_name(f, spec), f, spec, kind, nullable)
+        for f, spec, kind, nullable in _settings(cls)
+        if spec.param
+    }
+
+
+def _schema(name: str, f: dataclasses.Field, spec: Setting, kind: type, nullable: bool) -> dict[str, Any]:
     recipe = name in RECIPES[DEFAULT_RECIPE]
     default = None if recipe else f.default
     json_type = {bool: "boolean", int: "integer", float: "number", str: "string"}[kind]
@@ -794,10 +876,11 @@ def argv_item(flag_name: str, value: Any) -> str:
     return f"{flag_name}={value}"
 
 
-def dag_argv(stage: str) -> list[str]:
-    """The Jinja argv items that pass a stage its trigger-form params (macro dermaops_arg renders each)."""
+def dag_argv(stage: str | type[StageConfig]) -> list[str]:
+    """The Jinja argv items that pass a stage (or a config class) its trigger-form params (macro dermaops_arg
+    renders each)."""
     items = []
-    for f, spec, _, _ in _settings(CONFIGS[stage]):
+    for f, spec, _, _ in _settings(CONFIGS[stage] if isinstance(stage, str) else stage):
         if spec.param:
             items.append(f"{{{{ dermaops_arg(params, {param_name(f, spec)!r}, {flag(f.name)!r}) }}}}")
     return items

@@ -16,7 +16,13 @@ history. Optional facts are shown when the producing stage records them, under t
   `mel_operating_point` in the test metrics ({threshold, sensitivity, specificity, ...});
 - intervals: any metric `<name>` with a sibling `<name>_ci` = [low, high] (headline or per class);
 - where the model looks: `localization` in the test metrics (Grad-CAM of each image's true class
-  against its lesion mask: per class the energy ratio and the pointing-game hit rate).
+  against its lesion mask: per class the energy ratio and the pointing-game hit rate);
+- subgroups: `subgroups` in the test metrics (dermaops.subgroups: per group of sex, age band,
+  localization and dx_type, figures with intervals);
+- referral: `referral` in the test metrics (dermaops.selective: the stored threshold's test coverage and
+  accuracy of the decided images);
+- inputs unlike the training data: `ood` in the test metrics (dermaops.ood: false flags on test, detection
+  of corrupted images).
 """
 
 from __future__ import annotations
@@ -146,7 +152,12 @@ def build_card(
         "intended_use": {"primary": INTENDED_USE, "out_of_scope": OUT_OF_SCOPE},
         "factors": {
             "relevant": ["diagnostic category", "anatomic site", "age", "sex", "skin type", "imaging device"],
-            "evaluated": ["diagnostic category (per-class metrics below)"],
+            "evaluated": ["diagnostic category (per-class metrics below)"]
+            + (
+                ["sex, age band, anatomic site, diagnosis confirmation (subgroup table below)"]
+                if metrics.get("subgroups")
+                else []
+            ),
         },
         "data": {
             "dataset": "HAM10000 (Tschandl et al. 2018, doi:10.7910/DVN/DBW86T), CC BY-NC 4.0",
@@ -166,6 +177,9 @@ def build_card(
         "calibration": calibration,
         "melanoma_operating_point": operating_point,
         "localization": metrics.get("localization"),
+        "subgroups": metrics.get("subgroups"),
+        "referral": _referral(metrics.get("referral")),
+        "out_of_distribution": {k: v for k, v in ood.items() if k != "fitted"} if (ood := metrics.get("ood")) else None,
         "limitations": [item.format(frame=frame.describe() if frame else "a fixed size") for item in LIMITATIONS],
         "ethical_considerations": [
             "Missing a melanoma is the costly error: promotion requires a minimum melanoma recall, and the "
@@ -194,6 +208,72 @@ def build_card(
             for h in (history or [decision])[-HISTORY_ROWS:]
         ],
     }
+
+
+def _referral(referral: dict | None) -> dict | None:
+    """The referral facts a card states: the threshold, its target, the test coverage and decided accuracy."""
+    if not referral or not referral.get("test"):
+        return None
+    test = referral["test"]
+    return {
+        "threshold": test["threshold"],
+        "target_accuracy": referral.get("target_accuracy"),
+        "coverage": test["coverage"],
+        "coverage_ci95": test.get("coverage_ci"),
+        "accuracy_of_decided": test["accuracy"],
+        "accuracy_of_decided_ci95": test.get("accuracy_ci"),
+        "aurc": referral.get("aurc"),
+    }
+
+
+def _guard_lines(card: dict) -> list[str]:
+    """Subgroups, referral and out-of-distribution inputs, where the evaluation recorded them."""
+    from dermaops.report import _ci, _pair
+
+    lines = []
+    sub = card.get("subgroups")
+    if sub:
+        lines += [
+            "",
+            "## Subgroups (test split)",
+            "",
+            f"Melanoma sensitivity and specificity at {sub['operating_point']}; 95 % lesion-bootstrap intervals; "
+            f"small = fewer than {sub['small_lesions']} test lesions.",
+            "",
+            "| attribute | group | images | melanomas | accuracy | balanced accuracy | mel sensitivity "
+            "| mel specificity |",
+            "|---|---|---|---|---|---|---|---|",
+            *[
+                f"| {g['attribute']} | {g['group']}{' (small)' if g['small'] else ''} | {g['n']} | {g['n_mel']} | "
+                f"{_ci(g['accuracy'])} | {_ci(g['balanced_accuracy'])} | {_ci(g['mel_sensitivity'])} | "
+                f"{_ci(g['mel_specificity'])} |"
+                for g in sub["groups"]
+            ],
+        ]
+    ref = card.get("referral")
+    lines += ["", "## Referral to a clinician", ""]
+    if ref:
+        lines.append(
+            f"- Images whose confidence (largest calibrated probability) is below {ref['threshold']:.4f} are referred "
+            f"instead of diagnosed (threshold chosen on validation for an accuracy of {ref['target_accuracy']}). On "
+            f"the test split: coverage {_num(ref['coverage'])} {_pair(ref['coverage_ci95'])} of the images are "
+            f"decided, with accuracy {_num(ref['accuracy_of_decided'])} {_pair(ref['accuracy_of_decided_ci95'])} on "
+            f"them; AURC {_num(ref['aurc'])}."
+        )
+    else:
+        lines.append("- No referral threshold: every image gets a prediction.")
+    ood = card.get("out_of_distribution")
+    lines += ["", "## Inputs unlike the training data", ""]
+    if ood:
+        detection = ", ".join(f"{kind} {rate:.3f}" for kind, rate in ood["detection"].items())
+        lines.append(
+            f"- Images whose features lie beyond the Mahalanobis threshold {ood['threshold']:.2f} are flagged "
+            f"out_of_distribution and get no diagnosis. On the test split {_num(ood['false_flag_rate'])} of genuine "
+            f"images are flagged; corrupted copies detected: {detection}."
+        )
+    else:
+        lines.append("- No out-of-distribution detector: every image gets a prediction, whatever it shows.")
+    return lines
 
 
 def _num(value) -> str:
@@ -312,6 +392,7 @@ def render_card(card: dict) -> str:
     if op["test"]:
         lines.append(f"- On the test split: {op['test']}")
     lines += _localization_lines(card.get("localization"))
+    lines += _guard_lines(card)
     lines += [
         "",
         "## Caveats and known limitations",

@@ -34,7 +34,8 @@ STAGES: tuple[Stage, ...] = (
     # require_approval: applies the reviewer's answer to a challenger that awaits approval (the DAG's approve task).
     Stage("promote", "dermaops.stages.promote", "data", gpu=False),
     Stage("notify", "dermaops.stages.notify", "data", gpu=False, secrets=("s3", "slack")),
-    Stage("predict", "dermaops.stages.predict", "torch", gpu=True, dag="predict"),
+    # "slack": prediction monitoring's alert when a batch is past a bound (dermaops.monitoring).
+    Stage("predict", "dermaops.stages.predict", "torch", gpu=True, secrets=("s3", "slack"), dag="predict"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 # The retraining DAG's tasks, in run order.

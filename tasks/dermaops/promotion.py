@@ -27,7 +27,10 @@ The gate. A challenger is promoted only if, in this order (the first failed rule
      probabilities (evaluate always has them), "beats" is a paired lesion-level bootstrap of the
      difference on these same images (dermaops.bootstrap.paired_difference): promoted only when the
      LOWER bound of its 95 % interval is above the margin, so a difference the test split cannot tell
-     from noise keeps the champion. The interval is in the decision record and its reason.
+     from noise keeps the champion. The interval is in the decision record and its reason;
+  6. optionally (evaluate's --subgroup-gate, off by default), its melanoma sensitivity in no subgroup of
+     sex, age band, localization or dx_type with enough test melanomas is below the champion's beyond the
+     paired bootstrap (dermaops.subgroups); the refusal names the group, the record keeps every comparison.
 Rules 1-4 hold for the first champion too.
 
 Fail closed: a registry whose champion record exists but cannot be read, or whose checkpoint is
@@ -332,6 +335,10 @@ ChampionScorer = Callable[[Path], tuple[dict, object]]
 run's test split, scored exactly like the challenger; raises StageError when it cannot be loaded or scored."""
 PairedComparison = Callable[[object, object, str], dict]
 """(challenger probabilities, champion probabilities, metric) -> bootstrap.paired_difference's record."""
+SubgroupCheck = Callable[[object, dict, object, dict, dict], dict]
+"""The optional subgroup gate (evaluate's --subgroup-gate, dermaops.subgroups): (challenger probabilities, its
+checkpoint meta, champion probabilities, its checkpoint meta, champion.json) -> {"groups": the paired comparison of
+each judged group, "refusal": the reason naming the group, or None}."""
 
 
 def _rescore(registry: Registry, record: dict, score_champion: ChampionScorer, scratch: Path):
@@ -374,11 +381,12 @@ def _judge(
     allow_broken_champion: bool,
     compare: PairedComparison | None,
     require_approval: bool,
+    subgroup_check: SubgroupCheck | None = None,
 ) -> _Judgement:
     """The gate against the champion of `state`: re-score it, decide, build the decision record."""
     record, problem = state.record, state.problem
     champion_info = {"run_id": record["run_id"], "model_uri": record["model_uri"]} if record else None
-    paired = None
+    paired = subgroup = None
     if record is not None and record["model_sha256"] == sha256:
         reason = f"this checkpoint is already the champion (run {record['run_id']})"
         decision = Decision(True, "already_champion", reason)
@@ -413,6 +421,13 @@ def _judge(
             subset=subset,
             paired=paired,
         )
+        # The subgroup gate: a challenger that beats the champion overall must not lose melanomas in a group.
+        if subgroup_check is not None and decision.promoted and champion_metrics is not None:
+            subgroup = subgroup_check(
+                challenger.proba, challenger.meta, champion_proba, champion_metrics.get("meta") or {}, record
+            )
+            if subgroup["refusal"]:
+                decision = Decision(False, "refused", subgroup["refusal"])
     gate_reason = decision.reason
     if decision.decision == "promoted" and require_approval:
         decision = Decision(False, AWAITING, f"{decision.reason}; awaiting a reviewer's approval (require_approval)")
@@ -440,6 +455,7 @@ def _judge(
         },
         "champion_before": champion_info,
         "paired_bootstrap": paired,
+        **({"subgroup_gate": subgroup} if subgroup is not None else {}),
         "champion_uri": (record or {}).get("model_uri"),
     }
     return _Judgement(decision, gate_reason, entry)
@@ -458,6 +474,7 @@ def run_gate(
     allow_broken_champion: bool = False,
     compare: PairedComparison | None = None,
     require_approval: bool = False,
+    subgroup_check: SubgroupCheck | None = None,
 ) -> dict:
     """Decide, record the decision in the history, and (if promoted) write champion.json last.
     Returns the decision record (also what the history holds). Raises ChampionIncident (after
@@ -478,7 +495,7 @@ def run_gate(
         state = registry.champion_state()
         judged = _judge(
             registry, challenger, sha256, state, score_champion, primary_metric, margin, floors, scratch,
-            baseline, subset, allow_broken_champion, compare, require_approval,
+            baseline, subset, allow_broken_champion, compare, require_approval, subgroup_check,
         )  # fmt: skip
         decision, entry = judged.decision, judged.entry
         if rejudged:

@@ -215,6 +215,8 @@ def render_page(snap: RegistrySnapshot, base: str = "") -> str:
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>DermaOps model registry</title>'
         f"<style>{STYLE}</style></head><body>"
         f"<h1>HAM10000 model registry</h1><p><code>{html.escape(str(snap.registry))}</code></p>"
+        f'<p><a href="{base}trends">Trends across versions and prediction monitoring</a> · '
+        f'<a href="{base}compare">Compare two versions</a></p>'
         f"{_champion_section(snap)}{_history_section(snap)}{_evaluation_section(snap, base)}</body></html>"
     )
 

@@ -95,6 +95,9 @@ def render(
     n_resamples: int | None = None,
     calibration: dict | None = None,
     operating_point: dict | None = None,
+    subgroups: dict | None = None,
+    referral: dict | None = None,
+    ood: dict | None = None,
 ) -> str:
     """report.md. `models` maps a display name to its test metrics, the evaluated model LAST; `intervals`
     the lesion-bootstrap intervals of its headline metrics ({metric: {value, low, high}})."""
@@ -160,6 +163,9 @@ def render(
     ]
     out += _calibration_section(calibration)
     out += _operating_point_section(operating_point)
+    out += subgroup_section(subgroups)
+    out += referral_section(referral)
+    out += ood_section(ood)
     out += _gradcam_section(gradcam)
     out += _promotion_section(promotion)
     return "\n".join(out) + "\n"
@@ -213,6 +219,108 @@ def _operating_point_section(point: dict | None) -> list[str]:
                 ["specificity (others not flagged)", point["specificity"], _pair(point["specificity_ci"]),
                  point["n_other"]],
             ],
+        ),
+        "",
+    ]  # fmt: skip
+
+
+def _ci(entry: dict) -> str:
+    """value [low, high] of a {value, low, high} figure; n/a where undefined."""
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    return f"{entry['value']:.3f}" + (
+        f" [{entry['low']:.3f}, {entry['high']:.3f}]" if entry.get("low") is not None else ""
+    )
+
+
+def subgroup_section(subgroups: dict | None) -> list[str]:
+    """The subgroup table (dermaops.subgroups): every group, small ones marked."""
+    if not subgroups:
+        return []
+    lines = [
+        "## Subgroups",
+        "",
+        f"Test figures per group of sex, age band, localization (the ten most frequent sites of the dataset, the rest "
+        f"as other) and dx_type, each with a 95 % interval from the same {subgroups['resamples']} lesion resamples "
+        f"as the headline; melanoma sensitivity and specificity at {subgroups['operating_point']}. Macro F1 "
+        f"{subgroups['macro_f1_rule']} (n/a otherwise). **small**: fewer than {subgroups['small_lesions']} test "
+        "lesions, its intervals are wide.",
+        "",
+        "| attribute | group | images | lesions | melanomas | accuracy | balanced accuracy | macro F1 | "
+        "mel sensitivity | mel specificity |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in subgroups["groups"]:
+        name = f"{g['group']} **small**" if g["small"] else g["group"]
+        lines.append(
+            f"| {g['attribute']} | {name} | {g['n']} | {g['lesions']} | {g['n_mel']} | {_ci(g['accuracy'])} | "
+            f"{_ci(g['balanced_accuracy'])} | {_ci(g['macro_f1'])} | {_ci(g['mel_sensitivity'])} | "
+            f"{_ci(g['mel_specificity'])} |"
+        )
+    return [*lines, "", "![melanoma sensitivity by subgroup](subgroups_mel_sensitivity.png)", ""]
+
+
+def referral_section(referral: dict | None) -> list[str]:
+    """Selective prediction (dermaops.selective): the risk-coverage curve and the stored referral threshold."""
+    if not referral:
+        return []
+    lines = [
+        "## Referral (selective prediction)",
+        "",
+        f"Risk-coverage on the test split: images decided from the most confident down (confidence = the largest "
+        f"calibrated probability). AURC {referral['aurc']:.4f} (lower is better).",
+        "",
+    ]
+    test = referral.get("test")
+    if test is None:
+        lines.append(
+            "The checkpoint carries no referral threshold (trained before it was fitted): every image is decided."
+        )
+    else:
+        fitted = referral["fitted"]
+        unreachable = "" if fitted.get("reachable", True) else "; the target was not reachable: everything is referred"
+        lines += [
+            f"Referral threshold {test['threshold']:.4f} on the confidence, chosen on validation for a target accuracy "
+            f"of {referral['target_accuracy']} (validation coverage {fitted.get('coverage')}, accuracy "
+            f"{fitted.get('accuracy')}{unreachable}).",
+            "",
+            _table(
+                ["on the test split", "value", "95 % interval"],
+                [
+                    ["coverage (share decided)", test["coverage"], _pair(test["coverage_ci"])],
+                    ["accuracy of the decided images", test["accuracy"], _pair(test["accuracy_ci"])],
+                    ["decided / referred images", f"{test['decided']} / {test['referred']}", ""],
+                    ["coverage at the target on the test curve itself (not used: chosen on test)",
+                     referral.get("test_coverage_at_target_on_test"), ""],
+                ],
+            ),
+        ]  # fmt: skip
+    return [*lines, "", "![risk-coverage curve](risk_coverage.png)", ""]
+
+
+def ood_section(ood: dict | None) -> list[str]:
+    """Inputs unlike the training data (dermaops.ood): false flags on test, detection of corrupted copies."""
+    if ood is None:
+        return [
+            "## Out-of-distribution inputs",
+            "",
+            "The checkpoint carries no out-of-distribution detector (trained before it was fitted).",
+            "",
+        ]
+    fitted = ood["fitted"]
+    false_flags = [f"in distribution ({ood['n_test']}, false flags)", ood["false_flag_rate"]]
+    detected = [[f"{kind} ({ood['corruptions'][kind]}), detected", rate, ""] for kind, rate in ood["detection"].items()]
+    return [
+        "## Out-of-distribution inputs",
+        "",
+        f"{fitted['method']} on the {fitted['dim']} penultimate-layer features ({fitted['layer']}), fitted on "
+        f"{fitted['n_train']} training images; threshold {ood['threshold']:.2f} chosen on {fitted['n_val']} validation "
+        f"images for a {fitted['tpr']:.0%} true-in-distribution rate. Images past it are flagged `out_of_distribution` "
+        "by predict and get no diagnosis.",
+        "",
+        _table(
+            ["test images", "flagged", "95 % interval"],
+            [[*false_flags, _pair(ood["false_flag_rate_ci"])], *detected],
         ),
         "",
     ]  # fmt: skip

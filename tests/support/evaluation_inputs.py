@@ -124,3 +124,49 @@ def small_models(small_split, shared_bucket, tmp_path_factory) -> dict[str, str]
         model.fc.bias[CLASSES.index("nv")] = 1.0
     prefixes["weak"] = _publish(store, f"{base}/weak", model, meta, scratch)
     return prefixes
+
+
+# The referral target of the guarded model: the small models are weak on purpose (a linear head on a random
+# backbone), so the target is one its validation curve reaches part of the way, not the DAG's 0.90.
+GUARDED_REFERRAL_ACCURACY = 0.6
+
+
+@pytest.fixture(scope="session")
+def guarded_model(small_split, small_models, shared_bucket, tmp_path_factory) -> str:
+    """Train output prefix of the `calibrated` model with the prediction guards train fits after training
+    (dermaops.guards.fit_checkpoint, the real function, on the small split's train and validation images): a
+    referral threshold, the out-of-distribution detector and the training prior in its meta."""
+    import numpy as np
+    import torch
+    from dermaops.guards import fit_checkpoint
+    from dermaops.imagecache import load_images
+    from dermaops.models import load_checkpoint
+
+    store = ArtifactStore()
+    scratch = tmp_path_factory.mktemp("guarded")
+    path = store.download(S3Uri.parse(small_models["calibrated"]).join("cnn.pt"), scratch / "source.pt")
+    train = pd_read(store, small_split, "train")
+    val_images, val_labels = _train_images(store, small_split, scratch, "val")
+    cache = load_images(Context(store, scratch), Dataset.open(store, small_split["dataset_uri"], scratch), SIZE)
+    torch.manual_seed(0)
+    fit_checkpoint(
+        path,
+        cache.rows,
+        train["image_id"].tolist(),
+        train["label"].to_numpy(dtype=np.int64),
+        val_images,
+        val_labels,
+        referral_accuracy=GUARDED_REFERRAL_ACCURACY,
+        ood_tpr=0.95,
+        tta=True,
+        device="cpu",
+    )
+    model, meta = load_checkpoint(path)
+    prefix = f"s3://{shared_bucket}/runs/eval-fixture/models/guarded"
+    return _publish(store, prefix, model, meta, scratch)
+
+
+def pd_read(store: ArtifactStore, split: dict, name: str):
+    import pandas as pd
+
+    return pd.read_csv(io.BytesIO(store.get_bytes(S3Uri.parse(split["split_uri"]).join(f"{name}.csv"))))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from dermaops.config import EvaluateConfig, recipe_arg
@@ -47,10 +48,11 @@ from dermaops.store import S3Uri
 HELP = "test-split metrics, confusion matrices, Grad-CAM, model comparison, champion/challenger promotion"
 CONFIG = EvaluateConfig
 # Bump when what evaluate computes changes: part of the fingerprint, so a re-run recomputes.
-EVALUATION_VERSION = 3
+EVALUATION_VERSION = 4
 ABLATION_KEYS = ("accuracy", "macro_f1", "macro_auc", "mel_recall")
 LOCALIZATION_KEYS = ("mask_source", "layer", "pointing_tolerance_px", "per_class", "overall")
 MODEL_META_KEYS = ("arch", "image_size", "geometry", "input_shape", "stem", "phase", "epoch")
+SUBGROUP_PLOT, RISK_COVERAGE_PLOT = "subgroups_mel_sensitivity.png", "risk_coverage.png"
 log = logging.getLogger(__name__)
 
 
@@ -139,6 +141,9 @@ class Scores:
     intervals: dict  # metric -> {value, low, high}: lesion-level bootstrap
     calibration: dict  # test ECE before / after the stored temperature, reliability bins
     operating_point: dict | None  # the melanoma threshold's test sensitivity / specificity
+    subgroups: dict  # per group of sex, age band, localization, dx_type: figures with intervals
+    referral: dict  # the risk-coverage curve, AURC, and the stored referral threshold's test figures
+    ood: dict | None  # the out-of-distribution detector's false-flag and detection rates (None: no detector)
 
     @property
     def model(self):
@@ -259,6 +264,11 @@ def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path)
     intervals = scorer.intervals(proba, point["threshold"] if point else None)
     calibration = scorer.calibration(scored)
     add_uncertainty(metrics, intervals, calibration, point)
+    # Beyond the headline: subgroups, referral and inputs unlike the training data, under the keys of the test
+    # metrics the model card and the registry view read.
+    metrics["subgroups"] = subgroups = scorer.subgroups(proba, scored.meta)
+    metrics["referral"] = referral = scorer.referral(proba, scored.meta)
+    metrics["ood"] = ood = scorer.out_of_distribution(scored)
     return Scores(
         scorer=scorer,
         scored=scored,
@@ -270,6 +280,9 @@ def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path)
         intervals=intervals,
         calibration=calibration,
         operating_point=point,
+        subgroups=subgroups,
+        referral=referral,
+        ood=ood,
     )
 
 
@@ -318,6 +331,24 @@ def write_tables_and_plots(out: Output, cfg: EvaluateConfig, scores: Scores, plo
         f"Reliability on the test split ({len(scorer.labels)} images)",
     )
     out.put_file("reliability.png", plots / "reliability.png", content_type="image/png")
+    from dermaops import selective, subgroups
+
+    subgroups.draw_forest(
+        plots / "forest.png",
+        scores.subgroups,
+        scores.operating_point and {"value": scores.operating_point["sensitivity"]},
+        f"Melanoma sensitivity by subgroup, test split ({len(scorer.labels)} images)",
+    )
+    out.put_file(SUBGROUP_PLOT, plots / "forest.png", content_type="image/png")
+    out.put_text("subgroups.csv", to_csv(subgroups.table_rows(scores.subgroups)), "text/csv")
+    selective.draw(
+        plots / "risk_coverage.png",
+        scorer.risk_coverage(scores.proba),
+        f"Risk-coverage on the test split ({len(scorer.labels)} images)",
+        scores.referral.get("test"),
+        scores.referral.get("target_accuracy"),
+    )
+    out.put_file(RISK_COVERAGE_PLOT, plots / "risk_coverage.png", content_type="image/png")
     gradcam = None
     if cfg.gradcam:
         gradcam = explain(scorer, scores, cfg.gradcam_images, plots / "gradcam.png")
@@ -333,6 +364,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
     """The champion/challenger gate (dermaops.promotion) when there is a registry; None otherwise."""
     if not inputs.registry_uri:
         return None
+    from dermaops.guards import without_arrays
     from dermaops.promotion import Challenger, Floors, Registry, run_gate
     from dermaops.report import BASELINE
 
@@ -341,7 +373,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         checkpoint=scores.checkpoint,
         source_uri=str(inputs.cnn_uri),
         metrics=scores.metrics,
-        meta=scores.meta,
+        meta=without_arrays(scores.meta),
         dataset_version=dataset_version,
         split_uri=str(inputs.split_uri),
         proba=scores.proba,
@@ -360,6 +392,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         allow_broken_champion=cfg.allow_broken_champion_override,
         compare=scores.scorer.compare,
         require_approval=cfg.require_approval,
+        subgroup_check=scores.scorer.subgroup_check(cfg.subgroup_min_melanomas) if cfg.subgroup_gate else None,
     )
 
 
@@ -397,6 +430,9 @@ def write_summary(
         n_resamples=scores.scorer.resamples.n,
         calibration=calibration,
         operating_point=scores.operating_point,
+        subgroups=scores.subgroups,
+        referral=scores.referral,
+        ood=scores.ood,
     )
     out.put_json(
         "metrics.json",
@@ -440,6 +476,11 @@ def write_summary(
         "ece_calibrated": _rounded(calibration["ece_after"]),
         "temperature": _rounded(calibration["temperature"]),
         "mel_operating_point": _rounded(scores.operating_point),
+        "aurc": _rounded(scores.referral["aurc"]),
+        "referral": _rounded(scores.referral.get("test")),
+        "ood": _rounded({k: v for k, v in scores.ood.items() if k in ("false_flag_rate", "detection")})
+        if scores.ood
+        else None,
         "gradcam_localization": gradcam["localization_ratio"] if gradcam else None,
         "n_test": metrics["n"],
         "tta": cfg.tta,
@@ -633,15 +674,135 @@ class SplitScorer:
         log.info("%d lesion-bootstrap resamples in %.2f s", self.resamples.n, time.monotonic() - started)
         return {name: out[name] for name in HEADLINE_CI if name in out}
 
+    @cached_property
+    def subgroup_table(self):
+        """The test split's subgroups (dermaops.subgroups), sharing the headline figures' lesion resamples."""
+        from dermaops.subgroups import Subgroups, group_labels, largest_localizations
+
+        sites = largest_localizations(self.dataset.metadata)
+        return Subgroups(self.labels, self.groups, group_labels(self.test, sites), sites, self.resamples.weights,
+                         self.mel, len(self.classes))  # fmt: skip
+
+    def subgroups(self, proba, meta: dict) -> dict:
+        """Every subgroup's figures, the melanoma flag at the checkpoint's operating point."""
+        from dermaops.prediction import operating_point
+
+        point = operating_point(meta, None)
+        started = time.monotonic()
+        out = self.subgroup_table.figures(proba, point.flags(proba, self.mel), point.rule)
+        log.info(
+            "%d subgroups with lesion-bootstrap intervals in %.2f s", len(out["groups"]), time.monotonic() - started
+        )
+        return out
+
+    def subgroup_check(self, min_melanomas: int):
+        """The subgroup gate's comparison (dermaops.promotion.SubgroupCheck): each model's melanoma flag at its
+        own operating point (the champion's from champion.json first, as predict reads it), paired per group."""
+        from dermaops.prediction import operating_point
+        from dermaops.subgroups import verdict
+
+        def check(challenger_proba, challenger_meta: dict, champion_proba, champion_meta: dict, record: dict) -> dict:
+            challenger = operating_point(challenger_meta, None).flags(challenger_proba, self.mel)
+            champion = operating_point(champion_meta, record).flags(champion_proba, self.mel)
+            compared = self.subgroup_table.compare(challenger, champion, min_melanomas)
+            return {"min_melanomas": min_melanomas, "groups": compared, "refusal": verdict(compared, min_melanomas)}
+
+        return check
+
+    def risk_coverage(self, proba):
+        from dermaops.selective import confidence, risk_coverage
+
+        return risk_coverage(confidence(proba), proba.argmax(axis=1) == self.labels)
+
+    def referral(self, proba, meta: dict) -> dict:
+        """The test risk-coverage curve and AURC; with the checkpoint's referral threshold (chosen on validation),
+        the test coverage and accuracy of the decided images at it, with lesion-bootstrap intervals, and the
+        coverage the test curve itself has at the target (for reference: chosen on test, never used)."""
+        import numpy as np
+
+        from dermaops.bootstrap import interval
+        from dermaops.guards import REFERRAL, referral_threshold
+        from dermaops.selective import confidence, weighted_at_threshold
+
+        curve = self.risk_coverage(proba)
+        out = {"aurc": curve.aurc, "n": len(self.labels), "curve": curve.thinned(), "test": None}
+        threshold = referral_threshold(meta)
+        if threshold is None:
+            return {**out, "fitted": None}
+        fitted = meta[REFERRAL]
+        conf, correct = confidence(proba), proba.argmax(axis=1) == self.labels
+        (coverage,), (accuracy,) = weighted_at_threshold(np.ones((1, len(conf)), dtype=np.float32), conf, correct,
+                                                         threshold)  # fmt: skip
+        coverage_b, accuracy_b = weighted_at_threshold(self.resamples.weights, conf, correct, threshold)
+        target = fitted.get("target_accuracy")
+        oracle, _ = curve.coverage_at_accuracy(target) if target is not None else (None, None)
+        out["test"] = {
+            "threshold": threshold,
+            "coverage": float(coverage),
+            "coverage_ci": list(interval(coverage_b)),
+            "accuracy": None if np.isnan(accuracy) else float(accuracy),
+            "accuracy_ci": list(interval(accuracy_b)),
+            "decided": int((conf >= threshold).sum()),
+            "referred": int((conf < threshold).sum()),
+        }
+        return {**out, "fitted": fitted, "target_accuracy": target, "test_coverage_at_target_on_test": oracle}
+
+    def out_of_distribution(self, scored: Scored) -> dict | None:
+        """With the checkpoint's detector: the share of the (in-distribution) test images it flags, with a
+        lesion-bootstrap interval, and the share of corrupted copies of them it detects, per corruption
+        (dermaops.ood: each test JPEG blurred, overexposed, turned with a black border, then decoded as predict
+        decodes). None for a checkpoint without one."""
+        import numpy as np
+
+        from dermaops.bootstrap import interval
+        from dermaops.frame import Frame
+        from dermaops.guards import OOD, detector, features
+        from dermaops.imagecache import decode_image
+        from dermaops.ood import CORRUPTION_TEXT, CORRUPTIONS, corrupt
+
+        found = detector(scored.meta)
+        if found is None:
+            return None
+        started = time.monotonic()
+        frame = Frame.from_meta(scored.meta)
+
+        def flags(images):
+            return found.flags(features(scored.model, images, scored.meta, self.batch_size, self.device))
+
+        flagged = flags(self.images(frame)).astype(np.float32)
+        wanted = set(self.image_ids)
+        raw = {image_id: data for image_id, _, data in self.dataset.iter_images() if image_id in wanted}
+        detection = {}
+        for kind in CORRUPTIONS:
+            corrupted = np.stack([decode_image(corrupt(raw[i], kind, i), frame, i) for i in self.image_ids])
+            detection[kind] = float(flags(corrupted).mean())
+        samples = (self.resamples.weights @ flagged) / self.resamples.weights.sum(axis=1)
+        log.info("out-of-distribution checks in %.1f s: false flags %.4f on test, detection %s",
+                 time.monotonic() - started, flagged.mean(), detection)  # fmt: skip
+        fitted = {k: v for k, v in scored.meta[OOD].items() if k not in ("means", "precision")}
+        return {
+            "fitted": fitted,
+            "threshold": found.threshold,
+            "false_flag_rate": float(flagged.mean()),
+            "false_flag_rate_ci": list(interval(samples)),
+            "n_test": len(flagged),
+            "detection": detection,
+            "corruptions": {kind: CORRUPTION_TEXT[kind] for kind in CORRUPTIONS},
+        }
+
     def score_champion(self, path: Path):
-        """(test metrics, test probabilities) of the registered champion, scored like the challenger. Any
-        failure to rebuild it (architecture or tensor shapes its meta does not match) is a StageError: the
-        gate then treats it as no champion."""
+        """(test metrics, test probabilities) of the registered champion, scored like the challenger; the metrics
+        carry its checkpoint's meta (`meta`, without the detector's matrices) for the subgroup gate. Any failure
+        to rebuild it (architecture or tensor shapes its meta does not match) is a StageError: the gate then
+        treats it as no champion."""
+        from dermaops.guards import without_arrays
+
         try:
-            proba = self.score_checkpoint(path, what="the champion checkpoint").proba(self.tta)
+            scored = self.score_checkpoint(path, what="the champion checkpoint")
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise StageError(f"the champion checkpoint does not load ({type(exc).__name__}: {exc})") from exc
-        return self.metrics(proba), proba
+        proba = scored.proba(self.tta)
+        return {**self.metrics(proba), "meta": without_arrays(scored.meta)}, proba
 
     def compare(self, proba_challenger, proba_champion, metric: str) -> dict:
         """Paired lesion bootstrap of metric(challenger) - metric(champion) on these same test images."""

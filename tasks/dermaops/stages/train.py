@@ -18,7 +18,9 @@ applies it wherever the checkpoint is scored. The test split is never looked at.
 Always, after training: temperature scaling and the melanoma operating point (dermaops.calibration)
 are fitted on the validation probabilities of cnn.pt, scored as evaluate and predict score it (--tta,
 the logit adjustment when there is one), and stored in its meta as `temperature` and `mel_threshold`
-(the highest threshold on the calibrated p(mel) reaching --mel-sensitivity on validation).
+(the highest threshold on the calibrated p(mel) reaching --mel-sensitivity on validation). Then the
+prediction guards (dermaops.guards): the referral threshold for --referral-accuracy and the
+out-of-distribution detector (training-split feature statistics, a threshold for --ood-tpr on validation).
 
 Outputs: cnn.pt (best validation macro F1 overall), cnn_phase1.pt (best of phase 1), history.json,
 curves_{loss,accuracy,f1}.png, checkpoints/last.pt (written every epoch), manifest.json last.
@@ -262,6 +264,22 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
     )
     log.info("calibrated on val: temperature %.4f, mel_threshold %.4f, %s",
              calibration["temperature"], calibration["mel_threshold"], calibration["calibration"])  # fmt: skip
+    # The prediction guards (dermaops.guards), on the calibrated model: the referral threshold and the
+    # out-of-distribution threshold chosen on validation, the detector's statistics from the training split.
+    from dermaops.guards import fit_checkpoint
+
+    guards = fit_checkpoint(
+        work / "cnn.pt",
+        cache.rows,
+        train_df["image_id"].tolist(),
+        train_df["label"].to_numpy(),
+        val_images,
+        val_df["label"].to_numpy(),
+        referral_accuracy=cfg.referral_accuracy,
+        ood_tpr=cfg.ood_tpr,
+        tta=cfg.tta,
+        device=device,
+    )
     upload("cnn.pt", work / "cnn.pt")
     history = state.history
     out.put_json("history.json", history)
@@ -291,6 +309,8 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
         "temperature": round(calibration["temperature"], 4),
         "mel_threshold": round(calibration["mel_threshold"], 4),
         "calibration": calibration["calibration"],
+        "referral": guards["referral"],
+        "ood": guards["ood"],
         "n_train": len(train_df),
         "n_val": len(val_df),
         "dataset_version": dataset.version,
