@@ -13,14 +13,14 @@ import datetime as dt
 import os
 
 from airflow.providers.standard.operators.hitl import HITLOperator
-from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
+from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Asset, Param, TriggerRule
 from dermaops.config import dag_argv, param_names, param_schema
 from dermaops.pipeline import PIPELINE
 from dermaops_runner import stage_task
 from dermaops_runner.alerts import alert_dag_failure
 from dermaops_runner.approval import APPROVE, REJECT, SlackApprovalRequest, approval_needed, response_timeout
-from dermaops_runner.marks import run_outcome
+from dermaops_runner.marks import outcome_task
 from dermaops_runner.templating import MACROS, retrain_needed
 
 DAG_ID = "dermaops_ham10000"
@@ -271,15 +271,7 @@ with DAG(
     notify.is_teardown = True
     # Fails the run when an operator marked it failed (every unfinished task skipped, nothing failed) or when
     # notify failed after its retries: the run must not look green while its report never reached Slack.
-    outcome = PythonOperator(
-        task_id="outcome",
-        python_callable=run_outcome,
-        trigger_rule=TriggerRule.ALL_DONE,
-        retries=0,
-        doc_md="Fails the run when an operator marked it failed, or when notify could not deliver the report.",
-    )
-    outcome.is_teardown = True
-    outcome.on_failure_fail_dagrun = True
+    outcome = outcome_task()
 
     ingest >> validate >> split >> changes >> retrain >> [train_baseline, train] >> evaluate
     evaluate >> approval >> approve >> promote >> notify >> outcome

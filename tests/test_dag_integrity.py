@@ -346,6 +346,16 @@ def test_a_blank_source_is_the_deployments_and_a_typed_one_overrides_it(docker_d
         source({"source": None})
 
 
+def test_scripts_run_lists_the_tasks_in_the_dags_order(airflow_config):
+    """devrun's outcome table (scripts/run): upstream before downstream, ties as the DAG file defines them."""
+    from dermaops.devrun import dag_order
+
+    assert dag_order("dermaops_ham10000") == [
+        "ingest", "validate", "split", "changes", "retrain_needed", "train_baseline", "train", "evaluate",
+        "approval_needed", "approve", "promote", "notify", "outcome",
+    ]  # fmt: skip
+
+
 def test_summary_is_found_even_when_a_stderr_line_follows_it():
     """Docker interleaves stdout and stderr: the summary is the last JSON line naming the stage."""
     from dermaops_runner.results import summary_from_lines

@@ -9,11 +9,11 @@ Airflow records who marked the run and when in its audit log (event `patch_dag_r
 Audit Log, REST /api/v2/eventLogs), in the API server's database, where tasks cannot read (Airflow 3
 gives them no database access). So:
 
-- `RunMarkListener` (a listener plugin, called by the API server in the request that marks the run, with
-  the request's session) reads that audit-log entry and appends one line to the run's note: "Marked failed
-  by <user> at <time> (Airflow audit log: patch_dag_run; run try <n>)". The note is shown on the run in the
-  UI, and every task of the run receives it in its context (`dag_run.note`);
-- `marked_failed(dag_run)` reads that line back for the run's current try (a cleared, re-run try does not
+- `RunMarkListener` (registered by the plugin in plugins/dermaops_marks; the API server calls it in the
+  request that marks the run, with the request's session) reads that audit-log entry and appends one line
+  to the run's note: "Marked failed by <user> at <time> (Airflow audit log: patch_dag_run; run try <n>)".
+  The note is shown on the run in the UI, and every task of the run gets it in its context (`dag_run.note`);
+- `marked_failed(note, clear_number)` reads that line back for the run's current try (a cleared, re-run try does not
   inherit it): notify's report says it, and the `outcome` teardown fails the run with it.
 """
 
@@ -24,7 +24,6 @@ import logging
 import re
 
 from airflow.listeners import hookimpl
-from airflow.plugins_manager import AirflowPlugin
 
 # The message the API server passes to on_dag_run_failed when a user sets the state
 # (airflow.api_fastapi.core_api.services.public.dag_run.patch_dag_run_state).
@@ -89,6 +88,24 @@ def _append(note: str | None, line: str) -> str:
     return f"{note}\n\n{line}" if note else line
 
 
+def outcome_task(**kwargs):
+    """The `outcome` teardown that follows notify (see run_outcome): the retrain DAG's last task."""
+    from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.sdk import TriggerRule
+
+    task = PythonOperator(
+        task_id="outcome",
+        python_callable=run_outcome,
+        trigger_rule=TriggerRule.ALL_DONE,
+        retries=0,
+        doc_md="Fails the run when an operator marked it failed, or when notify could not deliver the report.",
+        **kwargs,
+    )
+    task.is_teardown = True
+    task.on_failure_fail_dagrun = True
+    return task
+
+
 def run_outcome(ti, dag_run) -> None:
     """The `outcome` teardown, the DAG's last task: it fails the run when the tasks alone would leave it green
     although it must not be: an operator marked it failed (every unfinished task was skipped), or notify
@@ -131,8 +148,3 @@ class RunMarkListener:
             log.info("run %s of %s: %s", dag_run.run_id, dag_run.dag_id, line)
         except Exception:  # a listener must not break the request that marks the run
             log.exception("could not note who marked run %s failed", getattr(dag_run, "run_id", "?"))
-
-
-class DermaOpsRunMarksPlugin(AirflowPlugin):
-    name = "dermaops_run_marks"
-    listeners = [RunMarkListener()]
