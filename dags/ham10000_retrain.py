@@ -20,6 +20,7 @@ from dermaops.pipeline import PIPELINE
 from dermaops_runner import stage_task
 from dermaops_runner.alerts import alert_dag_failure
 from dermaops_runner.approval import APPROVE, REJECT, SlackApprovalRequest, approval_needed, response_timeout
+from dermaops_runner.marks import outcome_task
 from dermaops_runner.templating import MACROS, retrain_needed
 
 DAG_ID = "dermaops_ham10000"
@@ -53,7 +54,7 @@ DOC = f"""
 # DermaOps: HAM10000 retraining
 
 `ingest → validate → split → changes → retrain_needed → {{train_baseline, train}} → evaluate → approval_needed
-→ approve → promote → notify`
+→ approve → promote → notify → outcome`
 
 Every task runs one stage, `python -m dermaops <stage> [flags]`, in a container (or a subprocess with
 `DERMAOPS_RUNNER=local`). The trigger form's parameters become the stages' flags. Stages exchange
@@ -83,9 +84,15 @@ waits, the next weekly run queues behind it (one active run).
 weekly interval at once, and then one run a week.
 
 `notify` runs whatever happened upstream: it writes the run report (`notify/report.md`) and posts
-it to Slack. It is a teardown task, so the run's state is the pipeline's, unless notify itself still
-fails after its retries (Slack down for minutes): then the run fails, so nobody mistakes it for a
-delivered success. A failed run also sends a Slack alert from the DAG's failure callback.
+it to Slack. It is a teardown task, so the run's state is the pipeline's. `outcome`, the last teardown,
+fails the run in the two cases the tasks alone would leave green: notify still failed after its retries
+(Slack down for minutes: nobody mistakes the run for a delivered success), or an operator marked the run
+failed (the report says who and when, from Airflow's audit log). A failed run also sends a Slack alert
+from the DAG's failure callback.
+
+**Source.** The `source` param left blank ingests the deployment's source: the Airflow Variable
+`dermaops_source` (`scripts/stack seed` sets it), or Harvard Dataverse when it is unset. The weekly
+runs use it; a value typed in the form overrides it for one run.
 """
 
 with DAG(
@@ -104,7 +111,7 @@ with DAG(
 ) as dag:
     ingest = stage_task(
         "ingest",
-        ["--source", "{{ params.source }}", "--datasets", DATASETS, flag_if("force_ingest")],
+        ["--source", "{{ dermaops_source(params) }}", "--datasets", DATASETS, flag_if("force_ingest")],
         retries=3,
         # Airflow 3: the multiplier doubles the delay per try (30 s, 60 s, 120 s, each with up to
         # +100 % deterministic jitter), capped at max_retry_delay.
@@ -245,6 +252,7 @@ with DAG(
             "--results",
             "{{ dermaops_stage_results(ti, " + repr(list(PIPELINE)) + ") }}",
             "{{ '--started-at=' ~ dag_run.start_date.isoformat() if dag_run.start_date else '' }}",
+            "{{ '--marked-failed=' ~ dermaops_run_mark(dag_run) if dermaops_run_mark(dag_run) else '' }}",
             "--report-out",
             f"{RUN}/notify",
         ],
@@ -256,11 +264,14 @@ with DAG(
         max_retry_delay=dt.timedelta(seconds=300),
         trigger_rule=TriggerRule.ALL_DONE,
     )
-    # A teardown: a failed pipeline fails the run (and fires the failure callback) even though notify, which
-    # reports the failure, succeeds. And a notify that still fails after its retries fails the run too: the
-    # run must not look green while its report never reached Slack.
+    # Teardowns run whatever happened upstream, even after an operator marked the run failed. The run's state
+    # is then Airflow's verdict on the leaf tasks: promote (upstream_failed when a stage failed) and outcome.
+    # notify must not fail the run itself: a teardown with on_failure_fail_dagrun hides its upstream tasks
+    # from that verdict, and a failed stage would leave the run green. outcome carries that role instead.
     notify.is_teardown = True
-    notify.on_failure_fail_dagrun = True
+    # Fails the run when an operator marked it failed (every unfinished task skipped, nothing failed) or when
+    # notify failed after its retries: the run must not look green while its report never reached Slack.
+    outcome = outcome_task()
 
     ingest >> validate >> split >> changes >> retrain >> [train_baseline, train] >> evaluate
-    evaluate >> approval >> approve >> promote >> notify
+    evaluate >> approval >> approve >> promote >> notify >> outcome

@@ -78,7 +78,7 @@ def assert_successful_run(
     airflow_env, store, bucket: S3Uri, slack_api, run_id: str, n_images: int, image_size: int = 28
 ) -> None:
     assert airflow_env.run_state(run_id) == "success"
-    assert airflow_env.task_states(run_id) == {**{t: "success" for t in (*STAGES, "notify")}, **NO_APPROVAL}
+    assert airflow_env.task_states(run_id) == {**{t: "success" for t in (*STAGES, "notify", "outcome")}, **NO_APPROVAL}
     runs = bucket.join("runs", run_key(run_id))
     xcom = airflow_env.xcoms(run_id)
 
@@ -170,6 +170,9 @@ def test_local_mode_runs_every_stage(airflow_env, small_pack_200px, dag_env, sto
     ).stdout
     assert f"run {run_id}: success" in outcome
     assert all(re.search(rf"^  {task}\s+success\s", outcome, re.M) for task in (*STAGES, "notify")), outcome
+    # Its task table in the DAG's order (not by start time, where the parallel trainings interleave).
+    listed = re.findall(r"^  (\w+)\s+(?:success|skipped)\s", outcome, re.M)
+    assert listed == [*STAGES, *NO_APPROVAL, "notify", "outcome"], outcome
 
 
 @pytest.mark.slow
@@ -210,6 +213,7 @@ def test_unchanged_data_and_recipe_skip_training_unless_forced(
         "approve": "skipped",
         "promote": "skipped",
         "notify": "success",
+        "outcome": "success",
     }
     xcom = airflow_env.xcoms(run_id)
     changes = xcom["changes"]
@@ -268,6 +272,7 @@ def test_invalid_data_stops_before_training_and_is_reported(
         "approve": "upstream_failed",
         "promote": "upstream_failed",
         "notify": "success",
+        "outcome": "success",  # the failed stage fails the run, through promote; the alert names it
     }, proc.stdout[-8000:]
     with airflow_env.db() as conn:
         [tries] = conn.execute(
@@ -358,6 +363,7 @@ import datetime as dt
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, TriggerRule
 from dermaops_runner import stage_task
+from dermaops_runner.marks import outcome_task
 
 with DAG(dag_id="tiny_notify", schedule=None, start_date=dt.datetime(2026, 1, 5, tzinfo=dt.UTC)) as dag:
     work = EmptyOperator(task_id="work")
@@ -369,24 +375,25 @@ with DAG(dag_id="tiny_notify", schedule=None, start_date=dt.datetime(2026, 1, 5,
         trigger_rule=TriggerRule.ALL_DONE,
     )
     notify.is_teardown = True
-    notify.on_failure_fail_dagrun = %(fail_dagrun)s
     work >> notify
+    if %(with_outcome)s:
+        notify >> outcome_task()
 """
 
 
-@pytest.mark.parametrize("fail_dagrun", [True, False])
+@pytest.mark.parametrize("with_outcome", [True, False])
 def test_slack_down_through_notifys_retries_shows_on_the_run(
-    fail_dagrun, airflow_env, dag_env, store, bucket, tmp_path
+    with_outcome, airflow_env, dag_env, store, bucket, tmp_path
 ):
-    """The retrain DAG's notify (tests/test_dag_integrity.py checks its settings) in a DAG of its own, with
-    Slack unreachable: exit 3 is retried, and when every try failed the run fails, as the teardown's
-    on_failure_fail_dagrun makes it. Without it (fail_dagrun=False, the DAG before issue 19) the run was
-    green while the message was lost."""
+    """The retrain DAG's notify and outcome (tests/test_dag_integrity.py checks their settings) in a DAG of
+    their own, with Slack unreachable: exit 3 is retried, and when every try failed the outcome task fails
+    the run. Without it (a teardown notify alone, the DAG before issue 19) the run was green while the
+    message was lost."""
     from dermaops.embedded_s3 import free_port
 
     dags = tmp_path / "dags"
     dags.mkdir()
-    (dags / "tiny_notify.py").write_text(TINY_NOTIFY_DAG % {"bucket": bucket.bucket, "fail_dagrun": fail_dagrun})
+    (dags / "tiny_notify.py").write_text(TINY_NOTIFY_DAG % {"bucket": bucket.bucket, "with_outcome": with_outcome})
     down = f"http://127.0.0.1:{free_port()}/api/"  # nothing listens there
     env = {
         **dag_env,
@@ -402,7 +409,8 @@ def test_slack_down_through_notifys_retries_shows_on_the_run(
             (run_id,),
         ).fetchone()
     states = airflow_env.task_states(run_id, dag_id="tiny_notify")
-    assert states == {"work": "success", "notify": "failed"}, proc.stdout[-6000:] + proc.stderr[-6000:]
+    expected = {"work": "success", "notify": "failed", **({"outcome": "failed"} if with_outcome else {})}
+    assert states == expected, proc.stdout[-6000:] + proc.stderr[-6000:]
     assert tries == 3  # the first try and 2 retries: exit 3 (Slack unreachable) is transient
     assert store.exists(bucket.join("runs", "tiny", "notify", "report.md"))  # the report is written each try
-    assert airflow_env.run_state(run_id, dag_id="tiny_notify") == ("failed" if fail_dagrun else "success")
+    assert airflow_env.run_state(run_id, dag_id="tiny_notify") == ("failed" if with_outcome else "success")

@@ -15,8 +15,8 @@ from dermaops.pipeline import STAGES as REGISTRY
 from tests.support.airflow_env import ROOT, airflow_base_env
 
 STAGES = tuple(s.name for s in REGISTRY if s.dag == "retrain")
-# The DAG's tasks that are not stages: two short circuits and the human-in-the-loop approval.
-NON_STAGES = ("retrain_needed", "approval_needed", "approve")
+# The DAG's tasks that are not stages: two short circuits, the human-in-the-loop approval and the run's verdict.
+NON_STAGES = ("retrain_needed", "approval_needed", "approve", "outcome")
 TORCH_STAGES = tuple(s.name for s in REGISTRY if s.dag == "retrain" and s.image == "torch")
 
 
@@ -81,7 +81,8 @@ def test_dag_shape_schedule_and_docs(docker_dag):
         "approval_needed": {"approve"},
         "approve": {"promote"},
         "promote": {"notify"},
-        "notify": set(),
+        "notify": {"outcome"},
+        "outcome": set(),
     }
     assert dag.schedule == "0 3 * * 1"
     assert dag.catchup is False and dag.max_active_runs == 1
@@ -133,16 +134,55 @@ def test_retries_and_delays_follow_the_design_table(docker_dag):
     assert notify.max_retry_delay == dt.timedelta(seconds=300)
 
 
-def test_notify_runs_whatever_happened_and_a_notify_that_still_fails_fails_the_run(docker_dag):
-    notify = docker_dag.get_task("notify")
-    assert notify.trigger_rule == "all_done"
-    # A teardown, so a failed pipeline still gets its report; but a notify that fails after its retries
-    # (Slack down) fails the run instead of leaving it green with the message lost.
-    assert notify.is_teardown and notify.on_failure_fail_dagrun
+def test_notify_runs_whatever_happened_and_the_outcome_task_judges_the_run(docker_dag):
+    notify, outcome = docker_dag.get_task("notify"), docker_dag.get_task("outcome")
+    assert notify.trigger_rule == outcome.trigger_rule == "all_done"
+    # Teardowns, so a failed pipeline, or a run an operator marked failed, still gets its report. outcome, not
+    # notify, fails the run: a teardown with on_failure_fail_dagrun hides its upstream tasks from the run's state.
+    assert notify.is_teardown and not notify.on_failure_fail_dagrun
+    assert outcome.is_teardown and outcome.on_failure_fail_dagrun and outcome.retries == 0
     assert notify.secrets == ("s3", "slack")
     # The data source's token comes from a connection (the "source" set), never from the source param.
     assert docker_dag.get_task("ingest").secrets == ("s3", "source")
     assert all(docker_dag.get_task(t).secrets == ("s3",) for t in STAGES if t not in ("notify", "ingest"))
+
+
+@pytest.mark.parametrize(
+    ("states", "run_state"),
+    [
+        ({}, "success"),
+        # A stage failed: the tasks after it are upstream_failed, notify and outcome succeed. Before issue 22,
+        # notify's on_failure_fail_dagrun made it the only leaf, and the scheduler called this run a success.
+        ({"validate": "failed", "**": "upstream_failed", "notify": "success", "outcome": "success"}, "failed"),
+        # Nothing new: training skipped, approval skipped.
+        ({"train": "skipped", "train_baseline": "skipped", "evaluate": "skipped", "approval_needed": "skipped",
+          "approve": "skipped", "promote": "skipped"}, "success"),
+        # Notify failed after its retries (Slack down), or an operator marked the run failed: outcome fails.
+        ({"notify": "failed", "outcome": "failed"}, "failed"),
+        ({"ingest": "skipped", "**": "skipped", "notify": "success", "outcome": "failed"}, "failed"),
+    ],
+)  # fmt: skip
+def test_the_run_state_the_scheduler_derives_from_the_tasks(docker_dag, states, run_state):
+    """Airflow's own rule (DagRun._tis_for_dagrun_state: the leaf tasks, teardowns counted only with
+    on_failure_fail_dagrun) applied to the serialized DAG, as the scheduler applies it. `airflow dags test`
+    decides differently, so the end-to-end tests alone did not see a failed run end green."""
+    from collections import namedtuple
+
+    from airflow.models.dagrun import DagRun
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.utils.state import State
+
+    dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(docker_dag))
+    rest = states.get("**", "success")
+    ti = namedtuple("TaskInstance", "task_id state")
+    tis = [ti(t, states.get(t, rest)) for t in dag.task_ids]
+    leaves = DagRun._tis_for_dagrun_state(None, dag=dag, tis=tis)
+    assert {ti.task_id for ti in leaves} == {"promote", "outcome"}
+    if any(ti.state in State.failed_states for ti in leaves):
+        derived = "failed"
+    else:
+        derived = "success" if all(ti.state in State.success_states for ti in leaves) else "running"
+    assert derived == run_state
 
 
 def test_docker_mode_images_and_container_settings(docker_dag):
@@ -240,7 +280,8 @@ def test_dag_survives_serialization(docker_dag):
 
     restored = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(docker_dag))
     assert set(restored.task_ids) == {*STAGES, *NON_STAGES}
-    assert restored.get_task("notify").is_teardown and restored.get_task("notify").on_failure_fail_dagrun
+    assert restored.get_task("notify").is_teardown and not restored.get_task("notify").on_failure_fail_dagrun
+    assert restored.get_task("outcome").is_teardown and restored.get_task("outcome").on_failure_fail_dagrun
     assert [a.uri for a in restored.get_task("ingest").outlets] == ["s3://lesions/datasets/ham10000"]
     for task_id in ("evaluate", "promote"):  # both may write champion.json
         assert [a.uri for a in restored.get_task(task_id).outlets] == ["s3://lesions/registry/ham10000/champion.json"]
@@ -279,6 +320,40 @@ def test_a_source_param_with_a_credential_is_refused_when_the_run_is_triggered(d
         "/data/ham10000",
     ):
         assert params.deep_merge({"source": source}).validate()["source"] == source
+
+
+def test_a_blank_source_is_the_deployments_and_a_typed_one_overrides_it(docker_dag, monkeypatch):
+    """The source belongs to the deployment (the Airflow Variable dermaops_source, which scripts/stack seed
+    sets; here through its AIRFLOW_VAR_ form): the form's blank source, the scheduled runs' too, ingests it;
+    unset, Harvard Dataverse. Read when ingest's argv is rendered, never at parse time (parse() forbids it)."""
+    from airflow.serialization.serialized_objects import DagSerialization
+    from dermaops.config import DATAVERSE_SOURCE, SOURCE_VARIABLE
+    from dermaops_runner.templating import source
+
+    params = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(docker_dag)).params
+    assert params.validate()["source"] is None  # the default: blank, and it passes the credential rule
+    assert "dermaops_source(params)" in docker_dag.get_task("ingest").command[5]
+
+    monkeypatch.undo()  # parsing is over: the macro runs at execute time, where Variables are read
+    variable = f"AIRFLOW_VAR_{SOURCE_VARIABLE.upper()}"
+    monkeypatch.delenv(variable, raising=False)
+    assert source({"source": None}) == DATAVERSE_SOURCE
+    monkeypatch.setenv(variable, "s3://lesions/sources/ham10000-200px")
+    assert source({"source": None}) == source({"source": ""}) == "s3://lesions/sources/ham10000-200px"
+    assert source({"source": "/data/other-pack"}) == "/data/other-pack"  # typed in the form: this run only
+    monkeypatch.setenv(variable, "https://reader:pw@host/ham")
+    with pytest.raises(ValueError, match=f"^the Airflow Variable {SOURCE_VARIABLE}: the source URL must carry no"):
+        source({"source": None})
+
+
+def test_scripts_run_lists_the_tasks_in_the_dags_order(airflow_config):
+    """devrun's outcome table (scripts/run): upstream before downstream, ties as the DAG file defines them."""
+    from dermaops.devrun import dag_order
+
+    assert dag_order("dermaops_ham10000") == [
+        "ingest", "validate", "split", "changes", "retrain_needed", "train_baseline", "train", "evaluate",
+        "approval_needed", "approve", "promote", "notify", "outcome",
+    ]  # fmt: skip
 
 
 def test_summary_is_found_even_when_a_stderr_line_follows_it():

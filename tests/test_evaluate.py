@@ -96,7 +96,10 @@ def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
     assert per_class["class"].tolist() == list(CLASSES) and per_class["support"].tolist() == supports
 
     comparison = _csv(store, out.join("model_comparison.csv"))
-    assert comparison["model"].tolist() == ["baseline (random forest)", "frozen (phase 1)", "fine-tuned (best)"]
+    # The evaluated checkpoint is named as it is (phase and epoch), not "fine-tuned" whatever its phase.
+    meta = metrics["model_meta"]
+    label = f"best on validation (phase {meta['phase']}, epoch {meta['epoch']})"
+    assert comparison["model"].tolist() == ["baseline (random forest)", "frozen (phase 1)", label]
     assert np.isclose(comparison["macro_f1"].iloc[-1], m["macro_f1"], atol=1e-4)
 
     # Grad-CAM images are melanoma test images.
@@ -108,6 +111,9 @@ def test_evaluate_writes_consistent_metrics_report_and_promotes_a_first_model(
     for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "gradcam_mel.png"):
         assert f"]({name})" in report  # relative links to files published next to the report
     assert "| mel |" in report and "change vs baseline" in report and "promoted" in report
+    assert (
+        f"- evaluated model, {label}: " in report and "chosen because it has the highest validation macro F1" in report
+    )
 
     # A first model that clears the floor becomes champion; the registry holds its own copy.
     assert summary["promoted"] is True and summary["decision"] == "promoted"
@@ -204,7 +210,7 @@ def test_evaluate_reports_calibration_operating_point_intervals_and_localization
     assert summary["gradcam_localization"] == gradcam["localization_ratio"]
     assert metrics["test"]["localization"]["per_class"] == gradcam["per_class"]  # what the model card reads
     # --no-score-phase1: no frozen row.
-    assert list(metrics["comparison"]) == ["fine-tuned (best)"]
+    assert [name.split(" (")[0] for name in metrics["comparison"]] == ["best on validation"]
 
     assert store.get_bytes(out.join("reliability.png")).startswith(PNG)
     report = store.get_bytes(out.join("report.md")).decode()
@@ -264,3 +270,21 @@ def test_bad_flags_fail_in_one_line_and_write_nothing(small_split, small_models,
     )
     assert no_run.returncode == 2 and "--run-id" in no_run.error_line
     assert list(store.list(f"s3://{bucket.bucket}/")) == []
+
+
+def test_the_report_says_which_checkpoint_was_evaluated_and_why():
+    """quick-cpu's one fine-tuning epoch can lose on validation: cnn.pt is then phase 1's best checkpoint,
+    the same model as the frozen row, and the report says so instead of calling it fine-tuned."""
+    from dermaops.report import evaluated_label, why_chosen
+
+    phase1 = {"phase": 1, "epoch": 6, "val": {"macro_f1": 0.4312}}
+    assert evaluated_label(phase1) == "best on validation (phase 1, epoch 6)"
+    assert why_chosen(phase1, {"finetune_epochs": 1}) == (
+        "the highest validation macro F1 (0.4312) of every epoch trained; phase 2's 1 fine-tuning epoch did not "
+        "improve on it, so it is the frozen (phase 1) model"
+    )
+    assert why_chosen(phase1, {"finetune_epochs": 0}).endswith("(phase 1 only: no fine-tuning epochs)")
+    phase2 = {"phase": 2, "epoch": 7, "val": {"macro_f1": 0.45}}
+    assert (
+        why_chosen(phase2, {"finetune_epochs": 1}) == "the highest validation macro F1 (0.4500) of every epoch trained"
+    )

@@ -64,6 +64,7 @@ def test_card_shows_intervals_calibration_operating_point_and_recipe():
     }
     meta = {"arch": "resnet18", "image_size": 64, "stem": "imagenet", "pretrained": "none", "classes": list(CLASSES)}
     meta |= {"phase": 2, "epoch": 7, "temperature": 1.7, "mel_threshold": 0.2}
+    meta["calibration"] = {"mel_target_sensitivity": 0.85, "val_mel_sensitivity": 0.86, "val_mel_specificity": 0.61}
     decision = {"run_id": "r2", "decided_at": "2026-02-01T00:00:00", "decision": "promoted", "reason": "beats | it"}
     history = [
         {"run_id": "r1", "decided_at": "2026-01-01", "decision": "refused", "reason": "below the floor"},
@@ -86,7 +87,15 @@ def test_card_shows_intervals_calibration_operating_point_and_recipe():
     assert "| accuracy | 0.7000 [0.6000, 0.8000] |" in text and "| macro_auc | n/a |" in text
     assert "| mel | 0.5000 | 0.6000 [0.4100, 0.7700] | 0.5500 | 0.8000 | 10 |" in text
     assert "Temperature scaling: 1.7" in text and "Expected calibration error (test): 0.031" in text
-    assert "Rule: flag melanoma when p(mel) >= 0.2" in text and "'sensitivity': 0.86" in text
+    assert "Rule: flag melanoma when p(mel) >= 0.2" in text
+    # A sentence, not a Python dict.
+    assert (
+        "- On the test split: Melanoma operating point p(mel) >= 0.200: test sensitivity 0.86, specificity 0.70" in text
+    )
+    assert "{" not in text.split("## Melanoma operating point", 1)[1].split("##", 1)[0]
+    assert "On the validation split, where it was chosen for sensitivity 0.85: sensitivity 0.8600, specificity" in text
+    # The heading names the one per-class figure that has an interval.
+    assert "Per class (95 % lesion-bootstrap interval in brackets for recall of mel; the rest are point" in text
     assert "- epochs: 20" in text and "- lr: 0.002" in text and "out" not in card["recipe"]
     assert "64x64 px" in text
     # The whole history, the refused challenger before this model included; a '|' cannot break the table.

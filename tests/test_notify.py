@@ -149,12 +149,36 @@ def test_unknown_channel_fails_with_one_line(run_stage, slack_api, bucket):
     assert "channel_not_found" in result.error_line and "#nowhere" in result.error_line
 
 
-def test_without_slack_the_report_is_still_written(run_stage, store, bucket):
+def test_without_slack_the_report_is_still_written_and_says_so(run_stage, store, bucket):
     result = run_stage(*notify_args(bucket), env={"SLACK_BOT_TOKEN": "", "DERMAOPS_SLACK_CHANNEL": ""})
 
     assert result.summary["slack"] == "skipped"
     assert "Slack skipped" in result.stderr
-    assert "Outcome: **success**" in store.get_bytes(result.summary["report_uri"]).decode()
+    report = store.get_bytes(result.summary["report_uri"]).decode()
+    assert "Outcome: **success**" in report
+    # Whoever reads the report learns that nobody was told, not only whoever reads the task log.
+    assert "- Slack: not configured (no SLACK_BOT_TOKEN): this report was not posted" in report
+
+
+def test_a_run_an_operator_marked_failed_says_who_and_when(run_stage, slack_api, store, bucket):
+    """What the DAG renders from the run's note when an operator marked it failed (dermaops_runner.marks):
+    ingest was running (Airflow failed it), the rest never ran (skipped), nothing failed on its own."""
+    states = {"ingest": "failed", **{t: "skipped" for t in ("validate", "split", "train_baseline", "train")}}
+    mark = {"by": "dr.lee", "at": "2026-11-27T04:05:09Z", "event": "patch_dag_run"}
+    args = [*notify_args(bucket, states, {}), "--marked-failed", json.dumps(mark)]
+
+    summary = run_stage(*args, env=slack_api.env()).summary
+
+    said = "marked failed by dr.lee at 2026-11-27T04:05:09Z (Airflow audit log: patch_dag_run)"
+    assert summary["outcome"] == "failed"
+    report = store.get_bytes(summary["report_uri"]).decode()
+    assert f"- Outcome: **failed**: {said}" in report
+    assert f"| ingest | failed | stopped: the run was {said} |" in report  # not an empty error cell
+    assert "| validate | skipped |  |" in report
+    assert f"- Slack: to {CHANNEL}" in report
+    [message] = slack_api.messages
+    assert "failed" in message["blocks"][0]["text"]["text"] and said in message["text"]
+    assert f":raised_hand: The run was {said}" in block_text(message["blocks"])
 
 
 def test_rerun_with_same_inputs_skips_without_posting_twice(run_stage, slack_api, bucket):

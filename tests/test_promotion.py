@@ -10,7 +10,15 @@ import pandas as pd
 import pytest
 from dermaops.dataset import CLASSES, Dataset
 from dermaops.errors import StageError
-from dermaops.promotion import Challenger, ChampionIncident, Floors, Registry, decide, run_gate
+from dermaops.promotion import (
+    Challenger,
+    ChampionIncident,
+    Floors,
+    Registry,
+    decide,
+    operating_point_record,
+    run_gate,
+)
 from dermaops.stage import Context
 from dermaops.stages.evaluate import SplitScorer
 from dermaops.store import S3Uri, sha256_bytes
@@ -50,6 +58,26 @@ def test_the_first_champion_must_clear_every_absolute_rule():
     assert decide(_metrics(0.4, 0.6), None, "macro_f1", 0.005, allowed, baseline=rf, subset=subset).promoted
     # The rules hold against a champion too: beating a worse champion does not excuse losing to the RF.
     assert not decide(_metrics(0.29, 0.9), _metrics(0.1, 0.9), "macro_f1", 0.0, floors, baseline=rf).promoted
+
+
+def test_the_champion_record_carries_the_melanoma_operating_point():
+    """champion.json's operating_point: the threshold, what it was chosen for on validation, and the test
+    figures evaluate measured; predict reads mel_threshold from the record (dermaops.prediction)."""
+    meta = {
+        "mel_threshold": 0.31,
+        "calibration": {"mel_target_sensitivity": 0.85, "val_mel_sensitivity": 0.86, "val_mel_specificity": 0.61},
+    }
+    test = {"threshold": 0.31, "rule": "p(mel) >= 0.310", "sensitivity": 0.8, "sensitivity_ci": [0.7, 0.9],
+            "specificity": 0.64, "specificity_ci": [0.6, 0.68], "n_mel": 110, "n_other": 890}  # fmt: skip
+    assert operating_point_record(meta, {"mel_operating_point": test}) == {
+        "threshold": 0.31,
+        "target_sensitivity": 0.85,
+        "validation": {"sensitivity": 0.86, "specificity": 0.61},
+        "test": {k: test[k] for k in ("sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "n_mel",
+                                      "n_other")},
+    }  # fmt: skip
+    assert operating_point_record({}, {"mel_operating_point": test}) is None  # argmax: no threshold
+    assert operating_point_record(meta, {})["test"] is None
 
 
 def test_decision_rule():
@@ -291,6 +319,13 @@ def test_an_approved_challenger_is_promoted_by_the_promote_stage(scored, store, 
     }
     assert champion["model_uri"] == approved["champion_uri"] and store.exists(champion["model_uri"])
     assert champion["model_sha256"] == waiting["challenger"]["model_sha256"]
+    _, meta, metrics, _, _ = scored["models"]["fitted"]
+    assert champion["mel_threshold"] == meta.get("mel_threshold")
+    assert champion["operating_point"] == operating_point_record(meta, metrics)
+    # Decided: the record left pending/ for approvals/, with the answer.
+    assert not store.exists(registry.pending_uri("run-2"))
+    assert approved["approval_uri"] == str(registry.decided_uri("run-2"))
+    assert store.get_json(registry.decided_uri("run-2"))["resolved"]["decision"] == "promoted"
     # The model card beside the copy, written by the same function the gate promotes with.
     folder = champion["model_uri"].rsplit("/", 1)[0]
     card = store.get_bytes(f"{folder}/model_card.md").decode()
@@ -302,10 +337,15 @@ def test_an_approved_challenger_is_promoted_by_the_promote_stage(scored, store, 
     ]  # fmt: skip
     assert history[-1]["gate"]["history_uri"] == waiting["history_uri"]
 
-    # Applied once: a retry of the task finds the answer applied and changes nothing.
+    # Applied once: a retry of the task finds the answer applied and changes nothing, also after a crash
+    # between the archive and the removal of the pending record.
     again = _promote(run_stage, registry, "run-2", "--decision=approve", "--reviewer=dr.lee").summary
     assert again["status"] == "skipped" and again["decision"] == "promoted"
+    store.put_json(registry.pending_uri("run-2"), store.get_json(registry.decided_uri("run-2")) | {"resolved": None})
+    again = _promote(run_stage, registry, "run-2", "--decision=approve", "--reviewer=dr.lee").summary
+    assert again["status"] == "skipped" and not store.exists(registry.pending_uri("run-2"))
     assert len(registry.history()) == 3
+    assert [uri.key for uri, _ in store.list(registry.uri.join("pending"))] == []
 
 
 def test_a_rejection_is_recorded_with_the_reviewer_and_the_champion_stays(scored, store, bucket, tmp_path, run_stage):
@@ -328,6 +368,7 @@ def test_a_rejection_is_recorded_with_the_reviewer_and_the_champion_stays(scored
         and last["approval"]["comment"] == "melanoma recall interval too wide"
     )
     assert last["champion_uri"] == store.get_json(registry.champion_uri)["model_uri"]
+    assert not store.exists(registry.pending_uri("run-2")) and store.exists(registry.decided_uri("run-2"))
     # Nothing of the rejected model went into the registry's models/.
     assert not any("/models/run-2-" in uri.key for uri, _ in store.list(registry.uri.join("models")))
 

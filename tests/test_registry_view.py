@@ -63,6 +63,34 @@ def test_trend_and_comparison_pages_escape_stored_text_and_draw_the_charts():
     assert "No evaluation metrics (the run folder is gone)" in compare
 
 
+def test_the_champion_section_shows_the_melanoma_operating_point():
+    """From champion.json's operating_point (dermaops.promotion.operating_point_record): the rule, the test
+    figures with their intervals and the validation figures; "argmax" only when no threshold is stored."""
+    champion = {
+        "run_id": "r1",
+        "model_uri": "s3://b/registry/m/cnn.pt",
+        "mel_threshold": 0.3125,
+        "operating_point": {
+            "threshold": 0.3125,
+            "target_sensitivity": 0.85,
+            "validation": {"sensitivity": 0.8571, "specificity": 0.6104},
+            "test": {"sensitivity": 0.8, "sensitivity_ci": [0.7, 0.9], "specificity": 0.64,
+                     "specificity_ci": [0.6, 0.68], "n_mel": 110, "n_other": 890},
+        },
+    }  # fmt: skip
+    page = render_page(RegistrySnapshot(S3Uri("b", "registry"), champion, ""))
+    assert (
+        "Melanoma operating point p(mel) &gt;= 0.312 (chosen on validation for sensitivity 0.85): test sensitivity "
+        "0.80 [0.70, 0.90], specificity 0.64 [0.60, 0.68] (95 % intervals); validation sensitivity 0.86, "
+        "specificity 0.61" in page
+    )
+    assert "argmax" not in page
+    older = {k: v for k, v in champion.items() if k != "operating_point"}  # promoted before issue 22
+    assert "p(mel) &gt;= 0.312" in render_page(RegistrySnapshot(S3Uri("b", "registry"), older, ""))
+    del older["mel_threshold"]
+    assert "argmax (no stored threshold)" in render_page(RegistrySnapshot(S3Uri("b", "registry"), older, ""))
+
+
 @pytest.fixture
 def api_server(tmp_path, s3_server, promoted_registry):
     home = tmp_path / "airflow"
@@ -107,6 +135,9 @@ def test_registry_view_needs_the_login_and_shows_the_registry(api_server, promot
     text = page.text
     assert "HAM10000 model registry" in text and champion["run_id"] in text and champion["model_sha256"] in text
     assert f"{champion['metrics']['macro_f1']:.4f}" in text
+    # The operating point the evaluate stage wrote into champion.json, not "argmax".
+    assert champion["operating_point"]["threshold"] == champion["mel_threshold"] is not None
+    assert f"Melanoma operating point p(mel) &gt;= {champion['mel_threshold']:.3f}" in text
     assert "Decision history" in text and "no champion yet" in text  # the first promotion's reason
     # The champion run's report.md, rendered (its heading and its markdown tables as HTML).
     assert f"<h1>DermaOps evaluation: run <code>{champion['run_id']}</code></h1>" in text

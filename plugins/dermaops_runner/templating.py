@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 
-from dermaops.config import argv_item, recipe_values, resolve
+from dermaops.config import SOURCE_VARIABLE, argv_item, recipe_values, resolve, run_source
 from dermaops.pipeline import run_key
 
 from dermaops_runner.approval import approval_answer, request_body
+from dermaops_runner.marks import marked_failed
 from dermaops_runner.results import ERROR_XCOM_KEY
 
 
@@ -19,6 +20,14 @@ def stage_arg(params, name: str, flag: str) -> str:
     """One argv item from a trigger-form param: `--flag=value`, the recipe's value when the param is
     blank, or "" (dropped) when there is none, so the stage keeps its own default."""
     return argv_item(flag, resolve(params, name))
+
+
+def source(params) -> str:
+    """The source this run ingests (dermaops.config.run_source): the `source` param when one was typed, else
+    the deployment's Airflow Variable, read here at execute time (never when the DAG is parsed)."""
+    from airflow.sdk import Variable
+
+    return run_source(params.get("source"), Variable.get(SOURCE_VARIABLE, default=None))
 
 
 def recipe_json(params) -> str:
@@ -34,9 +43,17 @@ def retrain_needed(ti) -> bool:
 
 
 def task_states(ti, dag_run) -> str:
-    """JSON {task_id: state} of every other task of this run, as the metadata database has it now."""
+    """JSON {task_id: state} of the run's tasks before this one (not itself, nor the outcome task after it), as
+    the metadata database has them now."""
     states = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id]).get(dag_run.run_id, {})
-    return json.dumps({task: str(state) for task, state in states.items() if task != ti.task_id}, sort_keys=True)
+    later = {ti.task_id, *ti.task.get_flat_relative_ids(upstream=False)}
+    return json.dumps({task: str(state) for task, state in states.items() if task not in later}, sort_keys=True)
+
+
+def run_mark(dag_run) -> str:
+    """JSON {"by", "at", "event"} when an operator marked this run failed (dermaops_runner.marks), else ""."""
+    mark = marked_failed(dag_run.note, dag_run.clear_number)
+    return json.dumps(mark) if mark else ""
 
 
 def stage_results(ti, task_ids: list[str]) -> str:
@@ -54,9 +71,11 @@ def stage_results(ti, task_ids: list[str]) -> str:
 MACROS = {
     "dermaops_run_key": run_key,
     "dermaops_arg": stage_arg,
+    "dermaops_source": source,
     "dermaops_recipe": recipe_json,
     "dermaops_task_states": task_states,
     "dermaops_stage_results": stage_results,
+    "dermaops_run_mark": run_mark,
     "dermaops_approval": approval_answer,
     "dermaops_approval_body": request_body,
 }

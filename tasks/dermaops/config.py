@@ -25,7 +25,7 @@ from typing import Any
 
 from dermaops.errors import StageError
 from dermaops.frame import GEOMETRIES, Frame  # standard library only, like this module
-from dermaops.redaction import SOURCE_TOKEN_ENV, URL_CREDENTIAL_PATTERN
+from dermaops.redaction import SOURCE_TOKEN_ENV, URL_CREDENTIAL_PATTERN, has_url_secret
 
 # torchvision classifiers the train stage builds (dermaops.models adapts each: head, stages, stem).
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -53,6 +53,9 @@ class Setting:
     hi_open: bool = False
     choices: tuple = ()
     param_choices: tuple = ()  # the subset the trigger form offers, when some choices need flags it does not pass
+    # (choice, what it does) for every choice: the help lists the ones offered where it is shown, so the
+    # trigger form never describes a choice it does not offer.
+    choice_help: tuple[tuple[str, str], ...] = ()
     # The trigger-form param that feeds this flag (True: the field's own name). `owner=False` when the
     # param is defined by another stage's field (one seed for split, baseline and train).
     param: bool | str = False
@@ -62,6 +65,13 @@ class Setting:
     # "if-set" for settings added later, left out at their default so earlier outputs stay valid.
     fingerprint: bool | str = True
     fingerprint_key: str | None = None  # the key earlier fingerprints used, when it is not the field's name
+
+    def describe(self, choices: tuple | None = None) -> str:
+        """The help text, with what each of `choices` (default: all) does when the setting says so."""
+        if not self.choice_help:
+            return self.help
+        offered = self.choices if choices is None else choices
+        return f"{self.help}: " + "; ".join(f"{c} = {what}" for c, what in self.choice_help if c in offered)
 
 
 def setting(default: Any, help: str, **spec: Any) -> Any:
@@ -131,7 +141,7 @@ class StageConfig:
                 if spec.choices or kind is bool or not (spec.lo is not None or spec.hi is not None)
                 else (f" ({bounds_text(spec)})")
             )
-            parser.add_argument(flag(f.name), help=spec.help + extra, **kwargs)
+            parser.add_argument(flag(f.name), help=spec.describe() + extra, **kwargs)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
@@ -167,10 +177,14 @@ class StageConfig:
 class SplitConfig(StageConfig):
     strategy: str = setting(
         "lesion",
-        "how images are assigned to splits: lesion = stratified by dx and grouped by lesion_id (honest); "
-        "image = image-level like the seed report (leaks lesions, for comparison only); dermamnist = the "
-        "official DermaMNIST assignment (needs --official-splits)",
+        "how images are assigned to splits",
         choices=SPLIT_STRATEGIES,
+        choice_help=(
+            ("lesion", "stratified by dx and grouped by lesion_id (honest)"),
+            ("image", "image-level like the seed report (leaks lesions, for comparison only)"),
+            ("dermamnist", "the official DermaMNIST assignment (needs --official-splits)"),
+        ),
+        # dermamnist needs --official-splits, which the DAG does not pass.
         param_choices=("lesion", "image"),
         param="split_strategy",
         title="Split strategy",
@@ -211,7 +225,10 @@ class BaselineConfig(StageConfig):
 
 @dataclass(frozen=True)
 class TrainConfig(StageConfig):
-    arch: str = setting("resnet50", "torchvision ResNet backbone", choices=ARCHS, param=True, title="Architecture")
+    arch: str = setting(
+        "resnet50", "torchvision classifier (dermaops.models fits its stem and head)", choices=ARCHS, param=True,
+        title="Architecture",
+    )  # fmt: skip
     pretrained: str = setting(
         "none",
         "initial weights: none, imagenet (torchvision weights, must be in the torch hub cache), or a local path / "
@@ -612,6 +629,9 @@ CONFIGS: dict[str, type[StageConfig]] = {
 
 # -- the DAG's trigger form ---------------------------------------------------------------------------
 DATAVERSE_SOURCE = "https://dataverse.harvard.edu/dataset.xhtml?persistentId=doi:10.7910/DVN/DBW86T"
+# The data source is the deployment's, not a run's: the weekly schedule retrains on whatever it holds. This
+# Airflow Variable (or AIRFLOW_VAR_DERMAOPS_SOURCE) names it; `scripts/stack seed` sets it. Unset: Dataverse.
+SOURCE_VARIABLE = "dermaops_source"
 # The Airflow connection ingest's credentials come from (the runner's "source" secret set).
 SOURCE_CONNECTION = "dermaops_source"
 # Why a `source` param with a URL password or a token query parameter is refused when the run is triggered:
@@ -621,6 +641,21 @@ SOURCE_CREDENTIALS_RULE = (
     f"token in the Airflow connection {SOURCE_CONNECTION} (password; login for a user, host to limit where it "
     f"is sent) or in {SOURCE_TOKEN_ENV} on the workers; ingest sends it to the source in a header"
 )
+
+
+def run_source(param: str | None, variable: str | None) -> str:
+    """The source a run ingests: its `source` param when one was typed, else the deployment's (the Airflow
+    Variable SOURCE_VARIABLE), else Harvard Dataverse. A credential in the Variable is refused as in the
+    param (it would be rendered into ingest's command line): ValueError, one line naming the Variable."""
+    for value, where in ((param, "the source param"), (variable, f"the Airflow Variable {SOURCE_VARIABLE}")):
+        value = (value or "").strip()
+        if not value:
+            continue
+        if has_url_secret(value):
+            raise ValueError(f"{where}: {SOURCE_CREDENTIALS_RULE}")
+        return value
+    return DATAVERSE_SOURCE
+
 
 # Named recipes: a blank (null) recipe param takes the chosen recipe's value. Chosen on the validation split of
 # the 200 px pack (benchmarks/recipe_ablation.py, recipe_sweep.py; the README's measured tables say which
@@ -703,15 +738,20 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
         + ". Every training param left blank takes the recipe's value.",
     },
     "source": {
-        "default": DATAVERSE_SOURCE,
-        "type": "string",
+        # Blank: the deployment's source (run_source), so the scheduled runs and a form left as it is ingest
+        # the same data; a value typed in overrides it for this run.
+        "default": None,
+        "type": ["string", "null"],
         "minLength": 1,
         # Airflow validates this when the run is triggered, before the run (and its conf) is stored. A JSON
         # schema error has no custom message, but it prints the subschema: hence the rule as a $comment.
-        "not": {"$comment": SOURCE_CREDENTIALS_RULE, "pattern": URL_CREDENTIAL_PATTERN},
+        # "type": a pattern constrains strings only, so without it `not` would refuse a blank (null) source.
+        "not": {"$comment": SOURCE_CREDENTIALS_RULE, "type": "string", "pattern": URL_CREDENTIAL_PATTERN},
         "title": "Data source",
         "description": "Where HAM10000 comes from: an http(s) base URL, a Dataverse dataset URL or doi:..., an s3:// "
-        "prefix, or a directory on the worker, in the official layout (metadata CSV + two image zips). "
+        "prefix, or a directory on the worker, in the official layout (metadata CSV + two image zips). Blank: the "
+        f"deployment's source, the Airflow Variable {SOURCE_VARIABLE} (scripts/stack seed sets it), or when that is "
+        f"unset Harvard Dataverse ({DATAVERSE_SOURCE}). "
         f"{SOURCE_CREDENTIALS_RULE[0].upper()}{SOURCE_CREDENTIALS_RULE[1:]}.",
     },
     # ["boolean", "null"]: Airflow's form marks every param whose type has no "null" as required, and a
@@ -792,8 +832,12 @@ def _schema(name: str, f: dataclasses.Field, spec: Setting, kind: type, nullable
         "default": default,
         "title": f"{title} ({allowed})" if allowed and not spec.choices else title,
     }
+    offered = spec.param_choices or spec.choices
     if spec.choices:
-        schema["enum"] = [*(spec.param_choices or spec.choices), *([None] if recipe or nullable else [])]
+        schema["enum"] = [*offered, *([None] if recipe or nullable else [])]
+        if recipe:
+            # The form's select shows a blank (null) choice as the text "null" unless told what it means.
+            schema["values_display"] = {"null": f"the recipe's value ({recipe_values_text(name)})"}
     else:
         schema["type"] = [json_type, "null"] if recipe or nullable or kind is bool else json_type
     if kind is str and not spec.choices:
@@ -808,16 +852,21 @@ def _schema(name: str, f: dataclasses.Field, spec: Setting, kind: type, nullable
         if spec.hi is not None:
             bounds["exclusiveMaximum" if spec.hi_open else "maximum"] = spec.hi
         schema["allOf"] = [bounds]
-    description = spec.help[0].upper() + spec.help[1:] + "."
+    text = spec.describe(offered)
+    description = text[0].upper() + text[1:] + "."
     if allowed:
         description += f" Allowed: {allowed}."
     if recipe:
-        values = ", ".join(f"{r} {'unset' if v[name] is None else v[name]}" for r, v in RECIPES.items())
-        description += f" Blank: the recipe's value ({values})."
+        description += f" Blank: the recipe's value ({recipe_values_text(name)})."
     elif default is not None:
         description += f" Default: {default}."
     schema["description"] = description
     return schema
+
+
+def recipe_values_text(name: str) -> str:
+    """What each named recipe sets a recipe param to: "quick-cpu 48, full-gpu 28"."""
+    return ", ".join(f"{r} {'unset' if v[name] is None else v[name]}" for r, v in RECIPES.items())
 
 
 def param_names() -> list[str]:

@@ -2,7 +2,7 @@
 embedded S3, the run's params from a recipe, and what happened in the run.
 
     python -m dermaops.devrun exports ENV_JSON                  shell `export` lines of a JSON env file
-    python -m dermaops.devrun copy up|down DIR s3://bucket/prefix
+    python -m dermaops.devrun copy up|down DIR s3://bucket/prefix    prints how many files it copied
     python -m dermaops.devrun conf RECIPE [--source S] [--extra JSON]
     python -m dermaops.devrun redact TEXT                      TEXT with its secrets masked, for the console
     python -m dermaops.devrun outcome DAG_ID MIRROR_DIR [--airflow BIN]
@@ -18,7 +18,6 @@ import datetime as dt
 import json
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 from dermaops.config import RECIPES, SOURCE_CREDENTIALS_RULE
@@ -91,6 +90,22 @@ def _seconds(row: dict) -> float:
     return (dt.datetime.fromisoformat(row["end_date"]) - dt.datetime.fromisoformat(row["start_date"])).total_seconds()
 
 
+def dag_order(dag_id: str) -> list[str]:
+    """The DAG's task ids in its order: upstream before downstream, ties in the order the DAG file defines
+    them (the DAG parsed from the configured dags folder, as `airflow dags test` parses it)."""
+    from airflow.configuration import conf
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=conf.get("core", "dags_folder")).dags[dag_id]
+    defined = list(dag.task_dict)
+    upstream = {t: set(dag.task_dict[t].upstream_task_ids) for t in defined}
+    ordered: list[str] = []
+    while len(ordered) < len(defined):
+        ready = next(t for t in defined if t not in ordered and upstream[t] <= set(ordered))
+        ordered.append(ready)
+    return ordered
+
+
 def outcome(dag_id: str, mirror: Path, airflow: str = "airflow") -> str:
     """The latest run of the DAG, its tasks and where its outputs are, as `scripts/run` prints it."""
     runs = _airflow_json(airflow, "dags", "list-runs", dag_id)
@@ -99,7 +114,8 @@ def outcome(dag_id: str, mirror: Path, airflow: str = "airflow") -> str:
     run = runs[0]  # newest first
     lines = [f"\nrun {run['run_id']}: {run['state']}"]
     tasks = _airflow_json(airflow, "tasks", "states-for-dag-run", dag_id, run["run_id"])
-    for task in sorted(tasks, key=lambda t: t.get("start_date") or "~"):
+    order = {task_id: i for i, task_id in enumerate(dag_order(dag_id))}
+    for task in sorted(tasks, key=lambda t: order.get(t["task_id"], len(order))):
         lines.append(f"  {task['task_id']:<15} {task['state'] or 'not run':<16} {_seconds(task):8.1f} s")
     run_dir = mirror / "runs" / run_key(run["run_id"])
     lines += ["", "outputs:"]
@@ -135,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exports(args.env_file))
     elif args.command == "copy":
         try:
-            print(f"{copy(args.direction, args.local, args.prefix)} files", file=sys.stderr)
+            print(copy(args.direction, args.local, args.prefix))  # the count, for the caller's own words
         except StageError as exc:
             raise SystemExit(f"run: {exc}") from None
     elif args.command == "conf":

@@ -106,3 +106,42 @@ def format_number(value) -> str:
     if value is None:
         return "n/a"
     return f"{value:.{DIGITS}f}" if isinstance(value, float) else str(value)
+
+
+def operating_point_line(point: dict) -> str:
+    """One line: the melanoma threshold and its test sensitivity / specificity with their intervals."""
+
+    def figure(name: str) -> str:
+        value, pair = point.get(name), point.get(f"{name}_ci") or [None, None]
+        if value is None:
+            return f"{name} n/a"
+        text = f"{name} {value:.2f}"
+        return text + (f" [{pair[0]:.2f}, {pair[1]:.2f}]" if pair[0] is not None else "")
+
+    target = point.get("target_sensitivity")
+    chosen = f" (chosen on validation for sensitivity {target})" if target is not None else ""
+    return (
+        f"Melanoma operating point p(mel) >= {point.get('threshold', float('nan')):.3f}{chosen}: test "
+        f"{figure('sensitivity')}, {figure('specificity')} (95 % intervals)"
+    )
+
+
+def champion_operating_point_line(record: dict) -> str:
+    """A champion record's operating point (dermaops.promotion.operating_point_record, or a record that has
+    only mel_threshold) in one line: the rule, its test figures, and its validation figures."""
+    point = record.get("operating_point")
+    if point is None:
+        threshold = record.get("mel_threshold")
+        return "argmax (no stored threshold)" if threshold is None else f"p(mel) >= {threshold:.3f}"
+    line = operating_point_line(
+        {
+            "threshold": point["threshold"],
+            "target_sensitivity": point.get("target_sensitivity"),
+            **(point.get("test") or {}),
+        }
+    )
+    val = point.get("validation") or {}
+    if val.get("sensitivity") is not None:
+        line += f"; validation sensitivity {val['sensitivity']:.2f}"
+        line += f", specificity {val['specificity']:.2f}" if val.get("specificity") is not None else ""
+    return line

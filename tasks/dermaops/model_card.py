@@ -32,6 +32,7 @@ from typing import Any
 
 from dermaops.errors import StageError, TransientError
 from dermaops.frame import Frame
+from dermaops.metrics import operating_point_line
 from dermaops.store import ArtifactStore, S3Uri
 
 CARD_MD = "model_card.md"
@@ -126,8 +127,14 @@ def build_card(
         "logit_adjustment": meta.get("logit_bias") is not None,
         "ece": metrics.get("ece"),
     }
+    fitted = meta.get("calibration") or {}
     operating_point = {
         "mel_threshold": meta.get("mel_threshold"),
+        "target_sensitivity": fitted.get("mel_target_sensitivity"),
+        "validation": {
+            "sensitivity": fitted.get("val_mel_sensitivity"),
+            "specificity": fitted.get("val_mel_specificity"),
+        },
         "test": metrics.get("mel_operating_point"),
         "rule": (
             f"flag melanoma when p(mel) >= {meta['mel_threshold']}"
@@ -289,6 +296,16 @@ def _cell(entry: dict) -> str:
     return text
 
 
+def _per_class_heading(per_class: dict) -> str:
+    """ "Per class:", naming the figures that carry a 95 % interval (evaluate bootstraps melanoma recall only;
+    the others are point estimates on few images of the rare classes)."""
+    with_ci = [f"{name} of {cls}" for cls, values in per_class.items() for name, e in values.items() if "ci95" in e]
+    if not with_ci:
+        return "Per class (point estimates):"
+    named = ", ".join(with_ci)
+    return f"Per class (95 % lesion-bootstrap interval in brackets for {named}; the rest are point estimates):"
+
+
 def _approval_text(approval: dict | None) -> str:
     if not approval:
         return ""
@@ -369,7 +386,7 @@ def render_card(card: dict) -> str:
         "|---|---|",
         *[f"| {name} | {_cell(entry)} |" for name, entry in m["headline"].items()],
         "",
-        "Per class" + (" (95 % intervals in brackets)" if "_ci" in str(m) or "ci95" in str(m) else "") + ":",
+        _per_class_heading(m["per_class"]),
         "",
         "| class | " + " | ".join(PER_CLASS) + " |",
         "|---|" + "---|" * len(PER_CLASS),
@@ -389,8 +406,15 @@ def render_card(card: dict) -> str:
         "",
         f"- Rule: {op['rule']}",
     ]
+    val = op.get("validation") or {}
+    if val.get("sensitivity") is not None:
+        target = op.get("target_sensitivity")
+        lines.append(
+            f"- On the validation split, where it was chosen{f' for sensitivity {target}' if target else ''}: "
+            f"sensitivity {_num(val['sensitivity'])}, specificity {_num(val.get('specificity'))}"
+        )
     if op["test"]:
-        lines.append(f"- On the test split: {op['test']}")
+        lines.append(f"- On the test split: {operating_point_line(op['test'])}")
     lines += _localization_lines(card.get("localization"))
     lines += _guard_lines(card)
     lines += [

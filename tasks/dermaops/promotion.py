@@ -6,6 +6,7 @@ Registry layout (`--registry s3://<bucket>/registry/ham10000`):
     models/<run_id>-<sha12>/cnn.pt         immutable copies of every promoted checkpoint
     history/<decided_at>-<run_id>.json     one object per decision, promoted or not (append-only)
     pending/<run_id>.json                  a challenger that passed the gate and awaits a reviewer (approval)
+    approvals/<run_id>.json                that record with the reviewer's answer, moved here once it is decided
     lease.json                             who may change champion.json now (held for seconds, see below)
 
 Why copy the checkpoint into the registry instead of pointing at runs/<run_id>/models/cnn/cnn.pt:
@@ -61,7 +62,8 @@ metrics, the checkpoint's meta and hash). A reviewer then approves or rejects it
 and `resolve_approval` (the `promote` stage) either promotes it through `write_promotion`, or records
 `rejected` in the history with the reviewer and their comment; champion.json is untouched until then.
 An approval is applied only when the champion is still the one the challenger was compared with, and
-the run's checkpoint still has the hash the gate saw; otherwise the history records `superseded`.
+the run's checkpoint still has the hash the gate saw; otherwise the history records `superseded`. Once
+applied, the pending record moves to approvals/<run_id>.json with the answer.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ from dermaops.store import ArtifactStore, S3Uri, json_bytes, sha256_file
 
 CHAMPION = "champion.json"
 PENDING = "pending"
+DECIDED = "approvals"
 AWAITING = "awaiting_approval"
 LEASE = "lease.json"
 # How long a promotion may hold the registry's lease: its critical section is three small writes (the
@@ -317,6 +320,11 @@ class Registry:
     def pending_uri(self, run_id: str) -> S3Uri:
         """Where a challenger of this run that awaits a reviewer's approval is recorded."""
         return self.uri.join(PENDING, f"{run_key(run_id)}.json")
+
+    def decided_uri(self, run_id: str) -> S3Uri:
+        """Where its pending record goes, with the answer, once a reviewer's answer was applied: pending/ only
+        ever lists what still awaits a reviewer."""
+        return self.uri.join(DECIDED, f"{run_key(run_id)}.json")
 
     def append_history(self, entry: dict) -> S3Uri:
         stamp = dt.datetime.fromisoformat(entry["decided_at"]).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -595,6 +603,9 @@ def write_promotion(
             "recipe": challenger.recipe,
             "primary_metric": entry["primary_metric"],
             "metrics": headline(challenger.metrics),
+            # Where predict reads the threshold (dermaops.prediction.operating_point), and what it was chosen for.
+            "mel_threshold": challenger.meta.get("mel_threshold"),
+            "operating_point": operating_point_record(challenger.meta, challenger.metrics),
             "decided_at": entry["decided_at"],
             "decision": entry["decision"],
             "reason": entry["reason"],
@@ -622,6 +633,30 @@ def write_promotion(
     return entry, history_uri
 
 
+def operating_point_record(meta: dict, metrics: dict) -> dict | None:
+    """The melanoma operating point of a model: its threshold on the calibrated p(mel), the sensitivity it was
+    chosen for, and its sensitivity and specificity on validation (train's fit, the checkpoint meta) and on the
+    test split (evaluate, with lesion-bootstrap intervals). None when the checkpoint carries no threshold."""
+    if meta.get("mel_threshold") is None:
+        return None
+    fitted = meta.get("calibration") or {}
+    test = metrics.get("mel_operating_point") or {}
+    return {
+        "threshold": meta["mel_threshold"],
+        "target_sensitivity": fitted.get("mel_target_sensitivity"),
+        "validation": {
+            "sensitivity": fitted.get("val_mel_sensitivity"),
+            "specificity": fitted.get("val_mel_specificity"),
+        },
+        "test": {
+            k: test.get(k)
+            for k in ("sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "n_mel", "n_other")
+        }
+        if test
+        else None,
+    }
+
+
 def resolve_approval(
     registry: Registry,
     run_id: str,
@@ -639,18 +674,22 @@ def resolve_approval(
     Approved: promoted through write_promotion, provided the champion is still the one the gate compared
     it with and the run's checkpoint still has the gate's hash (else the history records `superseded`).
     Rejected: the history records `rejected` with the reviewer and the comment; champion.json is untouched.
-    The pending record is marked resolved last, so a retry after a crash applies the answer again; a
-    resolved record returns its result with status "skipped". StageError when nothing awaits approval."""
-    pending_uri = registry.pending_uri(run_id)
+    The pending record is moved to approvals/<run_id>.json with the result last (written there, then removed
+    from pending/), so a retry after a crash applies the answer again, or finds it applied and returns its
+    result with status "skipped". StageError when nothing awaits approval."""
+    pending_uri, decided_uri = registry.pending_uri(run_id), registry.decided_uri(run_id)
+    decided = registry.store.get_json_or_none(decided_uri)
+    if decided and decided.get("resolved"):
+        if registry.store.exists(pending_uri):  # a crash between the archive and the removal
+            registry.store.delete(pending_uri)
+        log.info("the approval of run %s was already applied: %s", run_id, decided["resolved"]["decision"])
+        return {**decided["resolved"], "status": "skipped"}
     if not registry.store.exists(pending_uri):
         raise StageError(
             f"no challenger of run {run_id} awaits approval: {pending_uri} does not exist (evaluate writes it "
             "with --require-approval when the challenger passes the gate)"
         )
     pending = registry.store.get_json(pending_uri)
-    if pending.get("resolved"):
-        log.info("the approval of run %s was already applied: %s", run_id, pending["resolved"]["decision"])
-        return {**pending["resolved"], "status": "skipped"}
     gate, facts = pending["gate"], pending["challenger"]
     approval = {
         "decision": "approved" if approved else "rejected",
@@ -723,9 +762,10 @@ def resolve_approval(
         **entry,
         "history_uri": str(history_uri),
         "registry_uri": str(registry.uri),
-        "pending_uri": str(pending_uri),
+        "approval_uri": str(decided_uri),
     }
-    registry.store.put_json(pending_uri, {**pending, "resolved": result})
+    registry.store.put_json(decided_uri, {**pending, "resolved": result})
+    registry.store.delete(pending_uri)
     return result
 
 

@@ -18,6 +18,7 @@ import html
 from dataclasses import dataclass, field
 
 from dermaops.errors import StageError
+from dermaops.metrics import champion_operating_point_line
 from dermaops.store import ArtifactStore, S3Uri
 
 # Files of the champion's evaluation folder the view shows (and the only ones it serves).
@@ -151,7 +152,7 @@ def _champion_section(snap: RegistrySnapshot) -> str:
         ("checkpoint", c.get("model_uri")),
         ("sha256", c.get("model_sha256")),
         ("primary metric", c.get("primary_metric")),
-        ("melanoma operating point", c.get("mel_threshold", "argmax (no stored threshold)")),
+        ("melanoma operating point", champion_operating_point_line(c)),
         ("why it won", c.get("reason")),
     ]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)

@@ -17,8 +17,29 @@ COMPARISON_COLUMNS = HEADLINE
 RECALL_CLASSES = ("mel", "df", "vasc")
 # The seed report (image-level split, ResNet50 at 224 px): a yardstick, not a like-for-like comparison.
 SEED_REPORT = {"accuracy": 0.7285, "weighted_f1": 0.7486, "macro_f1": 0.5891, "mel_recall": 0.55}
-# Row names of the model comparison, in the seed report's order.
-BASELINE, FROZEN, FINE_TUNED = "baseline (random forest)", "frozen (phase 1)", "fine-tuned (best)"
+# Row names of the model comparison, in the seed report's order; the evaluated model's is evaluated_label().
+BASELINE, FROZEN = "baseline (random forest)", "frozen (phase 1)"
+
+
+def evaluated_label(meta: dict) -> str:
+    """The evaluated checkpoint (cnn.pt) named as it is: the epoch of either phase with the best validation
+    macro F1, which is phase 1's when fine-tuning did not improve on it."""
+    return f"best on validation (phase {meta.get('phase')}, epoch {meta.get('epoch')})"
+
+
+def why_chosen(meta: dict, train_config: dict | None) -> str:
+    """Why cnn.pt is this checkpoint, in words, from its meta and the train stage's config."""
+    score = (meta.get("val") or {}).get("macro_f1")
+    said = f"the highest validation macro F1{f' ({score:.4f})' if score is not None else ''} of every epoch trained"
+    finetune = (train_config or {}).get("finetune_epochs")
+    if meta.get("phase") == 1 and finetune:
+        said += (
+            f"; phase 2's {finetune} fine-tuning epoch{'s' if finetune != 1 else ''} did not improve on it, so it "
+            f"is the {FROZEN} model"
+        )
+    elif meta.get("phase") == 1:
+        said += " (phase 1 only: no fine-tuning epochs)"
+    return said
 
 
 def draw_confusion(path, matrix: np.ndarray, title: str, normalised: bool) -> None:
@@ -67,7 +88,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def recall_rows(models: dict[str, dict]) -> list[list]:
-    """[class, recall per model..., change vs baseline of the last (fine-tuned) model]."""
+    """[class, recall per model..., change vs baseline of the last (the evaluated) model]."""
     names = list(models)
     rows = []
     for cls in RECALL_CLASSES:
@@ -98,9 +119,11 @@ def render(
     subgroups: dict | None = None,
     referral: dict | None = None,
     ood: dict | None = None,
+    train_config: dict | None = None,
 ) -> str:
     """report.md. `models` maps a display name to its test metrics, the evaluated model LAST; `intervals`
-    the lesion-bootstrap intervals of its headline metrics ({metric: {value, low, high}})."""
+    the lesion-bootstrap intervals of its headline metrics ({metric: {value, low, high}}); `train_config` the
+    train stage's settings (its manifest's config), which say whether the model could have been fine-tuned."""
     name, metrics = list(models.items())[-1]
     intervals = intervals or {}
     out = [
@@ -108,9 +131,8 @@ def render(
         "",
         f"- dataset version: `{dataset_version}`",
         f"- test split: `{split_uri}` ({metrics['n']} images; strategy `{split_strategy}`)",
-        f"- evaluated model ({name}): `{model_uri}` ({model_meta.get('arch')} at "
-        f"{Frame.from_meta(model_meta).describe()}, "
-        f"best validation macro F1 at epoch {model_meta.get('epoch')}, phase {model_meta.get('phase')})",
+        f"- evaluated model, {name}: `{model_uri}` ({model_meta.get('arch')} at "
+        f"{Frame.from_meta(model_meta).describe()}); chosen because it has {why_chosen(model_meta, train_config)}",
         "",
         "## Test metrics",
         "",

@@ -10,12 +10,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dermaops.metrics import format_number
+from dermaops.metrics import format_number, operating_point_line
 from dermaops.pipeline import PIPELINE
 from dermaops.promotion import AWAITING
 from dermaops.redaction import redact
 
 FAILED_STATES = ("failed", "upstream_failed")
+MARK_KEYS = ("by", "at", "event")  # notify's --marked-failed (dermaops_runner.marks)
 # The headline figures of the evaluate summary the report shows (dermaops.metrics.HEADLINE), labelled.
 METRIC_LABELS = (
     ("accuracy", "Accuracy"),
@@ -56,6 +57,8 @@ class RunReport:
     champion_uri: str | None = None
     unchanged: str | None = None  # why training was skipped (dermaops.freshness): nothing new to train on
     drift: str | None = None  # validate's drift headline when its policy asks for a warning (warn, fail)
+    marked_failed: dict | None = None  # {"by", "at", "event"}: an operator marked the run failed
+    slack: str | None = None  # where the message goes ("to #channel"), or why it does not
     artifacts: dict[str, str] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
 
@@ -72,15 +75,23 @@ def build_report(
     results: dict[str, dict | None],
     report_uri: str,
     started_at: dt.datetime | None = None,
+    marked_failed: dict | None = None,
+    slack: str | None = None,
 ) -> RunReport:
-    """The report of a run from {task: state} and {task: {"summary": ..., "error": ...}}."""
+    """The report of a run from {task: state} and {task: {"summary": ..., "error": ...}}; `marked_failed` says
+    who marked the run failed and when (dermaops_runner.marks), `slack` where the message goes."""
     states = {str(task): str(state) for task, state in states.items()}
     # Whatever the XComs carry (an error line quoting a URL, a summary's source), report.md,
     # report.json and the Slack message are all built from this one redacted copy.
     results = json.loads(redact(json.dumps(results, default=str)))
     summaries = {t: (r or {}).get("summary") or {} for t, r in results.items()}
     errors = {t: r["error"] for t, r in results.items() if isinstance(r, dict) and r.get("error")}
-    outcome = "failed" if any(s in FAILED_STATES for s in states.values()) else "success"
+    marked = {k: str(marked_failed.get(k) or "unknown") for k in MARK_KEYS} if marked_failed else None
+    outcome = "failed" if marked or any(s in FAILED_STATES for s in states.values()) else "success"
+    if marked:
+        # A task the mark stopped (running then, failed now) has no error of its own: the mark is its reason.
+        stopped = f"stopped: the run was {mark_text(marked)}"
+        errors |= {t: stopped for t, s in states.items() if s in FAILED_STATES and t not in errors}
     ingest, evaluation = summaries.get("ingest", {}), summaries.get("evaluate", {})
     changes = summaries.get("changes", {})
     duration = None
@@ -114,6 +125,8 @@ def build_report(
         **_promotion(evaluation, summaries.get("promote") or {}, states, errors),
         unchanged=changes.get("reason") if changes.get("retrain") is False else None,
         drift=_drift_warning(summaries.get("validate", {}), errors.get("validate")),
+        marked_failed=marked,
+        slack=slack,
         artifacts=artifacts,
         summaries=summaries,
     )
@@ -157,9 +170,10 @@ def render_markdown(report: RunReport) -> str:
         f"# DermaOps run report: {report.run_id}",
         "",
         f"- DAG: `{report.dag_id}`",
-        f"- Outcome: **{report.outcome}**",
+        f"- Outcome: **{report.outcome}**" + (f": {mark_text(report.marked_failed)}" if report.marked_failed else ""),
         f"- Duration: {format_duration(report.duration_s)}",
         f"- Dataset: {report.dataset_version or 'n/a'} ({report.dataset_uri or 'not ingested'})",
+        *([f"- Slack: {report.slack}"] if report.slack else []),
         "",
         *([f"- :warning: **Data drift**: {report.drift}"] if report.drift else []),
         "",
@@ -196,26 +210,13 @@ def render_markdown(report: RunReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mark_text(mark: dict) -> str:
+    """An operator's mark in words (the same words as the outcome task's failure, dermaops_runner.marks)."""
+    return f"marked failed by {mark['by']} at {mark['at']} (Airflow audit log: {mark['event']})"
+
+
 def _interval(pair) -> str:
     return f"[{pair[0]:.4f}, {pair[1]:.4f}]" if pair else "n/a"
-
-
-def operating_point_line(point: dict) -> str:
-    """One line: the melanoma threshold and its test sensitivity / specificity with their intervals."""
-
-    def figure(name: str) -> str:
-        value, pair = point.get(name), point.get(f"{name}_ci") or [None, None]
-        if value is None:
-            return f"{name} n/a"
-        text = f"{name} {value:.2f}"
-        return text + (f" [{pair[0]:.2f}, {pair[1]:.2f}]" if pair[0] is not None else "")
-
-    target = point.get("target_sensitivity")
-    chosen = f" (chosen on validation for sensitivity {target})" if target is not None else ""
-    return (
-        f"Melanoma operating point p(mel) >= {point.get('threshold', float('nan')):.3f}{chosen}: test "
-        f"{figure('sensitivity')}, {figure('specificity')} (95 % intervals)"
-    )
 
 
 def format_duration(seconds: float | None) -> str:
@@ -261,6 +262,10 @@ def slack_message(report: RunReport) -> tuple[str, list[dict[str, Any]]]:
             1, {"type": "section", "text": {"type": "mrkdwn", "text": f":warning: *Data drift*: {report.drift}"}}
         )
         text += f" (:warning: data drift: {report.drift})"
+    if report.marked_failed:
+        said = mark_text(report.marked_failed)
+        blocks.insert(1, {"type": "section", "text": {"type": "mrkdwn", "text": f":raised_hand: The run was {said}"}})
+        text += f" ({said})"
     if report.metrics:
         metric_fields = [
             {

@@ -231,7 +231,7 @@ def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path)
     ablations, calibration figures, operating point and intervals are derived from those outputs."""
     from dermaops.metrics import headline
     from dermaops.models import pick_device
-    from dermaops.report import BASELINE, FINE_TUNED, FROZEN
+    from dermaops.report import BASELINE, FROZEN, evaluated_label
     from dermaops.split_files import read_split_csv
 
     device = pick_device(cfg.device)
@@ -258,7 +258,7 @@ def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path)
         else:
             phase1_scored = scorer.score_checkpoint(phase1, str(inputs.phase1_uri))
             models[FROZEN] = scorer.metrics(phase1_scored.proba(scorer.tta))
-    metrics = models[FINE_TUNED] = scorer.metrics(proba)
+    metrics = models[evaluated_label(scored.meta)] = scorer.metrics(proba)
     log.info("test: %s", ", ".join(f"{k} {v}" for k, v in headline(metrics).items()))
     point = scorer.operating_point(scored.meta, proba)
     intervals = scorer.intervals(proba, point["threshold"] if point else None)
@@ -433,6 +433,7 @@ def write_summary(
         subgroups=scores.subgroups,
         referral=scores.referral,
         ood=scores.ood,
+        train_config=inputs.model_manifest.get("config"),
     )
     out.put_json(
         "metrics.json",

@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--started-at", type=_timestamp, default=None, help="run start (ISO 8601), for the duration")
     parser.add_argument(
+        "--marked-failed",
+        type=json_object_arg,
+        default=None,
+        help='JSON object {"by": user, "at": time, "event": audit-log event} when an operator marked the run failed',
+    )
+    parser.add_argument(
         "--report-out", required=True, help="output prefix of the report (s3://<b>/runs/<run_id>/notify)"
     )
     parser.add_argument(
@@ -65,16 +71,25 @@ def run(args, ctx) -> dict:
     out_prefix = S3Uri.parse(args.report_out)
     target = slack.SlackTarget.from_env(args.channel)  # a half-configured Slack fails before anything is written
     channel = target.channel if target else None
-    out = ctx.output(
-        out_prefix, "notify", fingerprint(run_id=args.run_id, states=args.states, results=args.results, channel=channel)
-    )
+    facts = {"run_id": args.run_id, "states": args.states, "results": args.results, "channel": channel}
+    if args.marked_failed:
+        facts["marked_failed"] = args.marked_failed
+    out = ctx.output(out_prefix, "notify", fingerprint(**facts))
     finished = out.finished()
     if finished and not args.force:
         return skipped(finished)
     out.unpublish()
 
     report = build_report(
-        args.dag_id, args.run_id, args.states, args.results, str(out.uri(REPORT)), started_at=args.started_at
+        args.dag_id,
+        args.run_id,
+        args.states,
+        args.results,
+        str(out.uri(REPORT)),
+        started_at=args.started_at,
+        marked_failed=args.marked_failed,
+        # Said in the report itself: whoever reads it in S3 learns whether anyone was told.
+        slack=f"to {channel}" if target else f"not configured (no {slack.TOKEN_ENV}): this report was not posted",
     )
     out.put_text(REPORT, render_markdown(report), "text/markdown; charset=utf-8")
     out.put_json("report.json", asdict(report))

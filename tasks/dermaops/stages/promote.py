@@ -13,7 +13,9 @@ and the S3 credentials stay in the stage, as for every other one.
 - --timed-out yes: nobody answered within the approval task's response timeout, and Airflow chose its
   default, Reject, with no responding user: recorded as `rejected` by nobody.
 
-Re-running after the answer was applied skips (`{"status": "skipped"}`). Nothing awaiting approval, an
+The pending record then moves to the registry's approvals/<run_id>.json with the answer (approval_uri in
+the summary): pending/ lists only what still awaits a reviewer. Re-running after the answer was applied
+skips (`{"status": "skipped"}`). Nothing awaiting approval, an
 empty reviewer (unless timed out) or an unknown decision fail in one line (exit 2).
 """
 
@@ -82,7 +84,7 @@ def run(args, ctx) -> dict:
         "comment": result["approval"]["comment"],
         "champion_uri": result.get("champion_uri"),
         "history_uri": result["history_uri"],
-        "pending_uri": result["pending_uri"],
+        "approval_uri": result["approval_uri"],
     }
     if result.get("status") == "skipped":
         summary["status"] = "skipped"
