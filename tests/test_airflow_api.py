@@ -22,13 +22,14 @@ from tests.support.slack_api import TOKEN, block_text
 
 USER, PASSWORD = "dermaops", "trigger-form-" + secrets.token_hex(4)
 # Non-default values for the knobs a user sets in the trigger form (tiny, so the run is quick). The CNN
-# (3 epochs on the ~500 training images of the small pack) must pass the gate, so that the run asks for
-# approval: the absolute floors are off and the Random Forest to beat is one tree (measured here with these
-# seeds: CNN macro F1 0.34, the one-tree forest 0.23; 1 + 1 epochs on 120 images gave 0.04, one class).
+# (4 + 1 epochs on the ~500 training images of the small pack) must pass the gate, so that the run asks for
+# approval: the absolute floors are off and the Random Forest to beat is one tree (0.23 macro F1 here).
+# Measured with benchmarks/recipe_ablation.py on this pack: 4 + 1 epochs gave validation macro F1 0.40;
+# 2 + 1 gave 0.21 or 0.32 by seed, at times under the forest.
 FORM = {
     "arch": "resnet18",
     "image_size": 28,
-    "epochs": 2,
+    "epochs": 4,
     "finetune_epochs": 1,
     "batch_size": 32,
     "baseline_trees": 1,
@@ -39,7 +40,7 @@ FORM = {
     "min_macro_auc": 0.0,
     "require_approval": True,
 }
-COMMENT = "macro F1 0.34 is not enough for the clinic pilot"
+COMMENT = "macro F1 0.4 is not enough for the clinic pilot"
 
 
 class Services:
@@ -261,7 +262,7 @@ def test_trigger_through_the_rest_api_with_form_params_and_reject_the_challenger
     assert xcom("split")["seed"] == 7
     rendered = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/train", timeout=10).json()
     argv = rendered["rendered_fields"]["argv"]
-    assert "--epochs=2" in argv and "--seed=7" in argv
+    assert "--epochs=4" in argv and "--seed=7" in argv
 
     # The rejection is applied by the promote stage: the champion is not written, the registry history
     # records the reviewer and the comment, and the run's report says who rejected it.

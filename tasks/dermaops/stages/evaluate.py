@@ -10,7 +10,8 @@ cnn_phase1.pt = best frozen-backbone checkpoint) and optionally the baseline (--
     confusion_matrix.png               counts (rows = true class)
     confusion_matrix_normalized.png    row-normalised (diagonal = per-class recall)
     reliability.png                    reliability diagram before / after the stored temperature
-    gradcam_mel.png                    Grad-CAM of the melanoma score (layer chosen for a >= 6x6 map)
+    gradcam_mel.png                    Grad-CAM grid of melanoma test images with their lesion-mask outlines
+                                       (every class's energy ratio and pointing game: metrics.json)
     model_comparison.csv               baseline vs frozen (phase 1) vs fine-tuned
     report.md                          all of it, with the plots linked
     manifest.json                      written last
