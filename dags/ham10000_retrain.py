@@ -252,7 +252,7 @@ with DAG(
             "--results",
             "{{ dermaops_stage_results(ti, " + repr(list(PIPELINE)) + ") }}",
             "{{ '--started-at=' ~ dag_run.start_date.isoformat() if dag_run.start_date else '' }}",
-            "{{ '--marked-failed=' ~ dermaops_run_mark(dag_run) if dermaops_run_mark(dag_run) else '' }}",
+            "{{ '--marked-failed=' ~ dermaops_run_mark(ti, dag_run) if dermaops_run_mark(ti, dag_run) else '' }}",
             "--report-out",
             f"{RUN}/notify",
         ],

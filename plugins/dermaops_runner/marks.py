@@ -12,8 +12,9 @@ gives them no database access). So:
 - `RunMarkListener` (registered by the plugin in plugins/dermaops_marks; the API server calls it in the
   request that marks the run, with the request's session) reads that audit-log entry and appends one line
   to the run's note: "Marked failed by <user> at <time> (Airflow audit log: patch_dag_run; run try <n>)".
-  The note is shown on the run in the UI, and every task of the run gets it in its context (`dag_run.note`);
-- `marked_failed(note, clear_number)` reads that line back for the run's current try (a cleared, re-run try does not
+  The note is shown on the run in the UI. The tasks do not get it (see MARK_XCOM_TASK), so the same line is
+  also stored as an XCom of the run's first task;
+- `run_mark(ti, dag_run)` reads that line back for the run's current try (a cleared, re-run try does not
   inherit it): notify's report says it, and the `outcome` teardown fails the run with it.
 """
 
@@ -38,12 +39,26 @@ NOTE_LINE = re.compile(
     re.MULTILINE,
 )
 
+# The note does not reach the tasks: the execution API builds a task's dag_run without loading its note, so
+# `dag_run.note` is None in a task's context. The listener therefore also stores its line as an XCom of the
+# DAG's first task, which starts no more in this try of the run (marking a run failed skips every unfinished
+# task), so nothing clears it; a cleared run re-runs that task, which clears it with the new try.
+MARK_XCOM_TASK = "ingest"
+MARK_XCOM_KEY = "dermaops_marked_failed"
+
 log = logging.getLogger(__name__)
 
 
 def note_line(by: str, at: dt.datetime, event: str, clear_number: int) -> str:
     stamp = at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return NOTE.format(by=by, at=stamp, event=event, clear_number=clear_number)
+
+
+def run_mark(ti, dag_run) -> dict | None:
+    """{"by", "at", "event"} when an operator marked this try of the run failed, from the listener's XCom (or
+    the run's note where a context carries it), else None."""
+    line = ti.xcom_pull(task_ids=MARK_XCOM_TASK, key=MARK_XCOM_KEY)
+    return marked_failed("\n".join(filter(None, [dag_run.note, line])), dag_run.clear_number)
 
 
 def marked_failed(note: str | None, clear_number: int | None) -> dict | None:
@@ -114,7 +129,7 @@ def run_outcome(ti, dag_run) -> None:
     from airflow.sdk.exceptions import AirflowFailException
     from dermaops.run_report import mark_text  # the report's words (imported here: not at DAG parse time)
 
-    mark = marked_failed(dag_run.note, dag_run.clear_number)
+    mark = run_mark(ti, dag_run)
     if mark is not None:
         raise AirflowFailException(f"the run was {mark_text(mark)}")
     states = ti.get_task_states(dag_id=dag_run.dag_id, run_ids=[dag_run.run_id]).get(dag_run.run_id, {})
@@ -145,6 +160,17 @@ class RunMarkListener:
                 dag_run.note = (line, None)  # no user: DermaOps wrote it
             else:
                 dag_run.dag_run_note.content = _append(dag_run.dag_run_note.content, line)
+            from airflow.models.xcom import XComModel
+
+            XComModel.set(
+                key=MARK_XCOM_KEY,
+                value=line,
+                dag_id=dag_run.dag_id,
+                task_id=MARK_XCOM_TASK,
+                run_id=dag_run.run_id,
+                serialize=False,  # the column is JSON already: serializing here would store a quoted string
+                session=session,
+            )
             log.info("run %s of %s: %s", dag_run.run_id, dag_run.dag_id, line)
         except Exception:  # a listener must not break the request that marks the run
             log.exception("could not note who marked run %s failed", getattr(dag_run, "run_id", "?"))

@@ -11,8 +11,8 @@ import json
 from dermaops.config import SOURCE_VARIABLE, argv_item, recipe_values, resolve, run_source
 from dermaops.pipeline import run_key
 
+from dermaops_runner import marks
 from dermaops_runner.approval import approval_answer, request_body
-from dermaops_runner.marks import marked_failed
 from dermaops_runner.results import ERROR_XCOM_KEY
 
 
@@ -50,9 +50,9 @@ def task_states(ti, dag_run) -> str:
     return json.dumps({task: str(state) for task, state in states.items() if task not in later}, sort_keys=True)
 
 
-def run_mark(dag_run) -> str:
+def run_mark(ti, dag_run) -> str:
     """JSON {"by", "at", "event"} when an operator marked this run failed (dermaops_runner.marks), else ""."""
-    mark = marked_failed(dag_run.note, dag_run.clear_number)
+    mark = marks.run_mark(ti, dag_run)
     return json.dumps(mark) if mark else ""
 
 
