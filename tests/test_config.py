@@ -310,3 +310,15 @@ def test_scripts_run_asks_the_dag_for_a_recipe_by_name():
         conf("quick-cpu", None, "{")
     with pytest.raises(SystemExit, match="unknown recipe 'tiny'"):
         conf("tiny", None, "{}")
+
+
+def test_the_architecture_module_map_names_every_module_and_stage():
+    """docs/architecture.md's module map stays true: every library module of the package and every stage of
+    the registry is named there (a new module without its line fails here)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Module map", 1)[1]
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("__"))
+    missing = [m for m in modules if f"`{m}.py`" not in section]
+    assert not missing, f"modules missing from docs/architecture.md's module map: {missing}"
+    stages = section.split("Library (", 1)[0]
+    assert not [s.name for s in STAGES if f"`{s.name}`" not in stages], stages
