@@ -22,14 +22,16 @@ from tests.support.slack_api import TOKEN, block_text
 
 USER, PASSWORD = "dermaops", "trigger-form-" + secrets.token_hex(4)
 # Non-default values for the knobs a user sets in the trigger form (tiny, so the run is quick). The CNN
-# (4 + 1 epochs on the ~500 training images of the small pack) must pass the gate, so that the run asks for
-# approval: the absolute floors are off and the Random Forest to beat is one tree (0.23 macro F1 here).
-# Measured with benchmarks/recipe_ablation.py on this pack: 4 + 1 epochs gave validation macro F1 0.40;
-# 2 + 1 gave 0.21 or 0.32 by seed, at times under the forest.
+# (4 + 1 epochs of 500 class-balanced draws from the ~500 training images of the small pack; quick-cpu's
+# 4,000 draws are for the whole pack) must pass the gate, so that the run asks for approval: the absolute
+# floors are off and the Random Forest to beat is one tree (0.23 macro F1 here). Measured with
+# benchmarks/recipe_ablation.py on this pack: validation macro F1 0.37; 2 + 1 epochs gave 0.21 or 0.32 by
+# seed, at times under the forest.
 FORM = {
     "arch": "resnet18",
     "image_size": 28,
     "epochs": 4,
+    "epoch_images": 500,
     "finetune_epochs": 1,
     "batch_size": 32,
     "baseline_trees": 1,
@@ -40,7 +42,7 @@ FORM = {
     "min_macro_auc": 0.0,
     "require_approval": True,
 }
-COMMENT = "macro F1 0.4 is not enough for the clinic pilot"
+COMMENT = "macro F1 0.37 is not enough for the clinic pilot"
 
 
 class Services:

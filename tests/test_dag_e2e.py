@@ -31,8 +31,9 @@ from tests.support.slack_api import CHANNEL, TOKEN, block_text
 STAGES = ("ingest", "validate", "split", "changes", "retrain_needed", "train_baseline", "train", "evaluate")
 # Without require_approval (the default) the approval short circuit skips the approval and promote.
 NO_APPROVAL = {"approval_needed": "success", "approve": "skipped", "promote": "skipped"}
-# Tiny but real: resnet18 at 28 px, one epoch per phase on a subset, a small forest. A model trained on a
-# subset is never promoted (allow_subset_promotion is off): the run succeeds and says why it was refused.
+# Tiny but real: resnet18 at 28 px, one epoch per phase of 200 draws from a 200-image subset (quick-cpu's
+# 4,000 draws per epoch are for the whole pack), a small forest. A model trained on a subset is never promoted
+# (allow_subset_promotion is off): the run succeeds and says why it was refused.
 QUICK_CONF = {
     "arch": "resnet18",
     "image_size": 28,
@@ -40,6 +41,7 @@ QUICK_CONF = {
     "finetune_epochs": 1,
     "batch_size": 64,
     "max_train_images": 200,
+    "epoch_images": 200,
     "baseline_trees": 20,
     "promotion_margin": 0.0,
     "mel_recall_floor": 0.0,
