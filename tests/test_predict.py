@@ -64,7 +64,7 @@ def test_champion_predicts_the_full_resolution_sample_through_trainings_preproce
     details = store.get_json(prefix.join("predictions.json"))
     from dermaops.imagecache import CACHE_FORMAT
 
-    assert details["preprocessing"].startswith(f"{CACHE_FORMAT} to 28 px")
+    assert details["preprocessing"].startswith(f"{CACHE_FORMAT} to 28x28 px (whole picture squashed)")
     assert sorted(details["ignored"]) == ["HAM10000_metadata.csv", "SHA256SUMS"]
     manifest = store.get_json(prefix.join("manifest.json"))
     assert {"predictions.csv", "predictions.json"} <= set(manifest["files"])
