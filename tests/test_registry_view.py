@@ -91,12 +91,12 @@ def test_the_champion_section_shows_the_melanoma_operating_point():
     assert "argmax (no stored threshold)" in render_page(RegistrySnapshot(S3Uri("b", "registry"), older, ""))
 
 
-@pytest.fixture
-def api_server(tmp_path, s3_server, promoted_registry):
+def viewer_api_server(tmp_path, s3_server, bucket: str):
+    """Airflow's API server with the registry view, a viewer logged in, reading `bucket`: (base URL, services)."""
     home = tmp_path / "airflow"
     home.mkdir()
     env, port = api_server_env(home, USER, PASSWORD, "viewer")
-    env.update({**s3_server.env, "DERMAOPS_BUCKET": promoted_registry["bucket"]})
+    env.update({**s3_server.env, "DERMAOPS_BUCKET": bucket})
     subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
     services = Services(env, home)
     services.start("api-server", "api-server")
@@ -104,6 +104,11 @@ def api_server(tmp_path, s3_server, promoted_registry):
         yield f"http://127.0.0.1:{port}", services
     finally:
         services.stop()
+
+
+@pytest.fixture
+def api_server(tmp_path, s3_server, promoted_registry):
+    yield from viewer_api_server(tmp_path, s3_server, promoted_registry["bucket"])
 
 
 def _token(base: str) -> str | None:
@@ -227,17 +232,7 @@ def registry_with_history(small_split, small_models, guarded_model, pack_sample,
 
 @pytest.fixture
 def trends_server(tmp_path, s3_server, registry_with_history):
-    home = tmp_path / "airflow"
-    home.mkdir()
-    env, port = api_server_env(home, USER, PASSWORD, "viewer")
-    env.update({**s3_server.env, "DERMAOPS_BUCKET": registry_with_history["bucket"]})
-    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=600)
-    services = Services(env, home)
-    services.start("api-server", "api-server")
-    try:
-        yield f"http://127.0.0.1:{port}", services
-    finally:
-        services.stop()
+    yield from viewer_api_server(tmp_path, s3_server, registry_with_history["bucket"])
 
 
 @pytest.mark.slow
