@@ -176,13 +176,20 @@ def set_field(browser, name: str, value) -> None:
 
 
 def choose(browser, name: str, value: str) -> None:
-    """Pick an option of an enum param's select (react-select: type, then Enter)."""
+    """Pick an option of an enum param's select (react-select: type to filter, click the exact option).
+
+    Enter would take the first match, and the blank option's label names the recipe's values
+    ("the recipe's value (quick-cpu resnet18, ...)"), so it matches too.
+    """
     select = browser.find_element(By.ID, f"element_{name}")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", select)
     select.click()
     typed = select.find_element(By.CSS_SELECTOR, "input[type=text]")
     typed.send_keys(value)
-    typed.send_keys(Keys.ENTER)
+    options = WebDriverWait(browser, 10).until(
+        lambda b: [o for o in select.find_elements(By.CSS_SELECTOR, "[role=option]") if o.text.strip() == value]
+    )
+    options[0].click()
     hidden = browser.find_element(By.NAME, f"element_{name}")
     WebDriverWait(browser, 10).until(lambda b: hidden.get_attribute("value") == value)
 
@@ -502,7 +509,8 @@ def test_the_deployment_end_to_end(stack, compose_logs, s3, slack, tmp_path, sma
         [event] = [e for e in events if e["event"] == "patch_dag_run"]
         assert event["owner"] == user
         said = f"marked failed by {user} at {event['when'][:19]}Z (Airflow audit log: patch_dag_run)"
-        assert said[0].upper() + said[1:] in marked["note"]
+        # The note names the run's try too (0: not cleared), so a re-run after a clear is not read as marked.
+        assert f"{said[0].upper()}{said[1:-1]}; run try 0)" in marked["note"]
         marked_report = text_of(s3, bucket, f"runs/{run_key(marked_id)}/notify/report.md")
         assert f"- Outcome: **failed**: {said}" in marked_report
         browser.get(f"{stack.url}/dags/{DAG_ID}/runs/{marked_id}")

@@ -254,3 +254,30 @@ def test_s3_stand_in_image_serves_the_embedded_s3(service_images):
         "s.stop()",
     )
     assert proc.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_a_stopped_stage_task_removes_its_container_within_the_supervisors_grace(images):
+    """An operator marks a run failed: Airflow's task supervisor sends SIGTERM (the operator's on_kill)
+    and SIGKILLs the task process 5 s later. The stage container must be gone by then: the provider's
+    own on_kill first waits out a 10 s stop, so a run marked failed left its container behind."""
+    import threading
+
+    from dermaops_runner.containers import labels
+    from dermaops_runner.docker_mode import DockerStageOperator
+    from dermaops_runner.stages import spec_for
+
+    spec = spec_for("ingest")
+    operator = DockerStageOperator(task_id="ingest", spec=spec, argv=[], secrets=())
+    cli = operator.cli
+    key = f"on-kill-{uuid.uuid4().hex[:8]}"
+    operator.container = cli.create_container(
+        image=images["data"], command=["sleep", "600"], labels=labels("ingest", key)
+    )
+    cli.start(operator.container)
+    try:
+        stopping = threading.Thread(target=operator.on_kill, daemon=True)
+        stopping.start()
+        stopping.join(5.0)  # the supervisor's escalation delay (airflow.sdk supervisor, kill())
+        assert cli.containers(all=True, filters={"label": f"dermaops.task-instance={key}"}) == []
+    finally:
+        docker("rm", "-f", operator.container["Id"], check=False)

@@ -15,6 +15,7 @@ import re
 
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
+from docker.errors import APIError
 from docker.types import DeviceRequest
 
 from dermaops_runner.containers import labels, remove_task_instance_containers, task_instance_key
@@ -93,3 +94,17 @@ class DockerStageOperator(StageResultMixin, DockerOperator):
             logs = [line.decode() if isinstance(line, bytes) else line for line in exc.logs or []]
             self.stage_failed(context, self.spec.stage, returncode, error_line(logs))
         return self.stage_succeeded(context, summary_from_lines(self.spec.stage, lines))
+
+    def on_kill(self) -> None:
+        # The provider's on_kill stops the container (SIGTERM, then SIGKILL after 10 s: a stage is PID 1
+        # without a SIGTERM handler, so it always waits the 10 s) and only then removes it. The task
+        # supervisor kills this process a few seconds after its own SIGTERM, so the removal never ran and
+        # a run marked failed left its stage container behind. One forced remove kills and removes at once;
+        # every stage output is written atomically, so nothing half-written is kept.
+        if not self.hook.client_created or self.container is None:
+            return
+        self.log.info("removing stage container %s (the task was stopped)", self.container["Id"][:12])
+        try:
+            self.cli.remove_container(self.container["Id"], force=True)
+        except APIError as exc:
+            self.log.info("stage container %s already gone: %s", self.container["Id"][:12], exc)
