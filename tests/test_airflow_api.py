@@ -18,31 +18,14 @@ import requests
 from dermaops.promotion import Registry
 
 from tests.support.airflow_env import AIRFLOW, DAG_ID, api_server_env
+from tests.support.recipes import SMALL_FORM
 from tests.support.slack_api import TOKEN, block_text
 
 USER, PASSWORD = "dermaops", "trigger-form-" + secrets.token_hex(4)
-# Non-default values for the knobs a user sets in the trigger form (tiny, so the run is quick). The CNN
-# (4 + 1 epochs of 500 class-balanced draws from the ~500 training images of the small pack; quick-cpu's
-# 4,000 draws are for the whole pack) must pass the gate, so that the run asks for approval: the absolute
-# floors are off and the Random Forest to beat is one tree (0.23 macro F1 here). Measured with
-# benchmarks/recipe_ablation.py on this pack: validation macro F1 0.37; 2 + 1 epochs gave 0.21 or 0.32 by
-# seed, at times under the forest.
-FORM = {
-    "arch": "resnet18",
-    "image_size": 28,
-    "epochs": 4,
-    "epoch_images": 500,
-    "finetune_epochs": 1,
-    "batch_size": 32,
-    "baseline_trees": 1,
-    "seed": 7,
-    "promotion_margin": 0.0,
-    "mel_recall_floor": 0.0,
-    "min_macro_f1": 0.0,
-    "min_macro_auc": 0.0,
-    "require_approval": True,
-}
-COMMENT = "macro F1 0.37 is not enough for the clinic pilot"
+# Non-default values for the knobs a user sets in the trigger form: the small recipe that still passes the
+# gate (tests/support/recipes.py), so that the run asks for approval.
+FORM = {**SMALL_FORM, "arch": "resnet18", "seed": 7, "promotion_margin": 0.0, "require_approval": True}
+COMMENT = "macro F1 0.34 is not enough for the clinic pilot"
 
 
 class Services:
@@ -260,11 +243,15 @@ def test_trigger_through_the_rest_api_with_form_params_and_reject_the_challenger
     assert run["conf"] == form
 
     train = xcom("train")
-    assert (train["arch"], train["image_size"], train["n_train"]) == ("resnet18", 28, xcom("split")["counts"]["train"])
+    assert (train["arch"], train["image_size"], train["n_train"]) == (
+        FORM["arch"],
+        FORM["image_size"],
+        xcom("split")["counts"]["train"],
+    )
     assert xcom("split")["seed"] == 7
     rendered = api.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/train", timeout=10).json()
     argv = rendered["rendered_fields"]["argv"]
-    assert "--epochs=4" in argv and "--seed=7" in argv
+    assert "--epochs=6" in argv and "--seed=7" in argv
 
     # The rejection is applied by the promote stage: the champion is not written, the registry history
     # records the reviewer and the comment, and the run's report says who rejected it.

@@ -43,6 +43,7 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support.airflow_env import DAG_ID
+from tests.support.recipes import SMALL_FORM
 from tests.support.slack_api import CHANNEL, TOKEN, SlackApiServer, block_text
 from tests.support.stack import Stack, chromium, docker_bridge_gateway, wait_for
 
@@ -52,26 +53,8 @@ pytestmark = [pytest.mark.deployment, pytest.mark.docker, pytest.mark.slow, pyte
 # itself, on the default queue), and the approval (deferred to the triggerer while it waits).
 TASKS = (*RETRAIN, "retrain_needed", "approval_needed", "approve", "outcome")
 GPU_STAGES = {s.name for s in REGISTRY if s.gpu and s.name in RETRAIN}
-# Set through the trigger form's own fields. Tiny, so the run takes minutes on CPU; six epochs so that
-# the fault below lands between two epoch checkpoints. 40 px is the smallest size that gets the ImageNet
-# stem (dermaops.models): several times less compute than the small stem at 28 px. Epochs of 500 images,
-# each once (quick-cpu's 4,000 class-balanced draws are for the whole pack). The gate must pass so that
-# the run asks for a reviewer: the absolute floors are off and the Random Forest to beat is one tree (as in
-# tests/test_airflow_api.py). Measured with benchmarks/recipe_ablation.py on this pack (seed 42): this
-# gives validation macro F1 0.33, test 0.31; 4 epochs 0.26, and the recipe's balanced draws 0.19.
-FORM = {
-    "epochs": 6,
-    "finetune_epochs": 0,
-    "image_size": 40,
-    "batch_size": 64,
-    "epoch_images": 500,
-    "sampling_power": 1,
-    "class_weight_power": 0.5,
-    "baseline_trees": 1,
-    "mel_recall_floor": 0,
-    "min_macro_f1": 0,
-    "min_macro_auc": 0,
-}
+# Set through the trigger form's own fields (tests/support/recipes.py: why these values).
+FORM = SMALL_FORM
 SWITCHES = ("require_approval",)
 ARCH = "resnet18"
 COMMENT = "Recall up on the rare classes; fine for the pilot"
