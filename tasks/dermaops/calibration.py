@@ -193,18 +193,28 @@ def draw_reliability(path: Path, before: dict, after: dict | None, title: str) -
 
 
 def calibrate_checkpoint(
-    path: Path, val_images: np.ndarray, val_labels: np.ndarray, mel_sensitivity: float, tta: bool, device: str
+    path: Path,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    mel_sensitivity: float,
+    tta: bool,
+    device: str,
+    val_raw: np.ndarray | None = None,
 ) -> dict:
     """Fit temperature and melanoma threshold of the checkpoint at `path` on its validation probabilities,
     scored as evaluate and predict score it (the logit adjustment applied when it has one; `tta` as they
     will use it), and rewrite the checkpoint with them in its meta. Returns what the fit did. The
     probabilities are the uncalibrated ones whatever the meta already holds, so a refit after a resume
-    gives the same result."""
+    gives the same result. `val_raw`: the checkpoint's unadjusted validation probabilities (`tta` as given)
+    when the caller has them, instead of scoring `val_images` again."""
     from dermaops.dataset import CLASSES
-    from dermaops.models import load_checkpoint, predict_proba, save_checkpoint
+    from dermaops.models import adjust_proba, load_checkpoint, predict_proba, save_checkpoint
 
     model, meta = load_checkpoint(path, device=device)
-    proba = predict_proba(model, val_images, meta, device=device, tta=tta)
+    if val_raw is None:
+        proba = predict_proba(model, val_images, meta, device=device, tta=tta)
+    else:
+        proba = adjust_proba(val_raw, meta)
     fitted = fit(proba, val_labels, list(CLASSES).index("mel"), mel_sensitivity)
     fitted["calibration"]["tta"] = tta
     save_checkpoint(path, model, {**meta, **fitted})

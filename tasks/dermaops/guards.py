@@ -108,18 +108,25 @@ def fit_checkpoint(
     tta: bool,
     device: str,
     batch_size: int = 256,
+    val_raw: np.ndarray | None = None,
 ) -> dict:
     """Fit the referral threshold, the out-of-distribution detector and the training prior of the checkpoint
     at `path` (its temperature and logit adjustment already stored) and rewrite it with them. `train_rows`
-    gives the uint8 images of a list of training ids (read a chunk at a time). Returns the facts (no arrays)."""
+    gives the uint8 images of a list of training ids (read a chunk at a time); `val_raw`, when the caller has
+    them, the checkpoint's unadjusted validation probabilities (`tta` as given), instead of scoring
+    `val_images` again. Returns the facts (no arrays)."""
     from dermaops import ood, selective
     from dermaops.dataset import CLASSES
-    from dermaops.models import head_name, load_checkpoint, predict_proba, save_checkpoint
+    from dermaops.models import adjust_proba, head_name, load_checkpoint, predict_proba, save_checkpoint
     from dermaops.prediction import apply_temperature, temperature_of
 
     model, meta = load_checkpoint(path, device=device)
     # The validation probabilities as predict will see them: adjusted, tempered, `tta` as evaluate scores.
-    proba = apply_temperature(predict_proba(model, val_images, meta, device=device, tta=tta), temperature_of(meta))
+    if val_raw is None:
+        adjusted = predict_proba(model, val_images, meta, device=device, tta=tta)
+    else:
+        adjusted = adjust_proba(val_raw, meta)
+    proba = apply_temperature(adjusted, temperature_of(meta))
     correct = proba.argmax(axis=1) == np.asarray(val_labels)
     referral = selective.threshold_for_accuracy(selective.confidence(proba), correct, referral_accuracy)
     referral.update(fitted_on="val", tta=tta)

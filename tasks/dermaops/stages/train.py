@@ -91,17 +91,16 @@ def _resume(ctx, out, trainer, work: Path) -> bool:
     return trainer.resume(last, best)
 
 
-def _calibrate(path, val_images, val_df, train_df, tta: bool, device) -> dict:
+def _calibrate(path, val_raw, val_df, train_df, tta: bool, device) -> dict:
     """Fit the logit adjustment of the best checkpoint on the validation split and rewrite the checkpoint with
-    it in its meta. Fitted on raw (unadjusted) probabilities, so a resumed run that refits gets the same result."""
-    from dermaops.models import load_checkpoint, predict_proba, save_checkpoint
+    it in its meta. Fitted on raw (unadjusted) probabilities, so a resumed run that refits gets the same result.
+    `val_raw`: the checkpoint's unadjusted validation probabilities, with test-time augmentation as evaluate
+    and predict will score (the shared tta param), so the bias is fitted to the probabilities it adjusts."""
+    from dermaops.models import load_checkpoint, save_checkpoint
     from dermaops.training import fit_logit_adjustment
 
     model, meta = load_checkpoint(path, device=device)
-    # Test-time augmentation as evaluate and predict will score (the shared tta param): the bias is fitted
-    # to the probabilities it adjusts.
-    proba = predict_proba(model, val_images, meta, device=device, tta=tta, adjust=False)
-    fitted = fit_logit_adjustment(proba, val_df["label"].to_numpy(), train_df["label"].to_numpy(), list(CLASSES))
+    fitted = fit_logit_adjustment(val_raw, val_df["label"].to_numpy(), train_df["label"].to_numpy(), list(CLASSES))
     fitted["logit_adjustment"]["tta"] = tta
     save_checkpoint(path, model, {**meta, **fitted})
     log.info("logit adjustment fitted on val: %s", fitted["logit_adjustment"])
@@ -253,15 +252,24 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
 
     adjustment = None
     val_images = cache.rows(val_df["image_id"].tolist())
+    # The best checkpoint's unadjusted validation probabilities, scored once: the logit adjustment, the
+    # calibration and the referral threshold are each fitted on a transform of them (models.adjust_proba,
+    # the temperature), and with test-time augmentation a pass costs a forward per view.
+    from dermaops.models import load_checkpoint, predict_proba
+
+    best_model, best_meta = load_checkpoint(work / "cnn.pt", device=device)
+    val_raw = predict_proba(best_model, val_images, best_meta, device=device, tta=cfg.tta, adjust=False)
+    del best_model
     if cfg.calibrate:
-        adjustment = _calibrate(work / "cnn.pt", val_images, val_df, train_df, cfg.tta, device)
+        adjustment = _calibrate(work / "cnn.pt", val_raw, val_df, train_df, cfg.tta, device)
     # Calibration hook (dermaops.calibration): temperature and melanoma threshold, fitted on validation
     # after any logit adjustment, stored in cnn.pt's meta for every consumer.
     from dermaops.calibration import calibrate_checkpoint
 
     calibration = calibrate_checkpoint(
-        work / "cnn.pt", val_images, val_df["label"].to_numpy(), cfg.mel_sensitivity, cfg.tta, device
-    )
+        work / "cnn.pt", val_images, val_df["label"].to_numpy(), cfg.mel_sensitivity, cfg.tta, device,
+        val_raw=val_raw,
+    )  # fmt: skip
     log.info("calibrated on val: temperature %.4f, mel_threshold %.4f, %s",
              calibration["temperature"], calibration["mel_threshold"], calibration["calibration"])  # fmt: skip
     # The prediction guards (dermaops.guards), on the calibrated model: the referral threshold and the
@@ -279,6 +287,7 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
         ood_tpr=cfg.ood_tpr,
         tta=cfg.tta,
         device=device,
+        val_raw=val_raw,
     )
     upload("cnn.pt", work / "cnn.pt")
     history = state.history
