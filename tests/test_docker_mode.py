@@ -103,11 +103,14 @@ def test_transient_exit_and_oom_kill_are_retried(docker_client, monkeypatch, sta
     docker_client.remove_container.assert_called_once_with(CONTAINER_ID, force=True)
 
 
-def test_on_kill_stops_and_removes_the_container(docker_client, monkeypatch):
+def test_on_kill_removes_the_container_at_once(docker_client, monkeypatch):
     op = operator(monkeypatch)
     ti, execute = run(docker_client, op, 0, [b'{"stage": "ingest", "status": "done"}\n'])
     execute()
     docker_client.reset_mock()
-    op.on_kill()  # a task killed from the UI or by a timeout: its container must not keep running
-    docker_client.stop.assert_called_once_with(CONTAINER_ID)
+    # A task killed from the UI or by a timeout: its container must not keep running. One forced remove,
+    # not the provider's 10 s stop first, which the task supervisor's SIGKILL cuts short (the real engine:
+    # tests/test_images.py).
+    op.on_kill()
+    docker_client.stop.assert_not_called()
     docker_client.remove_container.assert_called_once_with(CONTAINER_ID, force=True)

@@ -148,7 +148,7 @@ class _TensorImages:
     def __init__(self, images, labels):
         import torch
 
-        self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.int64)
+        self.images, self.labels = images, torch.tensor(labels, dtype=torch.int64)  # a copy: labels may be read-only
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -673,7 +673,8 @@ class Trainer:
             n = len(self.val.labels)
             empty = torch.empty((0, len(self.classes)), device=self.device)
             logits = self.dist.gather_strided(torch.cat(parts) if parts else empty, n)
-            y = torch.as_tensor(self.val.labels, device=self.device)
+            # A copy: the labels are a read-only view of the image cache, which torch warns about on every epoch.
+            y = torch.tensor(self.val.labels, device=self.device)
             loss = float(F.cross_entropy(logits, y, reduction="sum")) / n
         return loss, metrics(self.val.labels, logits.argmax(1).cpu().numpy(), self.classes)
 
