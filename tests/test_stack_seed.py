@@ -5,6 +5,7 @@ runs in tests/test_deployment.py."""
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -35,6 +36,20 @@ def test_the_env_file_has_fresh_secrets_long_enough_for_their_use(tmp_path):
         [STACK, "env"], env={**os.environ, "DERMAOPS_ENV_FILE": str(env_file)}, capture_output=True, text=True
     )
     assert again.returncode == 0 and read_env_file(env_file) == env
+
+
+def test_the_env_file_keeps_comments_and_replaces_only_what_is_to_be_generated():
+    from dermaops.stack_env import render
+
+    example = "# a comment=change-me\nAIRFLOW__CORE__FERNET_KEY=\nDOCKER_GID=999\nKEEP=as-is\nX_PASSWORD=change-me\n\n"
+    lines = render(example, "133").splitlines()
+    assert lines[0] == "# a comment=change-me" and lines[3] == "KEEP=as-is" and lines[5] == ""
+    fernet = lines[1].split("=", 1)[1]
+    assert len(base64.urlsafe_b64decode(fernet)) == 32  # what cryptography's Fernet accepts
+    assert lines[2] == "DOCKER_GID=133"
+    password = lines[4].split("=", 1)[1]
+    assert password != "change-me" and len(password) == 32  # 24 random bytes, urlsafe base64
+    assert render(example, "133") != render(example, "133")  # fresh secrets on every call
 
 
 def _seed(*args: str, env: dict) -> subprocess.CompletedProcess:
