@@ -3,8 +3,11 @@ and built from whatever the producing stages recorded (intervals, calibration, o
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
+from dermaops.config import TrainConfig, setting
 from dermaops.dataset import CLASSES
-from dermaops.model_card import CARD_JSON, CARD_MD, build_card, render_card
+from dermaops.model_card import CARD_JSON, CARD_MD, build_card, recipe_of, render_card
 from dermaops.store import S3Uri
 
 SECTIONS = (
@@ -80,7 +83,7 @@ def test_card_shows_intervals_calibration_operating_point_and_recipe():
         split_uri="s3://b/runs/r2/split",
         decision=decision,
         history=history,
-        train_manifest={"config": {"epochs": 20, "lr": 0.002, "arch": "resnet18", "out": "s3://ignored"}},
+        train_manifest={"config": {**asdict(TrainConfig()), "epochs": 20, "lr": 0.002, "out": "s3://ignored"}},
         split_manifest=None,
     )
     text = render_card(card)
@@ -97,6 +100,10 @@ def test_card_shows_intervals_calibration_operating_point_and_recipe():
     # The heading names the one per-class figure that has an interval.
     assert "Per class (95 % lesion-bootstrap interval in brackets for recall of mel; the rest are point" in text
     assert "- epochs: 20" in text and "- lr: 0.002" in text and "out" not in card["recipe"]
+    # Every setting that can change the model, none that cannot (threads, device).
+    assert set(card["recipe"]) == set(TrainConfig.recipe_fields()) and "num_threads" not in card["recipe"]
+    for name in ("loss_tau", "ema_decay", "mixup_alpha", "cutmix_alpha", "tta", "mel_sensitivity", "patience"):
+        assert f"- {name}: " in text, name
     assert "64x64 px" in text
     # The whole history, the refused challenger before this model included; a '|' cannot break the table.
     assert "| r1 | refused | below the floor |" in text and "| r2 (this model) | promoted | beats / it |" in text
@@ -135,3 +142,15 @@ def test_card_states_subgroups_referral_and_inputs_unlike_the_training_data():
     # A model evaluated before the guards existed says so instead of leaving the reader guessing.
     bare = render_card(build_card(**{**args, "metrics": {**metrics, "referral": None, "ood": None}}))
     assert "No referral threshold: every image gets a prediction." in bare and "No out-of-distribution detector" in bare
+
+
+def test_a_setting_added_to_the_train_config_reaches_the_card_with_no_edit():
+    @dataclass(frozen=True)
+    class WithANewSetting(TrainConfig):
+        new_knob: float = setting(0.5, "a setting added later", lo=0.0, hi=1.0)
+        new_threads: int = setting(1, "CPU threads of something new", lo=1, hi=64, fingerprint=False)
+
+    config = {"epochs": 3, "new_knob": 0.25, "new_threads": 8, "out": "s3://b/runs/r/models/cnn"}
+    assert recipe_of(config, WithANewSetting) == {"epochs": 3, "new_knob": 0.25}
+    assert recipe_of(config) == {"epochs": 3}  # the real TrainConfig has no such setting
+    assert recipe_of({"out": "s3://b/x"}) is None  # the manifest recorded no setting: "Not recorded"

@@ -162,6 +162,12 @@ class StageConfig:
     def check(self) -> None:
         """Rules across settings (override); single-setting bounds are checked by from_args."""
 
+    @classmethod
+    def recipe_fields(cls) -> tuple[str, ...]:
+        """The settings that can change what the stage produces (every field not kept out of the fingerprint):
+        what a model card lists as the recipe, so a new setting reaches it with no edit."""
+        return tuple(f.name for f, spec, _, _ in _settings(cls) if spec.fingerprint is not False)
+
     def fingerprint_inputs(self) -> dict[str, Any]:
         out = {}
         for f, spec, _, _ in _settings(type(self)):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from dermaops.config import StageConfig, TrainConfig
 from dermaops.errors import StageError, TransientError
 from dermaops.frame import Frame
 from dermaops.metrics import operating_point_line
@@ -41,10 +42,6 @@ CARD_VERSION = 1
 HISTORY_ROWS = 50
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_auc")
 PER_CLASS = ("precision", "recall", "f1", "auc", "support")
-RECIPE_KEYS = (
-    "arch", "pretrained", "image_size", "stem", "epochs", "finetune_epochs", "finetune_depth", "batch_size", "lr",
-    "finetune_lr", "weight_decay", "label_smoothing", "class_weight_power", "max_train_images", "seed", "calibrate",
-)  # fmt: skip
 CLASS_NAMES = {
     "akiec": "actinic keratosis / intraepithelial carcinoma (Bowen's disease)",
     "bcc": "basal cell carcinoma",
@@ -79,6 +76,12 @@ LIMITATIONS = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def recipe_of(config: dict, config_type: type[StageConfig] = TrainConfig) -> dict | None:
+    """The recipe section: each setting of the train stage's config that can change the model
+    (TrainConfig.recipe_fields), as its manifest recorded it; None when the manifest is gone."""
+    return {k: config[k] for k in config_type.recipe_fields() if k in config} or None
 
 
 def _optional_json(store: ArtifactStore, uri: S3Uri) -> dict | None:
@@ -174,7 +177,7 @@ def build_card(
             "split_seed": split_summary.get("seed"),
             "split_counts": split_summary.get("counts"),
         },
-        "recipe": {k: config[k] for k in RECIPE_KEYS if k in config} or None,
+        "recipe": recipe_of(config),
         "metrics": {
             "split": "test",
             "n": metrics.get("n"),
