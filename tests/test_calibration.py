@@ -19,7 +19,7 @@ from dermaops.calibration import (
     threshold_for_sensitivity,
 )
 from dermaops.metrics import classification_metrics
-from dermaops.promotion import decide
+from dermaops.promotion import Floors, GatePolicy, decide
 
 MEL = 4
 
@@ -143,12 +143,13 @@ def test_paired_bootstrap_of_identical_and_of_clearly_different_models():
 
     challenger = {"macro_f1": 0.60, "macro_auc": 0.9, "per_class": {"mel": {"recall": 0.6}}}
     champion = {"macro_f1": 0.58, "macro_auc": 0.9, "per_class": {"mel": {"recall": 0.6}}}
+    policy = GatePolicy(margin=0.005, floors=Floors(0.5, 0.0, 0.0))  # the gate's rule 5 alone
     interval = {"difference": 0.02, "low": -0.01, "high": 0.05, "level": 0.95, "resamples": 1000, "lesions": 750}
-    refused = decide(challenger, champion, "macro_f1", 0.005, 0.5, paired=interval)
+    refused = decide(challenger, champion, policy, baseline={"macro_f1": 0.0}, paired=interval)
     # The point difference clears the margin, the lower bound does not: the champion stays.
     assert not refused.promoted and "lower bound -0.0100 does not clear the margin" in refused.reason
     assert "[-0.0100, +0.0500]" in refused.reason
-    sure = decide(challenger, champion, "macro_f1", 0.005, 0.5, paired={**interval, "low": 0.006})
+    sure = decide(challenger, champion, policy, baseline={"macro_f1": 0.0}, paired={**interval, "low": 0.006})
     assert sure.promoted and "lower bound +0.0060 clears the margin 0.0050" in sure.reason
 
 

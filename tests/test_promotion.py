@@ -14,6 +14,7 @@ from dermaops.promotion import (
     Challenger,
     ChampionIncident,
     Floors,
+    GatePolicy,
     Registry,
     decide,
     operating_point_record,
@@ -22,6 +23,11 @@ from dermaops.promotion import (
 from dermaops.stage import Context
 from dermaops.stages.evaluate import SplitScorer
 from dermaops.store import S3Uri, sha256_bytes
+
+# The decision-rule tests isolate the melanoma floor and the champion: the other floors off, and a Random
+# Forest that scored nothing.
+MEL_ONLY = Floors(mel_recall=0.5, macro_f1=0.0, macro_auc=0.0, allow_subset=True)
+RF_ZERO = {"macro_f1": 0.0}
 
 
 def _metrics(macro_f1: float, mel_recall: float, macro_auc: float | None = 0.9) -> dict:
@@ -36,28 +42,32 @@ def test_the_first_champion_must_clear_every_absolute_rule():
     rf = {"macro_f1": 0.30}
     subset = "max_train_images=300: 300 of 7000 training images"
 
-    on_subset = decide(useless, None, "macro_f1", 0.005, floors, baseline=rf, subset=subset)
+    on_subset = decide(useless, None, GatePolicy(margin=0.005, floors=floors), baseline=rf, subset=subset)
     assert not on_subset.promoted and "trained on a subset (max_train_images=300" in on_subset.reason
-    low_f1 = decide(useless, None, "macro_f1", 0.005, floors, baseline=rf)
+    low_f1 = decide(useless, None, GatePolicy(margin=0.005, floors=floors), baseline=rf)
     assert not low_f1.promoted and low_f1.reason == "macro_f1 0.0290 is below the absolute floor 0.2500"
-    low_auc = decide(_metrics(0.4, 0.9, macro_auc=0.46), None, "macro_f1", 0.005, floors, baseline=rf)
+    low_auc = decide(_metrics(0.4, 0.9, macro_auc=0.46), None, GatePolicy(margin=0.005, floors=floors), baseline=rf)
     assert not low_auc.promoted and low_auc.reason == "macro_auc 0.4600 is below the absolute floor 0.7500"
-    no_auc = decide(_metrics(0.4, 0.9, macro_auc=None), None, "macro_f1", 0.005, floors, baseline=rf)
+    no_auc = decide(_metrics(0.4, 0.9, macro_auc=None), None, GatePolicy(margin=0.005, floors=floors), baseline=rf)
     assert not no_auc.promoted and "macro_auc undefined" in no_auc.reason
 
-    below_rf = decide(_metrics(0.29, 0.9), None, "macro_f1", 0.005, floors, baseline=rf)
+    below_rf = decide(_metrics(0.29, 0.9), None, GatePolicy(margin=0.005, floors=floors), baseline=rf)
     assert not below_rf.promoted
     assert below_rf.reason == "macro_f1 0.2900 does not beat this run's Random Forest baseline (0.3000)"
-    no_rf = decide(_metrics(0.4, 0.9), None, "macro_f1", 0.005, floors, baseline=None)
+    no_rf = decide(_metrics(0.4, 0.9), None, GatePolicy(margin=0.005, floors=floors), baseline=None)
     assert not no_rf.promoted and "no Random Forest baseline" in no_rf.reason
 
-    good = decide(_metrics(0.4, 0.6), None, "macro_f1", 0.005, floors, baseline=rf)
+    good = decide(_metrics(0.4, 0.6), None, GatePolicy(margin=0.005, floors=floors), baseline=rf)
     assert good.promoted and "no champion yet" in good.reason and "beats this run's Random Forest" in good.reason
     # Explicitly allowed, a subset model is judged like any other.
     allowed = Floors(0.5, 0.25, 0.75, allow_subset=True)
-    assert decide(_metrics(0.4, 0.6), None, "macro_f1", 0.005, allowed, baseline=rf, subset=subset).promoted
+    assert decide(
+        _metrics(0.4, 0.6), None, GatePolicy(margin=0.005, floors=allowed), baseline=rf, subset=subset
+    ).promoted
     # The rules hold against a champion too: beating a worse champion does not excuse losing to the RF.
-    assert not decide(_metrics(0.29, 0.9), _metrics(0.1, 0.9), "macro_f1", 0.0, floors, baseline=rf).promoted
+    assert not decide(
+        _metrics(0.29, 0.9), _metrics(0.1, 0.9), GatePolicy(margin=0.0, floors=floors), baseline=rf
+    ).promoted
 
 
 def test_the_champion_record_carries_the_melanoma_operating_point():
@@ -81,23 +91,31 @@ def test_the_champion_record_carries_the_melanoma_operating_point():
 
 
 def test_decision_rule():
-    first = decide(_metrics(0.4, 0.6), None, "macro_f1", 0.005, 0.5)
+    first = decide(_metrics(0.4, 0.6), None, GatePolicy(margin=0.005, floors=MEL_ONLY), baseline=RF_ZERO)
     assert first.promoted and "no champion yet" in first.reason
 
-    below = decide(_metrics(0.9, 0.49), None, "macro_f1", 0.005, 0.5)
+    below = decide(_metrics(0.9, 0.49), None, GatePolicy(margin=0.005, floors=MEL_ONLY), baseline=RF_ZERO)
     assert not below.promoted and "melanoma recall 0.4900 is below the floor 0.5000" in below.reason
 
     # Beating the champion does not excuse a melanoma recall under the floor.
-    assert not decide(_metrics(0.9, 0.3), _metrics(0.2, 0.9), "macro_f1", 0.0, 0.5).promoted
+    assert not decide(
+        _metrics(0.9, 0.3), _metrics(0.2, 0.9), GatePolicy(margin=0.0, floors=MEL_ONLY), baseline=RF_ZERO
+    ).promoted
 
-    within = decide(_metrics(0.604, 0.6), _metrics(0.600, 0.6), "macro_f1", 0.005, 0.5)
+    within = decide(
+        _metrics(0.604, 0.6), _metrics(0.600, 0.6), GatePolicy(margin=0.005, floors=MEL_ONLY), baseline=RF_ZERO
+    )
     assert not within.promoted and "margin 0.0050" in within.reason and "+0.0040" in within.reason
 
-    beats = decide(_metrics(0.62, 0.6), _metrics(0.60, 0.6), "macro_f1", 0.005, 0.5)
+    beats = decide(
+        _metrics(0.62, 0.6), _metrics(0.60, 0.6), GatePolicy(margin=0.005, floors=MEL_ONLY), baseline=RF_ZERO
+    )
     assert beats.promoted and "beats the champion's 0.6000" in beats.reason
 
     # "Beats" is strict: an equal score with no margin keeps the champion.
-    assert not decide(_metrics(0.6, 0.6), _metrics(0.6, 0.6), "macro_f1", 0.0, 0.5).promoted
+    assert not decide(
+        _metrics(0.6, 0.6), _metrics(0.6, 0.6), GatePolicy(margin=0.0, floors=MEL_ONLY), baseline=RF_ZERO
+    ).promoted
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +156,15 @@ def _gate(
     path, meta, metrics, source, proba = scored["models"][name]
     challenger = Challenger(run_id, path, source, metrics, meta, scored["dataset_version"], scored["split"], proba)
     floors = Floors(mel_recall=floor, macro_f1=0.0, macro_auc=0.0)
+    policy = GatePolicy(margin=margin, floors=floors, require_approval=require_approval, allow_broken_champion=override)
     return run_gate(
         registry,
         challenger,
         score_champion or scored["scorer"].score_champion,
-        "macro_f1",
-        margin,
-        floors,
+        policy,
         tmp_path / run_id,
         baseline={"macro_f1": 0.0},
-        allow_broken_champion=override,
         compare=scored["scorer"].compare if paired else None,
-        require_approval=require_approval,
     )
 
 
@@ -623,8 +638,8 @@ def test_the_subgroup_gate_refuses_a_challenger_built_to_fail_one_group(scored, 
         challenger = Challenger(run_id, path, source, scorer.metrics(probabilities), meta, scored["dataset_version"],
                                 scored["split"], probabilities)  # fmt: skip
         return run_gate(
-            registry, challenger, scorer.score_champion, "macro_f1", -1.0, Floors(0.0, 0.0, 0.0), tmp_path / run_id,
-            baseline={"macro_f1": 0.0}, compare=scorer.compare, subgroup_check=subgroup_check,
+            registry, challenger, scorer.score_champion, GatePolicy(margin=-1.0, floors=Floors(0.0, 0.0, 0.0)),
+            tmp_path / run_id, baseline={"macro_f1": 0.0}, compare=scorer.compare, subgroup_check=subgroup_check,
         )  # fmt: skip
 
     registry = Registry(store, bucket.join("registry", "ham10000"))

@@ -122,6 +122,29 @@ class Floors:
     allow_subset: bool = False
 
 
+@dataclass(frozen=True)
+class GatePolicy:
+    """How the gate judges a challenger: evaluate's settings (dermaops.config.EvaluateConfig, the DAG's
+    params), in one value that decide() and run_gate() take."""
+
+    primary_metric: str = "macro_f1"
+    margin: float = 0.005  # what the challenger must beat the champion by, on the primary metric
+    floors: Floors = Floors()
+    require_approval: bool = False  # a challenger the gate would promote waits for a reviewer
+    allow_broken_champion: bool = False  # an unloadable champion: judge as if there were none (else incident)
+
+    @classmethod
+    def from_config(cls, cfg) -> GatePolicy:
+        """From an EvaluateConfig (not imported here: the config module knows nothing of the registry)."""
+        return cls(
+            primary_metric=cfg.primary_metric,
+            margin=cfg.promotion_margin,
+            floors=Floors(cfg.mel_recall_floor, cfg.min_macro_f1, cfg.min_macro_auc, cfg.allow_subset_promotion),
+            require_approval=cfg.require_approval,
+            allow_broken_champion=cfg.allow_broken_champion_override,
+        )
+
+
 def _absolute_gate(
     challenger: dict, primary_metric: str, floors: Floors, baseline: dict | None, subset: str | None
 ) -> Decision | None:
@@ -155,24 +178,19 @@ def _absolute_gate(
 def decide(
     challenger: dict,
     champion: dict | None,
-    primary_metric: str,
-    margin: float,
-    mel_recall_floor: float | Floors,
+    policy: GatePolicy,
+    *,
     no_champion_because: str = "no champion yet",
     baseline: dict | None = None,
     subset: str | None = None,
     paired: dict | None = None,
 ) -> Decision:
-    """The gate on classification_metrics dicts (test split); pure, no I/O. `mel_recall_floor` is the
-    melanoma floor alone (the other floors then off, as before they existed) or all the Floors;
-    `baseline` is the run's Random Forest on the same split (None: not scored), `subset` says how the
-    challenger's training set was cut down (None: the whole training split); `paired` is the paired
-    bootstrap of challenger minus champion on the primary metric (bootstrap.paired_difference), which
-    decides rule 5 when given (its lower bound must clear the margin), else the point difference does."""
-    floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else None
-    if floors is None:
-        floors = Floors(mel_recall=mel_recall_floor, macro_f1=0.0, macro_auc=0.0, allow_subset=True)
-        baseline = baseline if baseline is not None else {}
+    """The gate on classification_metrics dicts (test split); pure, no I/O. `baseline` is the run's Random
+    Forest on the same split (None: not scored, which refuses), `subset` says how the challenger's training
+    set was cut down (None: the whole training split); `paired` is the paired bootstrap of challenger minus
+    champion on the primary metric (bootstrap.paired_difference), which decides rule 5 when given (its
+    lower bound must clear the margin), else the point difference does."""
+    primary_metric, margin, floors = policy.primary_metric, policy.margin, policy.floors
     refused = _absolute_gate(challenger, primary_metric, floors, baseline, subset)
     if refused is not None:
         return refused
@@ -380,18 +398,15 @@ def _judge(
     sha256: str,
     state: ChampionState,
     score_champion: ChampionScorer,
-    primary_metric: str,
-    margin: float,
-    floors: Floors,
+    policy: GatePolicy,
     scratch: Path,
     baseline: dict | None,
     subset: str | None,
-    allow_broken_champion: bool,
     compare: PairedComparison | None,
-    require_approval: bool,
     subgroup_check: SubgroupCheck | None = None,
 ) -> _Judgement:
     """The gate against the champion of `state`: re-score it, decide, build the decision record."""
+    primary_metric, floors = policy.primary_metric, policy.floors
     record, problem = state.record, state.problem
     champion_info = {"run_id": record["run_id"], "model_uri": record["model_uri"]} if record else None
     paired = subgroup = None
@@ -409,7 +424,7 @@ def _judge(
                     paired = compare(challenger.proba, champion_proba, primary_metric)
         if problem:
             champion_info = {**(champion_info or {}), "problem": problem}
-            if not allow_broken_champion:
+            if not policy.allow_broken_champion:
                 _record_incident(registry, challenger, sha256, problem, champion_info, primary_metric)
                 raise ChampionIncident(
                     f"promotion refused: {problem}; an incident, not an empty registry: restore the champion, "
@@ -421,9 +436,7 @@ def _judge(
         decision = decide(
             challenger.metrics,
             champion_metrics,
-            primary_metric,
-            margin,
-            floors,
+            policy,
             no_champion_because=f"{problem}; treated as no champion (override)" if problem else "no champion yet",
             baseline=baseline,
             subset=subset,
@@ -437,7 +450,7 @@ def _judge(
             if subgroup["refusal"]:
                 decision = Decision(False, "refused", subgroup["refusal"])
     gate_reason = decision.reason
-    if decision.decision == "promoted" and require_approval:
+    if decision.decision == "promoted" and policy.require_approval:
         decision = Decision(False, AWAITING, f"{decision.reason}; awaiting a reviewer's approval (require_approval)")
     entry = {
         "run_id": challenger.run_id,
@@ -446,7 +459,7 @@ def _judge(
         "promoted": decision.promoted,
         "reason": decision.reason,
         "primary_metric": primary_metric,
-        "promotion_margin": margin,
+        "promotion_margin": policy.margin,
         "mel_recall_floor": floors.mel_recall,
         "floors": {"macro_f1": floors.macro_f1, "macro_auc": floors.macro_auc, "allow_subset": floors.allow_subset},
         "baseline": {primary_metric: baseline.get(primary_metric)} if baseline else None,
@@ -473,22 +486,19 @@ def run_gate(
     registry: Registry,
     challenger: Challenger,
     score_champion: ChampionScorer,
-    primary_metric: str,
-    margin: float,
-    mel_recall_floor: float | Floors,
+    policy: GatePolicy,
     scratch: Path,
+    *,
     baseline: dict | None = None,
     subset: str | None = None,
-    allow_broken_champion: bool = False,
     compare: PairedComparison | None = None,
-    require_approval: bool = False,
     subgroup_check: SubgroupCheck | None = None,
 ) -> dict:
     """Decide, record the decision in the history, and (if promoted) write champion.json last.
     Returns the decision record (also what the history holds). Raises ChampionIncident (after
-    recording it) when the champion cannot be loaded and `allow_broken_champion` is False. With
+    recording it) when the champion cannot be loaded and the policy does not allow a broken champion. With
     `compare` and the challenger's probabilities, rule 5 is the paired bootstrap (module docstring).
-    With `require_approval`, a challenger the gate would promote is recorded as awaiting approval
+    With the policy's `require_approval`, a challenger the gate would promote is recorded as awaiting approval
     (history and pending/<run_id>.json) instead, and champion.json is left alone.
 
     Concurrent gates (two evaluates at once): the slow part, re-scoring the champion, runs unlocked; a
@@ -496,14 +506,13 @@ def run_gate(
     was judged against (same ETag). Otherwise another run was promoted meanwhile: the gate judges this
     model again against the new champion (GATE_ROUNDS rounds at most, then it is recorded as
     superseded), and its decision record lists the rounds it lost under `rejudged`."""
-    floors = mel_recall_floor if isinstance(mel_recall_floor, Floors) else Floors(mel_recall=mel_recall_floor)
     sha256 = sha256_file(challenger.checkpoint)
     rejudged: list[dict] = []
     for _ in range(GATE_ROUNDS):
         state = registry.champion_state()
         judged = _judge(
-            registry, challenger, sha256, state, score_champion, primary_metric, margin, floors, scratch,
-            baseline, subset, allow_broken_champion, compare, require_approval, subgroup_check,
+            registry, challenger, sha256, state, score_champion, policy, scratch, baseline, subset, compare,
+            subgroup_check,
         )  # fmt: skip
         decision, entry = judged.decision, judged.entry
         if rejudged:

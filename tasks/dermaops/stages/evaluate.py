@@ -366,7 +366,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
     if not inputs.registry_uri:
         return None
     from dermaops.guards import without_arrays
-    from dermaops.promotion import Challenger, Floors, Registry, run_gate
+    from dermaops.promotion import Challenger, GatePolicy, Registry, run_gate
     from dermaops.report import BASELINE
 
     challenger = Challenger(
@@ -384,15 +384,11 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         Registry(ctx.store, inputs.registry_uri),
         challenger,
         scores.scorer.score_champion,
-        cfg.primary_metric,
-        cfg.promotion_margin,
-        Floors(cfg.mel_recall_floor, cfg.min_macro_f1, cfg.min_macro_auc, cfg.allow_subset_promotion),
+        GatePolicy.from_config(cfg),
         local,
         baseline=scores.models.get(BASELINE),
         subset=training_subset(inputs.model_manifest, inputs.split_manifest),
-        allow_broken_champion=cfg.allow_broken_champion_override,
         compare=scores.scorer.compare,
-        require_approval=cfg.require_approval,
         subgroup_check=scores.scorer.subgroup_check(cfg.subgroup_min_melanomas) if cfg.subgroup_gate else None,
     )
 
