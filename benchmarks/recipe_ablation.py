@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         "tta_views": len(symmetry_views(frame.shape)) if args.tta else 0,
         "pack": args.pack.name,
         "best": {"epoch": state.best.epoch, "phase": state.best.phase, "val_macro_f1": state.best.val_macro_f1},
-        "history": [{k: r[k] for k in HISTORY_KEYS} for r in state.history],
+        "history": [{k: r.to_dict()[k] for k in HISTORY_KEYS} for r in state.history],
         "cnn_pt": score(best_model, best_meta, keep=args.out / f"{args.name}.npz"),
     }
     if trainer.ema is not None:

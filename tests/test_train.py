@@ -27,7 +27,7 @@ from dermaops.models import (
     to_input,
 )
 from dermaops.store import S3Uri
-from dermaops.training import fit_logit_adjustment
+from dermaops.training import EpochRecord, TrainState, fit_logit_adjustment
 
 TINY = [
     "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--batch-size", "32",
@@ -380,3 +380,32 @@ def test_class_sampling_draws_rare_classes_more_often_and_repeats_per_epoch():
     assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(balanced)  # the ranks share one draw
     subset = ClassSampler(labels, 1.0, 300, seed=3)
     assert len(set(subset)) == 300  # fewer than the split: a fresh subset without repeats
+
+
+def _row(phase: int, epoch: int, val_macro_f1: float) -> EpochRecord:
+    return EpochRecord(phase, epoch, 1.0, 0.5, 0.5, 0.5, 100.0, 1.0, 0.5, 0.5, val_macro_f1, 1e-3, 1.0)
+
+
+def test_the_phase_state_machine_keeps_the_bests_and_stops_early():
+    """TrainState.record, without torch: the bests written as cnn.pt and cnn_phase1.pt, early stopping per
+    phase, and the state a resumed run continues from (last.pt holds it as a plain dict)."""
+    st = TrainState()
+    assert st.wants(1, 5) and st.wants(2, 1) and not st.wants(2, 0)
+    st.enter(1)
+    outcomes = [st.record(_row(1, e, f1), patience=2, phase_epochs=5) for e, f1 in enumerate((0.2, 0.4, 0.3), 1)]
+    assert [(o.best, o.best_phase1, o.stop) for o in outcomes] == [(True, True, False), (True, True, False),
+                                                                   (False, False, False)]  # fmt: skip
+    assert not st.phase_done and st.stale_epochs == 1
+    resumed = TrainState.from_dict(st.to_dict())  # what last.pt gives back
+    assert resumed == st and isinstance(resumed.history[0], EpochRecord)
+    stop = resumed.record(_row(1, 4, 0.35), patience=2, phase_epochs=5)
+    assert stop.stop and resumed.phase_done and not resumed.wants(1, 5)  # two epochs without a better val F1
+    assert (resumed.best.epoch, resumed.best_phase1.epoch) == (2, 2)
+
+    resumed.enter(2)  # phase 2: its own early stopping, the phase-1 best stays
+    assert resumed.stale_epochs == 0 and resumed.phase_best is None
+    better = resumed.record(_row(2, 5, 0.45), patience=2, phase_epochs=1)
+    assert (better.best, better.best_phase1, better.stop) == (True, False, False) and resumed.phase_done
+    assert (resumed.best.epoch, resumed.best.phase, resumed.best_phase1.epoch) == (5, 2, 2)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3, 4, 5]
+    assert _row(2, 5, 0.45).val() == {"loss": 1.0, "acc": 0.5, "weighted_f1": 0.5, "macro_f1": 0.45}

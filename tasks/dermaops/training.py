@@ -40,7 +40,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,8 @@ EVAL_BATCH = 256
 log = logging.getLogger(__name__)
 
 
-__all__ = ["TrainConfig", "TrainState", "Trainer", "WeightEMA", "fit_logit_adjustment"]  # TrainConfig: dermaops.config
+# TrainConfig: re-exported from dermaops.config.
+__all__ = ["EpochRecord", "TrainConfig", "TrainState", "Trainer", "WeightEMA", "fit_logit_adjustment"]
 
 
 @dataclass
@@ -71,6 +72,47 @@ class Best:
     val_macro_f1: float
 
 
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch: a row of history.json (and of last.pt's history), the same keys as its fields."""
+
+    phase: int
+    epoch: int  # global, across both phases
+    train_loss: float
+    train_acc: float
+    train_weighted_f1: float
+    train_macro_f1: float
+    images_per_s: float
+    val_loss: float
+    val_acc: float
+    val_weighted_f1: float
+    val_macro_f1: float
+    lr: float  # at the end of the epoch
+    seconds: float  # the epoch's wall time, validation included
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict) -> EpochRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+    def val(self) -> dict:
+        """The validation figures a best checkpoint's meta records ("val": loss, acc, weighted_f1, macro_f1)."""
+        return {"loss": self.val_loss, "acc": self.val_acc, "weighted_f1": self.val_weighted_f1,
+                "macro_f1": self.val_macro_f1}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EpochOutcome:
+    """What an epoch changed: a new best overall (cnn.pt), a new best of phase 1 (cnn_phase1.pt), and whether
+    early stopping ends its phase."""
+
+    best: bool
+    best_phase1: bool
+    stop: bool
+
+
 @dataclass
 class TrainState:
     """Everything the loop needs to continue after a crash; saved in last.pt as a plain dict."""
@@ -79,11 +121,40 @@ class TrainState:
     phase_epoch: int = 0  # epochs finished in the current phase
     phase_done: bool = False  # the current phase ran all its epochs or stopped early
     epoch: int = 0  # global number of the last finished epoch
-    history: list[dict] = field(default_factory=list)
+    history: list[EpochRecord] = field(default_factory=list)
     best: Best | None = None  # overall (cnn.pt)
     best_phase1: Best | None = None  # of phase 1 (cnn_phase1.pt)
     phase_best: Best | None = None  # of the current phase (early stopping)
     stale_epochs: int = 0  # epochs since phase_best improved
+
+    def enter(self, phase: int) -> None:
+        """Start `phase`: its epoch count, early-stopping best and patience counter from zero."""
+        self.phase, self.phase_epoch, self.phase_done, self.phase_best, self.stale_epochs = phase, 0, False, None, 0
+
+    def wants(self, phase: int, n_epochs: int) -> bool:
+        """Whether `phase` (of `n_epochs`) still has epochs to run: not empty, not behind us, not finished."""
+        return n_epochs > 0 and self.phase <= phase and not (self.phase == phase and self.phase_done)
+
+    def record(self, row: EpochRecord, patience: int, phase_epochs: int) -> EpochOutcome:
+        """Book-keeping of a finished epoch (pure: no I/O): the history, the bests, early stopping."""
+        self.history.append(row)
+        self.epoch = row.epoch
+        self.phase_epoch += 1
+        score = row.val_macro_f1
+        entry = Best(row.epoch, row.phase, score)
+        if self.phase_best is None or score > self.phase_best.val_macro_f1:
+            self.phase_best, self.stale_epochs = entry, 0
+        else:
+            self.stale_epochs += 1
+        best_phase1 = row.phase == 1 and (self.best_phase1 is None or score > self.best_phase1.val_macro_f1)
+        if best_phase1:
+            self.best_phase1 = entry
+        best = self.best is None or score > self.best.val_macro_f1
+        if best:
+            self.best = entry
+        stop = patience > 0 and self.stale_epochs >= patience
+        self.phase_done = stop or self.phase_epoch >= phase_epochs
+        return EpochOutcome(best=best, best_phase1=best_phase1, stop=stop)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +162,8 @@ class TrainState:
     @classmethod
     def from_dict(cls, blob: dict) -> TrainState:
         bests = {k: Best(**blob[k]) if blob.get(k) else None for k in ("best", "best_phase1", "phase_best")}
-        return cls(**{**blob, **bests})
+        history = [EpochRecord.from_dict(row) for row in blob.get("history", [])]
+        return cls(**{**blob, **bests, "history": history})
 
 
 class WeightEMA:
@@ -444,10 +516,10 @@ class Trainer:
         tmp.replace(path)
         self.on_saved("checkpoints/last.pt", path)
 
-    def _save_best(self, name: str, row: dict) -> None:
+    def _save_best(self, name: str, row: EpochRecord) -> None:
         if not self.dist.primary:
             return
-        meta = {**self.meta, "phase": row["phase"], "epoch": row["epoch"], "val": _val_metrics(row)}
+        meta = {**self.meta, "phase": row.phase, "epoch": row.epoch, "val": row.val()}
         path = save_checkpoint(self.work_dir / name, self.scored_model, meta)
         self.on_saved(name, path)
 
@@ -482,7 +554,7 @@ class Trainer:
         st = self.state
         for phase in (1, 2):
             n_epochs = self.cfg.phase_epochs(phase)
-            if n_epochs == 0 or st.phase > phase or (st.phase == phase and st.phase_done):
+            if not st.wants(phase, n_epochs):
                 continue
             learn, optimizer, scheduler = self.configure(phase)
             if blob is not None and st.phase == phase:
@@ -510,7 +582,7 @@ class Trainer:
                 log.info("phase 2 starts from the best phase-1 weights (epoch %s)", st.best_phase1.epoch)
         if self.ema is not None:
             self.ema.reset(self.model)  # a new phase averages from its own starting weights
-        st.phase, st.phase_epoch, st.phase_done, st.phase_best, st.stale_epochs = phase, 0, False, None, 0
+        st.enter(phase)
         learn = trainable_modules(self.model, self.cfg, phase)
         log.info(
             "phase %d: %d epochs, lr %g, training %s",
@@ -520,31 +592,19 @@ class Trainer:
             "the whole network" if learn is None else ", ".join(sorted(learn)),
         )
 
-    def _after_epoch(self, row: dict, optimizer, scheduler) -> bool:
-        """Book-keeping after an epoch; True when early stopping ends the phase."""
-        st = self.state
-        st.history.append(row)
-        st.epoch = row["epoch"]
-        st.phase_epoch += 1
-        score = row["val_macro_f1"]
-        best_entry = Best(row["epoch"], row["phase"], score)
-        if st.phase_best is None or score > st.phase_best.val_macro_f1:
-            st.phase_best, st.stale_epochs = best_entry, 0
-        else:
-            st.stale_epochs += 1
-        if row["phase"] == 1 and (st.best_phase1 is None or score > st.best_phase1.val_macro_f1):
-            st.best_phase1 = best_entry
+    def _after_epoch(self, row: EpochRecord, optimizer, scheduler) -> bool:
+        """Record the epoch (TrainState.record), write what it made best and the resume checkpoint; True when
+        early stopping ends the phase."""
+        outcome = self.state.record(row, self.cfg.patience, self.cfg.phase_epochs(row.phase))
+        if outcome.best_phase1:
             self._save_best("cnn_phase1.pt", row)
-        if st.best is None or score > st.best.val_macro_f1:
-            st.best = best_entry
+        if outcome.best:
             self._save_best("cnn.pt", row)
-        stop = self.cfg.patience > 0 and st.stale_epochs >= self.cfg.patience
-        if stop:
+        if outcome.stop:
             log.info("early stopping phase %d after epoch %d: no better val macro F1 for %d epochs",
-                     row["phase"], row["epoch"], st.stale_epochs)  # fmt: skip
-        st.phase_done = stop or st.phase_epoch >= self.cfg.phase_epochs(row["phase"])
+                     row.phase, row.epoch, self.state.stale_epochs)  # fmt: skip
         self._save_last(optimizer, scheduler)
-        return stop
+        return outcome.stop
 
     # -- one epoch ----------------------------------------------------------------------------
     def _remaining_steps(self, phase: int) -> int:
@@ -633,27 +693,27 @@ class Trainer:
             f"(now {self.cfg.phase_lr(phase):g}) or --weight-decay (now {self.cfg.weight_decay:g})"
         )
 
-    def _epoch(self, phase: int, learn, optimizer, scheduler) -> dict:
+    def _epoch(self, phase: int, learn, optimizer, scheduler) -> EpochRecord:
         started, epoch = time.monotonic(), self.state.epoch + 1
         trained = self.train_epoch(phase, epoch, learn, optimizer, scheduler)
         train_seconds = trained.pop("train_seconds")
         val_loss, val_m = self.evaluate(self.scored_model)
-        row = {
-            "phase": phase,
-            "epoch": epoch,
+        row = EpochRecord(
+            phase=phase,
+            epoch=epoch,
             **trained,
-            "val_loss": val_loss,
+            val_loss=val_loss,
             **{f"val_{k}": v for k, v in val_m.items()},
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "seconds": round(time.monotonic() - started, 2),
-        }
+            lr=float(optimizer.param_groups[0]["lr"]),
+            seconds=round(time.monotonic() - started, 2),
+        )
         steps = self.steps_per_epoch
         eta = train_seconds / steps * (self._remaining_steps(phase) - steps)
         log.info(
             "epoch %d (phase %d) done: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro F1 %.3f | "
             "%.0f images/s, %.1f s, ETA %s",
-            epoch, phase, row["train_loss"], row["train_acc"], val_loss, row["val_acc"], row["val_macro_f1"],
-            row["images_per_s"], row["seconds"], _duration(max(0.0, eta)),
+            epoch, phase, row.train_loss, row.train_acc, val_loss, row.val_acc, row.val_macro_f1,
+            row.images_per_s, row.seconds, _duration(max(0.0, eta)),
         )  # fmt: skip
         return row
 
@@ -677,10 +737,6 @@ class Trainer:
             y = torch.tensor(self.val.labels, device=self.device)
             loss = float(F.cross_entropy(logits, y, reduction="sum")) / n
         return loss, metrics(self.val.labels, logits.argmax(1).cpu().numpy(), self.classes)
-
-
-def _val_metrics(row: dict) -> dict:
-    return {k[len("val_") :]: v for k, v in row.items() if k.startswith("val_")}
 
 
 def _duration(seconds: float) -> str:

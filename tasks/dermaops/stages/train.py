@@ -290,7 +290,7 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
         val_raw=val_raw,
     )
     upload("cnn.pt", work / "cnn.pt")
-    history = state.history
+    history = [row.to_dict() for row in state.history]
     out.put_json("history.json", history)
     for name, path in plot_history(history, work / "curves").items():
         out.put_file(name, path, content_type="image/png")
