@@ -48,16 +48,9 @@ PARAMS = {
         minLength=1,
         description="champion (the registry's production model) or the s3:// URI of a checkpoint or model prefix.",
     ),
-    "gradcam": Param(
-        "none",
-        enum=["none", "predicted", "mel"],
-        description="Also write a Grad-CAM PNG per image, of the predicted class or of the melanoma score.",
-    ),
-    "tta": Param(
-        True, type="boolean", description="Average over the 8 flips/quarter turns, as evaluation scores the model."
-    ),
     "force": Param(False, type="boolean", description="Predict again even if this run's outputs are finished."),
-    # The prediction-monitoring bounds, defined once with predict's flags (dermaops.config.PredictConfig).
+    # Grad-CAM, TTA and the prediction-monitoring bounds, defined once with predict's flags
+    # (dermaops.config.PredictConfig): title, choices, bounds, description.
     **{
         name: Param(schema.pop("default"), description=schema.pop("description"), **schema)
         for name, schema in stage_param_schemas(PredictConfig).items()
@@ -104,11 +97,8 @@ with DAG(
             REGISTRY,
             "--out",
             f"{PREDICTIONS}/{{{{ dermaops_run_key(run_id) }}}}",
-            "--gradcam",
-            "{{ params.gradcam }}",
-            "{{ '--tta' if params.tta else '--no-tta' }}",
             "{{ '--force' if params.force else '' }}",
-            *dag_argv(PredictConfig),
+            *dag_argv(PredictConfig, recipes=False),
         ],
         outlets=[PREDICTIONS_ASSET],
     )

@@ -221,3 +221,22 @@ def test_bad_input_is_one_line_exit_2_naming_it(case, promoted_registry, pack_sa
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.error_line.startswith("dermaops predict: error:") and expected in result.error_line
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--batch-size", "0"), "dermaops predict: error: --batch-size must be 1..4096, got 0"),
+        (("--gradcam", "all"), "invalid choice: 'all' (choose from 'none', 'predicted', 'mel')"),
+        (("--max-ood-rate", "1.5"), "dermaops predict: error: --max-ood-rate must be"),
+    ],
+)
+def test_settings_are_checked_from_predicts_config_before_any_work(flags, expected, run_stage, bucket, tmp_path):
+    """predict's settings come from PredictConfig (bounds, choices, the form's params): a bad one is one line,
+    exit 2, before an image or a model is looked at (the folder here does not even exist)."""
+    out = f"s3://{bucket.bucket}/predictions/bad-setting"
+    result = run_stage(
+        "predict", "--model", "champion", "--images", str(tmp_path / "none"), "--out", out, *flags, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr.strip().splitlines()[-1]

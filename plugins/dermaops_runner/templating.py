@@ -22,6 +22,12 @@ def stage_arg(params, name: str, flag: str) -> str:
     return argv_item(flag, resolve(params, name))
 
 
+def setting_arg(params, name: str, flag: str) -> str:
+    """One argv item from a param of a DAG without recipes (the prediction DAG): `--flag=value`, or "" when
+    the param is blank, so the stage keeps its own default."""
+    return argv_item(flag, params.get(name))
+
+
 def source(params) -> str:
     """The source this run ingests (dermaops.config.run_source): the `source` param when one was typed, else
     the deployment's Airflow Variable, read here at execute time (never when the DAG is parsed)."""
@@ -71,6 +77,7 @@ def stage_results(ti, task_ids: list[str]) -> str:
 MACROS = {
     "dermaops_run_key": run_key,
     "dermaops_arg": stage_arg,
+    "dermaops_setting": setting_arg,
     "dermaops_source": source,
     "dermaops_recipe": recipe_json,
     "dermaops_task_states": task_states,

@@ -36,6 +36,9 @@ ARCHS = (
 STEMS = ("auto", "imagenet", "small", "compact")
 AUTO_AUGMENTS = ("none", "trivial", "randaugment")  # dermaops.augment.PolicyAugment
 DEVICES = ("auto", "cpu", "cuda")
+# What predict can draw a Grad-CAM of, per image (dermaops.prediction.draw_gradcams): nothing, the predicted
+# class, or the melanoma score. Here, not in prediction.py, so that this module stays standard-library only.
+GRADCAM_TARGETS = ("none", "predicted", "mel")
 PRIMARY_METRICS = ("macro_f1", "weighted_f1", "balanced_accuracy", "accuracy", "macro_auc")
 SPLIT_STRATEGIES = ("lesion", "image", "dermamnist")
 BASELINE_CLASS_WEIGHTS = ("balanced", "none")
@@ -601,8 +604,31 @@ class EvaluateConfig(StageConfig):
 
 @dataclass(frozen=True)
 class PredictConfig(StageConfig):
-    """The prediction-monitoring bounds of `predict` (dermaops.monitoring); a batch past one posts a Slack alert.
-    They change no prediction (not in the fingerprint); the batch DAG's trigger form offers them."""
+    """`predict`'s settings (its input and output locations are its own flags): how it scores, and the
+    prediction-monitoring bounds (dermaops.monitoring; a batch past one posts a Slack alert, and changes no
+    prediction). The batch DAG's trigger form offers the ones marked param."""
+
+    gradcam: str = setting(
+        "none",
+        "also write a Grad-CAM PNG per image",
+        choices=GRADCAM_TARGETS,
+        choice_help=(
+            ("none", "no Grad-CAM"),
+            ("predicted", "of the predicted class"),
+            ("mel", "of the melanoma score"),
+        ),
+        param=True,
+        title="Grad-CAM",
+    )
+    tta: bool = setting(
+        True,
+        "average the softmax over the frame's symmetry views (flips, and quarter turns of a square frame), as "
+        "evaluate scores the model (a forward per view)",
+        param=True,
+        title="Test-time augmentation",
+    )
+    batch_size: int = setting(64, "images decoded and scored at once", lo=1, hi=4096, fingerprint=False)
+    device: str = setting("auto", "inference device", choices=DEVICES, fingerprint=False)
 
     max_class_mix_shift: float = setting(
         0.3,
@@ -826,16 +852,19 @@ def param_schema(name: str) -> dict[str, Any]:
 
 
 def stage_param_schemas(cls: type[StageConfig]) -> dict[str, dict[str, Any]]:
-    """The trigger-form params of a stage outside the retraining DAG (predict's), by name."""
+    """The trigger-form params of a stage outside the retraining DAG (predict's), by name. No recipe there:
+    each param defaults to its setting's default (predict's `tta` is not train's)."""
     return {
-        param_name(f, spec): _schema(param_name(f, spec), f, spec, kind, nullable)
+        param_name(f, spec): _schema(param_name(f, spec), f, spec, kind, nullable, recipes=False)
         for f, spec, kind, nullable in _settings(cls)
         if spec.param
     }
 
 
-def _schema(name: str, f: dataclasses.Field, spec: Setting, kind: type, nullable: bool) -> dict[str, Any]:
-    recipe = name in RECIPES[DEFAULT_RECIPE]
+def _schema(
+    name: str, f: dataclasses.Field, spec: Setting, kind: type, nullable: bool, recipes: bool = True
+) -> dict[str, Any]:
+    recipe = recipes and name in RECIPES[DEFAULT_RECIPE]
     default = None if recipe else f.default
     json_type = {bool: "boolean", int: "integer", float: "number", str: "string"}[kind]
     allowed = bounds_text(dataclasses.replace(spec, choices=spec.param_choices or spec.choices))
@@ -937,11 +966,13 @@ def argv_item(flag_name: str, value: Any) -> str:
     return f"{flag_name}={value}"
 
 
-def dag_argv(stage: str | type[StageConfig]) -> list[str]:
-    """The Jinja argv items that pass a stage (or a config class) its trigger-form params (macro dermaops_arg
-    renders each)."""
+def dag_argv(stage: str | type[StageConfig], recipes: bool = True) -> list[str]:
+    """The Jinja argv items that pass a stage (or a config class) its trigger-form params. The macro
+    dermaops_arg renders each, a blank recipe param as the recipe's value; with `recipes=False` (a DAG without
+    recipes: the prediction DAG) dermaops_setting does, a blank param as no flag (the stage's default)."""
+    macro = "dermaops_arg" if recipes else "dermaops_setting"
     items = []
     for f, spec, _, _ in _settings(CONFIGS[stage] if isinstance(stage, str) else stage):
         if spec.param:
-            items.append(f"{{{{ dermaops_arg(params, {param_name(f, spec)!r}, {flag(f.name)!r}) }}}}")
+            items.append(f"{{{{ {macro}(params, {param_name(f, spec)!r}, {flag(f.name)!r}) }}}}")
     return items

@@ -358,9 +358,6 @@ def predict_batches(
             yield Batch(chunk, pixels, apply_temperature(proba, temperature))
 
 
-GRADCAM_TARGETS = ("none", "predicted", "mel")
-
-
 def draw_gradcams(model, meta: dict, batch: Batch, target: str, device: str, out_dir: Path) -> list[Path]:
     """One PNG per image (the model-size image beside its Grad-CAM overlay) of the predicted class's
     or the melanoma score; returned in the batch's order."""

@@ -33,15 +33,12 @@ Same model (by sha256), same images (by sha256), same options: the stage skips.
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import time
 
 from dermaops.config import PredictConfig
-from dermaops.errors import StageError
 from dermaops.frame import Frame
-from dermaops.prediction import GRADCAM_TARGETS
 from dermaops.stage import fingerprint, skipped, utcnow
 from dermaops.store import S3Uri
 
@@ -69,25 +66,10 @@ def add_arguments(parser) -> None:
         default=None,
         help="model registry prefix (s3://<b>/registry/ham10000); needed for --model champion",
     )
-    parser.add_argument(
-        "--gradcam",
-        choices=GRADCAM_TARGETS,
-        default="none",
-        help="write a Grad-CAM PNG per image, of the predicted class or of the melanoma score",
-    )
-    parser.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="average the softmax over the 8 flips/quarter turns, as evaluate scores the model (8x the compute)",
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help="images decoded and scored at once")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
 
 
 def run(args, ctx) -> dict:
-    if args.batch_size < 1:
-        raise StageError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    cfg: PredictConfig = args.config  # --gradcam, --tta, --batch-size, --device, the monitoring bounds
     out_uri = S3Uri.parse(args.out)
     registry = str(S3Uri.parse(args.registry)) if args.registry else None
 
@@ -100,7 +82,7 @@ def run(args, ctx) -> dict:
     # The inputs first: a bad one fails before a checkpoint is downloaded.
     inputs = collect_images(args.images, ctx.store, ctx.scratch)
     resolved = resolve_model(ctx.store, args.model, registry, ctx.scratch)
-    device = pick_device(args.device)
+    device = pick_device(cfg.device)
     model, meta = load_model(resolved, device)
     temperature = temperature_of(meta)
     referral, found = guards.referral_threshold(meta), guards.detector(meta)
@@ -127,8 +109,8 @@ def run(args, ctx) -> dict:
             model_sha256=resolved.sha256,
             images=inputs.files,
             mel_threshold=point.threshold,
-            gradcam=args.gradcam,
-            tta=args.tta,
+            gradcam=cfg.gradcam,
+            tta=cfg.tta,
             decode=CACHE_FORMAT,
         ),
     )
@@ -148,19 +130,19 @@ def run(args, ctx) -> dict:
     rows = []
     started = time.monotonic()
     for n_batch, batch in enumerate(
-        predict_batches(model, meta, inputs, batch_size=args.batch_size, device=device, tta=args.tta)
+        predict_batches(model, meta, inputs, batch_size=cfg.batch_size, device=device, tta=cfg.tta)
     ):
         flags = point.flags(batch.proba, mel)
         decided = decisions(batch.proba, referral)
         conf = confidence(batch.proba)
         scores = None
         if found is not None:
-            scores = found.scores(guards.features(model, batch.pixels, meta, args.batch_size, device))
+            scores = found.scores(guards.features(model, batch.pixels, meta, cfg.batch_size, device))
             decided[scores > found.threshold] = OUT_OF_DISTRIBUTION
         argmax_counts += np.bincount(batch.proba[decided != OUT_OF_DISTRIBUTION].argmax(axis=1), minlength=len(CLASSES))
         cams = []
-        if args.gradcam != "none":
-            paths = draw_gradcams(model, meta, batch, args.gradcam, device, ctx.scratch / "gradcam" / str(n_batch))
+        if cfg.gradcam != "none":
+            paths = draw_gradcams(model, meta, batch, cfg.gradcam, device, ctx.scratch / "gradcam" / str(n_batch))
             for offset, path in enumerate(paths):
                 name = f"gradcam/{len(rows) + offset:06d}.png"
                 cams.append(str(out.put_file(name, path, content_type="image/png")))
@@ -199,8 +181,8 @@ def run(args, ctx) -> dict:
         "arch": meta["arch"],
         "image_size": meta["image_size"],
         "geometry": Frame.from_meta(meta).geometry,
-        "tta": args.tta,
-        "gradcam": args.gradcam,
+        "tta": cfg.tta,
+        "gradcam": cfg.gradcam,
         "predictions_uri": str(csv_uri),
     }
     out.put_json(
