@@ -129,8 +129,7 @@ with DAG(
             f"{RUN}/validation",
             "--drift-registry",
             REGISTRY,
-            "--drift-policy",
-            "{{ params.drift_policy }}",
+            *dag_argv("validate"),
         ],
     )
     split = stage_task("split", ["--dataset", DATASET_URI, "--out", f"{RUN}/split", *dag_argv("split")])

@@ -117,6 +117,9 @@ BAD_FLOATS = [
     ("evaluate", "--mel-recall-floor", "1.5", "--mel-recall-floor must be 0..1, got 1.5"),
     ("train_baseline", "--n-estimators", "0", "--n-estimators must be 1..5000, got 0"),
     ("split", "--seed", "-1", "--seed must be 0..4294967295, got -1"),
+    ("validate", "--max-missing-age-fraction", "nan", "--max-missing-age-fraction must be a finite number, got nan"),
+    ("validate", "--min-lesions-per-class", "0", "--min-lesions-per-class must be 1..1000000, got 0"),
+    ("validate", "--min-rows", "0", "--min-rows must be 1..10000000, got 0"),
 ]
 
 
@@ -132,6 +135,7 @@ def test_bad_numbers_exit_2_with_one_line_and_the_finished_output_survives(
         "train_baseline": ["--split", str(bucket.join("split")), "--force"],
         "evaluate": ["--split", str(bucket.join("split")), "--model", str(bucket.join("cnn")), "--force"],
         "split": ["--dataset", str(bucket.join("datasets", "v1")), "--force"],
+        "validate": ["--dataset", str(bucket.join("datasets", "v1")), "--force"],
     }[stage]
     code = cli.main([stage, *inputs, "--out", str(out), f"{flag}={value}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -145,7 +149,6 @@ NON_FINITE_ARGUMENTS = [
     (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--timeout=nan", "must be a finite number of seconds"),
     (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--retry-base-delay=-inf", "must be a finite number"),
     (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--progress-every=inf", "must be a finite number"),
-    (["validate", "--dataset", "s3://b/d", "--out", "s3://b/o"], "--max-missing-age-fraction=nan", "between 0 and 1"),
     (["split", "--dataset", "s3://b/d", "--out", "s3://b/o"], "--fractions=nan,0.5,0.5", "every fraction must be > 0"),
 ]
 
@@ -322,3 +325,28 @@ def test_the_architecture_module_map_names_every_module_and_stage():
     assert not missing, f"modules missing from docs/architecture.md's module map: {missing}"
     stages = section.split("Library (", 1)[0]
     assert not [s.name for s in STAGES if f"`{s.name}`" not in stages], stages
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--min-rows=50", "--max-rows=10"), "need --min-rows <= --max-rows (got 50 and 10)"),
+        (
+            ("--min-image-side=900", "--max-image-side=600"),
+            "need --min-image-side <= --max-image-side (got 900 and 600)",
+        ),
+        (
+            ("--min-lesion-share=0.5", "--max-lesion-share=0.2"),
+            "need --min-lesion-share <= --max-lesion-share (got 0.5 and 0.2)",
+        ),
+    ],
+)
+def test_validates_rules_across_settings_are_its_configs(flags, message, bucket, capsys):
+    """ValidateConfig.check: a pair of bounds the wrong way round is one line, exit 2, before any work."""
+    code = cli.main(
+        ["validate", "--dataset", str(bucket.join("datasets", "v1")), "--out", str(bucket.join("v")), *flags]
+    )
+    assert code == 2
+    assert [line for line in capsys.readouterr().err.splitlines() if line.strip()] == [
+        f"dermaops validate: error: {message}"
+    ]

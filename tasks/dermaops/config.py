@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from dermaops import drift as _drift
 from dermaops.errors import StageError
 from dermaops.frame import GEOMETRIES, Frame  # standard library only, like this module
 from dermaops.redaction import SOURCE_TOKEN_ENV, URL_CREDENTIAL_PATTERN, has_url_secret
@@ -39,6 +40,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # What predict can draw a Grad-CAM of, per image (dermaops.prediction.draw_gradcams): nothing, the predicted
 # class, or the melanoma score. Here, not in prediction.py, so that this module stays standard-library only.
 GRADCAM_TARGETS = ("none", "predicted", "mel")
+# The drift policies and the PSI threshold are the drift module's (standard library only at import, too).
+DRIFT_POLICIES, DEFAULT_PSI = _drift.POLICIES, _drift.DEFAULT_PSI
 PRIMARY_METRICS = ("macro_f1", "weighted_f1", "balanced_accuracy", "accuracy", "macro_auc")
 SPLIT_STRATEGIES = ("lesion", "image", "dermamnist")
 BASELINE_CLASS_WEIGHTS = ("balanced", "none")
@@ -603,6 +606,69 @@ class EvaluateConfig(StageConfig):
 
 
 @dataclass(frozen=True)
+class ValidateConfig(StageConfig):
+    """`validate`'s settings (its dataset, output, expectations folder and drift registry are its own flags):
+    the bounds the expectation suites get as $PARAMETERs, and the drift comparison with the champion's data.
+    The suites' parameters are in the stage's fingerprint through what they become (stages.validate)."""
+
+    max_missing_age_fraction: float = setting(
+        0.02, "fraction of rows allowed without an age before it is reported (HAM10000: 0.0057)", lo=0, hi=1
+    )
+    min_rows: int = setting(1, "fewest metadata rows accepted", lo=1, hi=10**7)
+    max_rows: int = setting(20000, "most metadata rows accepted (HAM10000: 10,015)", lo=1, hi=10**7)
+    min_lesions_per_class: int | None = setting(
+        None,
+        "fewest distinct lesions of each class (default: one per split, 3): a lesion-grouped split must put every "
+        "class in train, val and test",
+        lo=1,
+        hi=10**6,
+    )
+    drift_policy: str = setting(
+        "report",
+        "what drift of this dataset against the champion's training data (labels, metadata, image statistics; the "
+        "data-quality report's drift section) does",
+        choices=DRIFT_POLICIES,
+        choice_help=(
+            ("report", "only the report shows it"),
+            ("warn", "also a Slack warning"),
+            ("fail", "the run stops before training"),
+        ),
+        param=True,
+        title="Drift policy",
+    )
+    drift_threshold: float = setting(
+        DEFAULT_PSI, "PSI at or above which a feature drifts (0.1 moderate, 0.25 major)", lo=0, hi=100,
+        lo_open=True, hi_open=True,
+    )  # fmt: skip
+    drift_max_images: int = setting(
+        2000, "images per dataset sampled (by id hash) for the image statistics", lo=10, hi=10**6
+    )
+    min_image_side: int = setting(8, "smallest plausible image width/height (px)", lo=1, hi=10**5)
+    max_image_side: int = setting(10000, "largest plausible image width/height (px)", lo=1, hi=10**5)
+    # The lesion share of the 10,015 real masks (ham10000-200px pack, pixels at 255 over all pixels):
+    # min 0.0039, 0.1 % 0.0061, 1 % 0.0145, 5 % 0.0387, median 0.2223, 95 % 0.6385, 99 % 0.8345,
+    # 99.9 % 0.9684, max 1.0. The lower bound, a quarter of the smallest real lesion (0.1 %: 270 pixels
+    # of a 600x450 mask, 30 of a 200x150 one), refuses an empty or speck mask, which outlines no lesion
+    # although every HAM10000 image shows one. There is no upper bound below 1: two real masks
+    # (ISIC_0026042, ISIC_0029819) are all lesion, close-ups whose lesion fills the frame, and 19 cover
+    # more than 95 %. A mask inverted as a whole set shows in the suite's median check instead.
+    min_lesion_share: float = setting(
+        0.001, "smallest share of a mask's pixels that are lesion (HAM10000: 0.0039)", lo=0, hi=1
+    )
+    max_lesion_share: float = setting(
+        1.0, "largest share of a mask's pixels that are lesion (HAM10000: 1.0, close-ups)", lo=0, hi=1
+    )
+
+    def check(self) -> None:
+        for low, high in (("min_rows", "max_rows"), ("min_image_side", "max_image_side"),
+                          ("min_lesion_share", "max_lesion_share")):  # fmt: skip
+            if getattr(self, low) > getattr(self, high):
+                raise StageError(
+                    f"need {flag(low)} <= {flag(high)} (got {getattr(self, low)} and {getattr(self, high)})"
+                )
+
+
+@dataclass(frozen=True)
 class PredictConfig(StageConfig):
     """`predict`'s settings (its input and output locations are its own flags): how it scores, and the
     prediction-monitoring bounds (dermaops.monitoring; a batch past one posts a Slack alert, and changes no
@@ -653,6 +719,7 @@ class PredictConfig(StageConfig):
 
 
 CONFIGS: dict[str, type[StageConfig]] = {
+    "validate": ValidateConfig,
     "split": SplitConfig,
     "train_baseline": BaselineConfig,
     "train": TrainConfig,
@@ -807,14 +874,6 @@ RUN_PARAMS: dict[str, dict[str, Any]] = {
         "description": "On: train and evaluate even when the dataset version and the recipe equal the champion's "
         "(off, such a run skips train, train_baseline and evaluate: nothing would change), and retrain both models "
         "even if this run already has finished ones.",
-    },
-    "drift_policy": {
-        "default": "report",
-        "enum": ["report", "warn", "fail"],
-        "title": "Drift policy",
-        "description": "What drift of this dataset against the champion's training data (labels, metadata, image "
-        "statistics; the data-quality report's drift section) does: report = only the report shows it, warn = also "
-        "a Slack warning, fail = the run stops before training.",
     },
 }
 

@@ -28,7 +28,6 @@ the work; --force redoes it. Non-critical findings (e.g. missing ages) are repor
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import mimetypes
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from dermaops import drift as drift_lib
 from dermaops import quality_report
+from dermaops.config import ValidateConfig
 from dermaops.dataset import MASKS_ARCHIVE, Dataset
 from dermaops.errors import StageError
 from dermaops.gx_validation import build_suites, default_expectations_dir, outcomes, read_suite_files, run_suites
@@ -53,17 +53,8 @@ DRIFT_JSON = "drift.json"
 FACTS = "image_facts.csv"
 MASK_FACTS = "mask_facts.csv"
 DOCS = "data_docs"
+CONFIG = ValidateConfig  # the suites' bounds and the drift settings: flags, checks, the form's drift_policy
 log = logging.getLogger(__name__)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {text})")
-    return value
 
 
 def add_arguments(parser) -> None:
@@ -77,99 +68,26 @@ def add_arguments(parser) -> None:
         "expectations/)",
     )
     parser.add_argument(
-        "--max-missing-age-fraction",
-        type=_fraction,
-        default=0.02,
-        help="fraction of rows allowed without an age before it is reported (HAM10000: 0.0057)",
-    )
-    parser.add_argument("--min-rows", type=int, default=1, help="fewest metadata rows accepted")
-    parser.add_argument("--max-rows", type=int, default=20000, help="most metadata rows accepted (HAM10000: 10,015)")
-    parser.add_argument(
-        "--min-lesions-per-class",
-        type=int,
-        default=None,
-        help="fewest distinct lesions of each class (default: one per split, 3): a lesion-grouped split must put "
-        "every class in train, val and test",
-    )
-    parser.add_argument(
         "--drift-registry",
         default=None,
         help="model registry prefix (s3://<b>/registry/ham10000): compare this dataset with the champion's "
         "training data (no comparison without it, or without a champion)",
     )
-    parser.add_argument(
-        "--drift-policy",
-        choices=drift_lib.POLICIES,
-        default="report",
-        help="what drift does: report (the report shows it), warn (also a Slack warning from notify), fail (the "
-        "stage fails, so the run stops before training)",
-    )
-    parser.add_argument(
-        "--drift-threshold",
-        type=float,
-        default=drift_lib.DEFAULT_PSI,
-        help="PSI at or above which a feature drifts (0.1 moderate, 0.25 major)",
-    )
-    parser.add_argument(
-        "--drift-max-images",
-        type=int,
-        default=2000,
-        help="images per dataset sampled (by id hash) for the image statistics",
-    )
-    parser.add_argument("--min-image-side", type=int, default=8, help="smallest plausible image width/height (px)")
-    parser.add_argument("--max-image-side", type=int, default=10000, help="largest plausible image width/height (px)")
-    # The lesion share of the 10,015 real masks (ham10000-200px pack, pixels at 255 over all pixels):
-    # min 0.0039, 0.1 % 0.0061, 1 % 0.0145, 5 % 0.0387, median 0.2223, 95 % 0.6385, 99 % 0.8345,
-    # 99.9 % 0.9684, max 1.0. The lower bound, a quarter of the smallest real lesion (0.1 %: 270 pixels
-    # of a 600x450 mask, 30 of a 200x150 one), refuses an empty or speck mask, which outlines no lesion
-    # although every HAM10000 image shows one. There is no upper bound below 1: two real masks
-    # (ISIC_0026042, ISIC_0029819) are all lesion, close-ups whose lesion fills the frame, and 19 cover
-    # more than 95 %. A mask inverted as a whole set shows in the suite's median check instead.
-    parser.add_argument(
-        "--min-lesion-share",
-        type=_fraction,
-        default=0.001,
-        help="smallest share of a mask's pixels that are lesion (HAM10000: 0.0039)",
-    )
-    parser.add_argument(
-        "--max-lesion-share",
-        type=_fraction,
-        default=1.0,
-        help="largest share of a mask's pixels that are lesion (HAM10000: 1.0, close-ups)",
-    )
 
 
-def _parameters(args) -> dict:
-    """The suites' $PARAMETER values, after checking the flags they come from."""
-    if args.min_rows < 1 or args.max_rows < args.min_rows:
-        raise StageError(f"need 1 <= --min-rows <= --max-rows (got {args.min_rows} and {args.max_rows})")
-    if args.min_image_side < 1 or args.max_image_side < args.min_image_side:
-        raise StageError(
-            f"need 1 <= --min-image-side <= --max-image-side (got {args.min_image_side} and {args.max_image_side})"
-        )
-    if not (0 < args.drift_threshold < 100) or not args.drift_max_images >= 10:
-        raise StageError(
-            f"need 0 < --drift-threshold < 100 and --drift-max-images >= 10 (got {args.drift_threshold} and "
-            f"{args.drift_max_images})"
-        )
-    if args.min_lesion_share > args.max_lesion_share:
-        raise StageError(
-            f"need --min-lesion-share <= --max-lesion-share (got {args.min_lesion_share} and {args.max_lesion_share})"
-        )
+def _parameters(cfg: ValidateConfig) -> dict:
+    """The suites' $PARAMETER values (the config has checked the settings they come from)."""
     from dermaops.splitting import SPLITS
 
-    min_lesions = len(SPLITS) if args.min_lesions_per_class is None else args.min_lesions_per_class
-    if min_lesions < 1:
-        raise StageError(f"--min-lesions-per-class must be >= 1 (got {min_lesions})")
     return {
-        "min_lesions_per_class": min_lesions,
-        "min_rows": args.min_rows,
-        "max_rows": args.max_rows,
-        "min_age_present_fraction": round(1.0 - args.max_missing_age_fraction, 6),
-        "min_image_side": args.min_image_side,
-        "max_image_side": args.max_image_side,
-        "min_lesion_share": args.min_lesion_share,
-        "max_lesion_share": args.max_lesion_share,
+        "min_lesions_per_class": len(SPLITS) if cfg.min_lesions_per_class is None else cfg.min_lesions_per_class,
+        "min_rows": cfg.min_rows,
+        "max_rows": cfg.max_rows,
+        "min_age_present_fraction": round(1.0 - cfg.max_missing_age_fraction, 6),
+        "min_image_side": cfg.min_image_side,
+        "max_image_side": cfg.max_image_side,
+        "min_lesion_share": cfg.min_lesion_share,
+        "max_lesion_share": cfg.max_lesion_share,
     }
 
 
@@ -236,10 +154,16 @@ def measure_drift(ctx, args, dataset: Dataset, reference: Dataset, n_images: int
     """The drift report of this dataset against the reference (dermaops.drift)."""
     log.info("drift: comparing %s with the champion's %s", dataset.version, reference.version)
     ref_meta = reference.metadata
-    ref_stats = drift_lib.image_stats_table(reference.iter_images(), len(ref_meta), args.drift_max_images)
-    cur_stats = drift_lib.image_stats_table(dataset.iter_images(), n_images, args.drift_max_images)
+    ref_stats = drift_lib.image_stats_table(reference.iter_images(), len(ref_meta), args.config.drift_max_images)
+    cur_stats = drift_lib.image_stats_table(dataset.iter_images(), n_images, args.config.drift_max_images)
     report = drift_lib.compare(
-        reference.version, dataset.version, ref_meta, dataset.metadata, ref_stats, cur_stats, args.drift_threshold
+        reference.version,
+        dataset.version,
+        ref_meta,
+        dataset.metadata,
+        ref_stats,
+        cur_stats,
+        args.config.drift_threshold,
     )
     (log.warning if report.detected else log.info)("drift: %s", report.headline())
     return report
@@ -252,7 +176,7 @@ def _upload_docs(out, docs_dir: Path) -> None:
 
 
 def run(args, ctx) -> dict:
-    parameters = _parameters(args)
+    parameters = _parameters(args.config)
     expectations_dir = (args.expectations or default_expectations_dir()).resolve()
     if not expectations_dir.is_dir():
         raise StageError(f"expectations directory not found: {expectations_dir} (--expectations)")
@@ -260,12 +184,12 @@ def run(args, ctx) -> dict:
     suite_configs = read_suite_files(expectations_dir, parameters)
     dataset = Dataset.open(ctx.store, args.dataset, ctx.scratch)
     reference, drift_note = reference_dataset(ctx, args, dataset)
-    drift_inputs = {"policy": args.drift_policy, "note": drift_note}
+    drift_inputs = {"policy": args.config.drift_policy, "note": drift_note}
     if reference is not None:
         drift_inputs |= {
             **{f"reference_{k}": v for k, v in reference.identity.items()},
-            "threshold": args.drift_threshold,
-            "max_images": args.drift_max_images,
+            "threshold": args.config.drift_threshold,
+            "max_images": args.config.drift_max_images,
             "version": 1,
         }
     out = ctx.output(
@@ -309,9 +233,9 @@ def run(args, ctx) -> dict:
     drift_plot = None
     if drift is not None:
         drift_plot = drift_lib.render_plot(drift, ctx.scratch / "validate" / DRIFT_PLOT)
-    policy_note = f"policy `{args.drift_policy}`" + (
+    policy_note = f"policy `{args.config.drift_policy}`" + (
         {"report": ": reported only", "warn": ": notify posts a warning", "fail": ": the run stops before training"}[
-            args.drift_policy
+            args.config.drift_policy
         ]
         if drift is not None and drift.detected
         else ""
@@ -373,9 +297,9 @@ def run(args, ctx) -> dict:
         ),
         "chart_uri": str(out.uri(CHART)),
         "drift": (
-            {**drift.summary(), "policy": args.drift_policy, "drift_uri": str(out.uri(DRIFT_JSON))}
+            {**drift.summary(), "policy": args.config.drift_policy, "drift_uri": str(out.uri(DRIFT_JSON))}
             if drift is not None
-            else {"detected": False, "policy": args.drift_policy, "headline": drift_note}
+            else {"detected": False, "policy": args.config.drift_policy, "headline": drift_note}
         ),
     }
     out.publish(summary)
