@@ -95,12 +95,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the Trainer's epoch lines
 
     import torch
+    from dermaops.calibration import fit_logit_adjustment
     from dermaops.config import RECIPES, TrainConfig
     from dermaops.dataset import CLASSES
     from dermaops.frame import Frame
     from dermaops.metrics import classification_metrics
     from dermaops.models import adjust_proba, load_checkpoint, predict_proba, save_checkpoint, symmetry_views
-    from dermaops.training import Split, Trainer, fit_logit_adjustment
+    from dermaops.training import Split, Trainer
 
     values = {k: v for k, v in RECIPES[args.recipe].items() if k not in TRAIN_ONLY}
     for item in args.set:

@@ -86,10 +86,10 @@ def ensemble(out: Path, runs: list[str]) -> dict:
     """The seeds' models as one: the mean of their plain softmax, then the decision rule fitted on validation
     to that mean, as `train --calibrate` fits it to one model (a seed ensemble costs one training per seed)."""
     import numpy as np
+    from dermaops.calibration import fit_logit_adjustment
     from dermaops.dataset import CLASSES
     from dermaops.metrics import classification_metrics
     from dermaops.models import adjust_proba
-    from dermaops.training import fit_logit_adjustment
 
     kept = [np.load(out / f"{run}.npz") for run in runs]
     proba = {part: np.mean([k[part] for k in kept], axis=0) for part in ("val", "test")}

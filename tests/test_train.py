@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from dermaops.augment import AugmentConfig, colour_jitter, geometric, mix_batch
+from dermaops.calibration import fit_logit_adjustment
 from dermaops.models import (
     build_model,
     dihedral_view,
@@ -27,7 +28,7 @@ from dermaops.models import (
     to_input,
 )
 from dermaops.store import S3Uri
-from dermaops.training import EpochRecord, TrainState, fit_logit_adjustment
+from dermaops.training import EpochRecord, TrainState
 
 TINY = [
     "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--batch-size", "32",

@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 
 # TrainConfig: re-exported from dermaops.config.
-__all__ = ["EpochRecord", "TrainConfig", "TrainState", "Trainer", "WeightEMA", "fit_logit_adjustment"]
+__all__ = ["EpochRecord", "TrainConfig", "TrainState", "Trainer", "WeightEMA"]
 
 
 @dataclass
@@ -742,34 +742,3 @@ class Trainer:
 def _duration(seconds: float) -> str:
     seconds = int(math.ceil(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-# Candidate strengths of the logit adjustment; 0 (no adjustment) is among them, so the fit never
-# makes the validation macro F1 worse.
-ADJUSTMENT_TAUS = np.round(np.arange(-0.5, 1.5001, 0.05), 2)
-
-
-def fit_logit_adjustment(proba_val: np.ndarray, y_val: np.ndarray, train_labels: np.ndarray, classes: list[str]):
-    """Post-hoc logit adjustment (Menon et al., 2021) fitted on the VALIDATION split: bias = -tau * log(prior)
-    with the prior from the training labels and the one scalar tau that maximises val macro F1 (ties go to the
-    smallest |tau|). One parameter instead of one per class, because the rare classes have only a few
-    dozen validation images (df, vasc) and a per-class bias would fit their noise."""
-    prior = log_prior(train_labels, len(classes))
-    log_p = np.log(np.clip(proba_val, 1e-12, None))
-
-    def score(tau: float) -> dict:
-        return metrics(y_val, (log_p - tau * prior).argmax(axis=1), classes)
-
-    best = max(ADJUSTMENT_TAUS, key=lambda tau: (round(score(tau)["macro_f1"], 6), -abs(tau)))
-    before, after = score(0.0), score(best)
-    return {
-        "logit_bias": [float(b) for b in -best * prior],
-        "logit_adjustment": {
-            "tau": float(best) + 0.0,  # never -0.0
-            "fitted_on": "val",
-            "val_macro_f1_before": round(before["macro_f1"], 4),
-            "val_macro_f1_after": round(after["macro_f1"], 4),
-            "val_acc_before": round(before["acc"], 4),
-            "val_acc_after": round(after["acc"], 4),
-        },
-    }

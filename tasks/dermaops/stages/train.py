@@ -96,8 +96,8 @@ def _calibrate(path, val_raw, val_df, train_df, tta: bool, device) -> dict:
     it in its meta. Fitted on raw (unadjusted) probabilities, so a resumed run that refits gets the same result.
     `val_raw`: the checkpoint's unadjusted validation probabilities, with test-time augmentation as evaluate
     and predict will score (the shared tta param), so the bias is fitted to the probabilities it adjusts."""
+    from dermaops.calibration import fit_logit_adjustment
     from dermaops.models import load_checkpoint, save_checkpoint
-    from dermaops.training import fit_logit_adjustment
 
     model, meta = load_checkpoint(path, device=device)
     fitted = fit_logit_adjustment(val_raw, val_df["label"].to_numpy(), train_df["label"].to_numpy(), list(CLASSES))
