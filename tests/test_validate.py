@@ -249,8 +249,8 @@ def test_non_critical_findings_are_reported_and_bad_inputs_touch_nothing(
     (broken / "ham10000_metadata.json").write_text(json.dumps(suite))
     missing_dataset = str(bucket.join("datasets/ham10000/vnothere"))
     cases = [
-        (["--max-missing-age-fraction", "1.5"], None, "--max-missing-age-fraction: must be between 0 and 1"),
-        (["--min-rows", "100", "--max-rows", "10"], None, "need 1 <= --min-rows <= --max-rows (got 100 and 10)"),
+        (["--max-missing-age-fraction", "1.5"], None, "--max-missing-age-fraction must be 0..1, got 1.5"),
+        (["--min-rows", "100", "--max-rows", "10"], None, "need --min-rows <= --max-rows (got 100 and 10)"),
         (
             ["--min-lesion-share", "0.5", "--max-lesion-share", "0.2"],
             None,

@@ -149,18 +149,24 @@ class Output:
 
     def finished(self) -> dict | None:
         """The published manifest if it is for the same inputs, else None."""
-        uri = self.uri(MANIFEST)
-        if not self.store.exists(uri):
-            return None
-        manifest = self.store.get_json(uri)
-        return manifest if manifest.get("fingerprint") == self.fingerprint else None
+        # One request: an exists-then-get could see a manifest that a concurrent writer withdraws in between.
+        manifest = self.store.get_json_or_none(self.uri(MANIFEST))
+        return manifest if isinstance(manifest, dict) and manifest.get("fingerprint") == self.fingerprint else None
 
-    def unpublish(self) -> None:
-        """Withdraw an earlier manifest before overwriting, so readers never see a mix."""
+    def unpublish(self, keep_same_inputs: bool = False) -> None:
+        """Withdraw an earlier manifest before overwriting, so readers never see a mix. `keep_same_inputs`:
+        for content-addressed outputs (ingest's dataset versions), where a manifest for the same inputs that a
+        concurrent writer published meanwhile lists the very bytes this run is about to write: it stays (two
+        ingests of one source, the first publishing while the second checked, made the first fail its
+        read-back when the second withdrew its manifest)."""
         self._claim()
         uri = self.uri(MANIFEST)
-        if self.store.exists(uri):
-            self.store.delete(uri)
+        current = self.store.get_json_or_none(uri)
+        if current is None:
+            return
+        if keep_same_inputs and isinstance(current, dict) and current.get("fingerprint") == self.fingerprint:
+            return
+        self.store.delete(uri)
 
     def put_bytes(self, name: str, data: bytes, content_type: str | None = None) -> S3Uri:
         self._claim()
@@ -196,8 +202,11 @@ class Output:
         self.store.put_json(self.uri(MANIFEST), manifest)
         # Read back: a writer for other inputs that published in the same instant must not leave a
         # manifest that this run reports as its own.
-        if self.store.get_json(self.uri(MANIFEST)).get("fingerprint") != self.fingerprint:
-            raise StageError(f"another run published {self.prefix} at the same time as this one; not reporting it")
+        current = self.store.get_json_or_none(self.uri(MANIFEST))
+        if not isinstance(current, dict) or current.get("fingerprint") != self.fingerprint:
+            raise StageError(
+                f"another run published or withdrew {self.prefix} at the same time as this one; not reporting it"
+            )
         return manifest
 
 

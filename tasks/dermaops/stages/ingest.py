@@ -176,7 +176,10 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         return _skip(finished)
 
     if not finished:
-        out.unpublish()  # a manifest of another kind at this prefix: withdraw it while the files are rewritten
+        # A manifest of another kind at this prefix: withdraw it while the files are rewritten. One for the same
+        # version that a concurrent ingest published since the check above stays: the version is the hash of
+        # the bytes both write.
+        out.unpublish(keep_same_inputs=True)
     # Forcing over a finished version rewrites identical bytes (the version is their hash), so its
     # manifest stays up and concurrent readers never see the version disappear.
     for archive in archives:
