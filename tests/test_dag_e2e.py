@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from dermaops import access
 from dermaops.config import param_names, param_schema, recipe_values
 from dermaops.dataset import CLASSES
+from dermaops.embedded_s3 import DUMMY_ENV
 from dermaops.store import S3Uri
 from dermaops_runner.templating import run_key
 
@@ -140,9 +142,24 @@ def assert_successful_run(
 
 
 @pytest.mark.slow
-def test_local_mode_runs_every_stage(airflow_env, small_pack_200px, dag_env, store, bucket, slack_api):
+def test_local_mode_runs_every_stage(airflow_env, small_pack_200px, least_privilege_s3, slack_api):
     """The whole DAG on a subset of the 200 px pack with its lesion masks: validate checks the masks, train
-    keeps the 4:3 frame, evaluate judges Grad-CAM against the real masks."""
+    keeps the 4:3 frame, evaluate judges Grad-CAM against the real masks.
+
+    On an S3 that enforces least privilege (dermaops.access): each stage gets only its role's key, from
+    the connection dermaops_s3_<role>, and the Airflow process itself has no key that works (the
+    session's dummy one), so a stage handed the wrong key, or none, fails the run."""
+    lp = least_privilege_s3
+    store, bucket = lp.store(), lp.bucket
+    connections = {name: value for name, value in lp.env.items() if name.startswith("AIRFLOW_CONN_")}
+    assert len(connections) == len(access.ROLES)
+    dag_env = {
+        **slack_api.env(),
+        **connections,
+        "DERMAOPS_BUCKET": bucket.bucket,
+        "DERMAOPS_S3_ENDPOINT_URL": lp.env["DERMAOPS_S3_ENDPOINT_URL"],
+        **{name: DUMMY_ENV[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+    }
     conf = {**QUICK_CONF, "geometry": "aspect", "image_size": 64, "source": str(small_pack_200px)}
     proc, run_id, seconds = dags_test(airflow_env, conf, {**dag_env, "DERMAOPS_RUNNER": "local"})
     assert proc.returncode == 0, proc.stderr[-6000:]

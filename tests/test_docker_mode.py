@@ -49,7 +49,7 @@ def operator(monkeypatch, stage: str = "ingest"):
     from dermaops_runner import docker_mode
     from dermaops_runner.stages import spec_for
 
-    monkeypatch.setattr(docker_mode, "resolve", lambda sets: {"AWS_SECRET_ACCESS_KEY": "not-logged"})
+    monkeypatch.setattr(docker_mode, "resolve", lambda sets, s3_role: {"AWS_SECRET_ACCESS_KEY": "not-logged"})
     argv = ["--source", f"http://reader:{SECRET}@host/x", "--datasets", "s3://b/datasets/ham10000"]
     return docker_mode.DockerStageOperator(spec=spec_for(stage), argv=argv, secrets=("s3",), task_id=stage)
 

@@ -476,7 +476,7 @@ def test_wrong_s3_credentials_fail_in_one_line_naming_the_credentials(run_stage,
         server.wait(timeout=30)
     assert result.returncode == 2, result.stderr[-2000:]
     error = one_error_line(result)
-    assert "access denied to s3://dermaops/ds" in error and "check the S3 credentials" in error
+    assert "S3 rejected the credentials (InvalidAccessKeyId)" in error and "s3://dermaops/ds" in error
     assert SECRET not in result.stderr + result.stdout
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from dermaops.pipeline import stage
 
 from tests.test_dag_integrity import STAGES, TORCH_STAGES, airflow_config, docker_dag, parse  # noqa: F401
 
@@ -65,11 +66,14 @@ def test_the_provider_builds_the_expected_pods(k8s_dag):
         refs = {
             source["secretRef"]["name"]: source["secretRef"].get("optional", False) for source in container["envFrom"]
         }
+        # S3: the Secret of the stage's role (dermaops.access), so train gets no key that writes registry/.
+        s3 = f"dermaops-s3-{stage(task_id).s3_role}"
         expected = {
-            "notify": {"dermaops-s3": False, "team-slack": False},
-            "ingest": {"dermaops-s3": False, "dermaops-source": True},
+            "notify": {s3: False, "team-slack": False},
+            "ingest": {s3: False, "dermaops-source": True},
         }
-        assert refs == expected.get(task_id, {"dermaops-s3": False})
+        assert refs == expected.get(task_id, {s3: False})
+        assert s3 == {"train": "dermaops-s3-train", "evaluate": "dermaops-s3-registry"}.get(task_id, s3)
         assert container["env"] == [{"name": "PYTHONUNBUFFERED", "value": "1"}]
         text = json.dumps(pod)
         for name, value in SECRET_VALUES.items():

@@ -3,9 +3,11 @@
 Each set comes from an Airflow connection when one is defined, else from the worker's environment,
 so a compose deployment keeps secrets in connections (or `.env`) and a laptop run needs none:
 
-- "s3": connection `dermaops_s3` (type aws: login = access key id, password = secret key,
-  extra {"endpoint_url": ..., "region_name": ...}) or AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-  AWS_DEFAULT_REGION, DERMAOPS_S3_ENDPOINT_URL / AWS_ENDPOINT_URL(_S3).
+- "s3": the key of the stage's role (dermaops.access: which prefixes it may write), from the connection
+  `dermaops_s3_<role>` (type aws: login = access key id, password = secret key, extra {"endpoint_url":
+  ..., "region_name": ...}); without one, the connection `dermaops_s3` (one key for every stage: a
+  deployment that does not separate them, logged as such); else AWS_ACCESS_KEY_ID,
+  AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, DERMAOPS_S3_ENDPOINT_URL / AWS_ENDPOINT_URL(_S3).
 - "slack": connection `slack_api_default` (type slack: password = bot token, extra {"channel": ...,
   "base_url": ...}) or SLACK_BOT_TOKEN, DERMAOPS_SLACK_CHANNEL, DERMAOPS_SLACK_API_URL.
 - "source": connection `dermaops_source` (dermaops.config.SOURCE_CONNECTION; any type: password = the data
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 
+from dermaops import access
 from dermaops.config import SOURCE_CONNECTION
 from dermaops.redaction import ENV_SECRETS
 
@@ -58,8 +61,14 @@ def _from_env(names: tuple[str, ...]) -> dict[str, str]:
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
-def s3_env() -> dict[str, str]:
-    conn = _connection(S3_CONN_ID)
+def s3_env(role: str) -> dict[str, str]:
+    """The S3 environment of a stage whose role is `role` (dermaops.access)."""
+    conn_id = access.conn_id(role)
+    conn = _connection(conn_id)
+    if conn is None:
+        conn_id, conn = S3_CONN_ID, _connection(S3_CONN_ID)
+        if conn is not None:
+            log.warning("no connection %s: using %s, one S3 key for every stage", access.conn_id(role), S3_CONN_ID)
     if conn is None:
         return _from_env(S3_ENV)
     extra = conn.extra_dejson
@@ -69,7 +78,7 @@ def s3_env() -> dict[str, str]:
         "AWS_DEFAULT_REGION": extra.get("region_name") or "us-east-1",
         "DERMAOPS_S3_ENDPOINT_URL": extra.get("endpoint_url") or "",
     }
-    log.info("S3 credentials from connection %s", S3_CONN_ID)
+    log.info("S3 credentials from connection %s (key %s)", conn_id, conn.login)
     return {k: v for k, v in env.items() if v}
 
 
@@ -102,16 +111,18 @@ def source_env() -> dict[str, str]:
 RESOLVERS = {"s3": s3_env, "slack": slack_env, "source": source_env}
 
 
-def resolve(sets: tuple[str, ...]) -> dict[str, str]:
-    """The environment for these credential sets; secret values are registered with Airflow's log
-    masker, so a stage that echoes one shows *** in the task log."""
+def resolve(sets: tuple[str, ...], s3_role: str | None = None) -> dict[str, str]:
+    """The environment for these credential sets ("s3" with the key of `s3_role`); secret values are
+    registered with Airflow's log masker, so a stage that echoes one shows *** in the task log."""
     from airflow.sdk.log import mask_secret
 
     env: dict[str, str] = {}
     for name in sets:
         if name not in RESOLVERS:
             raise ValueError(f"unknown secret set {name!r} (known: {', '.join(RESOLVERS)})")
-        env.update(RESOLVERS[name]())
+        if name == "s3" and s3_role is None:
+            raise ValueError("the s3 credential set needs the stage's S3 role (dermaops.access.ROLES)")
+        env.update(s3_env(s3_role) if name == "s3" else RESOLVERS[name]())
     for name, value in env.items():
         if name in SECRET_NAMES:
             mask_secret(value, name)

@@ -77,7 +77,7 @@ class DockerStageOperator(StageResultMixin, DockerOperator):
         return _StageLineLog(super().log)
 
     def execute(self, context):
-        self._private_environment = resolve(self.secrets)
+        self._private_environment = resolve(self.secrets, self.spec.s3_role)
         self.command = drop_empty(self.command)
         ti = context["ti"]
         key = task_instance_key(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))

@@ -9,8 +9,9 @@ Secrets come from Kubernetes Secrets, never from plain env values in the pod spe
 set a stage receives is one Secret whose keys are the variable names the stages read (see
 credentials.py), injected whole through `envFrom.secretRef`:
 
-- "s3":    Secret DERMAOPS_K8S_S3_SECRET (default `dermaops-s3`): AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-           optionally AWS_DEFAULT_REGION, DERMAOPS_S3_ENDPOINT_URL;
+- "s3":    Secret `dermaops-s3-<role>`, the key of the stage's role (dermaops.access: which prefixes it may
+           write), or DERMAOPS_K8S_S3_SECRET, one Secret for every stage: AWS_ACCESS_KEY_ID,
+           AWS_SECRET_ACCESS_KEY, optionally AWS_DEFAULT_REGION, DERMAOPS_S3_ENDPOINT_URL;
 - "slack": Secret DERMAOPS_K8S_SLACK_SECRET (default `dermaops-slack`): SLACK_BOT_TOKEN, optionally
            DERMAOPS_SLACK_CHANNEL, DERMAOPS_SLACK_API_URL;
 - "source": Secret DERMAOPS_K8S_SOURCE_SECRET (default `dermaops-source`), optional (a public source needs
@@ -48,7 +49,7 @@ from dermaops_runner.results import StageResultMixin, drop_empty, error_line, su
 from dermaops_runner.stages import StageSpec
 
 SECRET_ENV = {
-    "s3": ("DERMAOPS_K8S_S3_SECRET", "dermaops-s3"),
+    "s3": ("DERMAOPS_K8S_S3_SECRET", "dermaops-s3-{role}"),
     "slack": ("DERMAOPS_K8S_SLACK_SECRET", "dermaops-slack"),
     "source": ("DERMAOPS_K8S_SOURCE_SECRET", "dermaops-source"),
 }
@@ -89,21 +90,21 @@ def _gpu_count() -> str:
     return raw
 
 
-def _secret_name(name: str) -> str:
+def _secret_name(name: str, s3_role: str) -> str:
     if name not in SECRET_ENV:
         raise ValueError(f"unknown secret set {name!r} (known: {', '.join(SECRET_ENV)})")
     env, default = SECRET_ENV[name]
-    return os.environ.get(env, "").strip() or default
+    return os.environ.get(env, "").strip() or default.format(role=s3_role)
 
 
-def secret_refs(sets: tuple[str, ...]) -> list[Secret]:
+def secret_refs(sets: tuple[str, ...], s3_role: str) -> list[Secret]:
     # No key: the whole Secret.
-    return [Secret("env", None, _secret_name(name)) for name in sets if name not in OPTIONAL_SECRETS]
+    return [Secret("env", None, _secret_name(name, s3_role)) for name in sets if name not in OPTIONAL_SECRETS]
 
 
-def optional_secret_refs(sets: tuple[str, ...]) -> list[k8s.V1EnvFromSource]:
+def optional_secret_refs(sets: tuple[str, ...], s3_role: str) -> list[k8s.V1EnvFromSource]:
     return [
-        k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=_secret_name(name), optional=True))
+        k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=_secret_name(name, s3_role), optional=True))
         for name in sets
         if name in OPTIONAL_SECRETS
     ]
@@ -143,8 +144,8 @@ class KubernetesStageOperator(StageResultMixin, KubernetesPodOperator):
             image=spec.image,
             arguments=["python", "-m", "dermaops", spec.stage, *argv],
             env_vars={"PYTHONUNBUFFERED": "1"},
-            secrets=secret_refs(secrets),
-            env_from=optional_secret_refs(secrets) or None,
+            secrets=secret_refs(secrets, spec.s3_role),
+            env_from=optional_secret_refs(secrets, spec.s3_role) or None,
             name=f"dermaops-{spec.stage.replace('_', '-')}",
             labels={"app.kubernetes.io/name": "dermaops", "dermaops/stage": spec.stage},
             get_logs=True,

@@ -40,7 +40,7 @@ class LocalStageOperator(StageResultMixin, BaseOperator):
         self._proc: subprocess.Popen | None = None
 
     def execute(self, context):
-        secret_env = resolve(self.secrets)
+        secret_env = resolve(self.secrets, self.spec.s3_role)
         cmd = [sys.executable, "-m", "dermaops", self.spec.stage, *drop_empty(self.argv)]
         self.log.info("running %s", redact(shlex.join(["python", *cmd[1:]])))
         self._proc = subprocess.Popen(

@@ -34,10 +34,11 @@ class StageSpec:
     gpu: bool  # wants the GPU when DERMAOPS_GPU=1 (train, evaluate, predict)
     shm_size: int | None  # bytes of /dev/shm for PyTorch data loaders; None: Docker's default
     secrets: tuple[str, ...] = ("s3",)  # credential sets resolved at execute time
+    s3_role: str = "data"  # whose S3 key the stage gets (dermaops.access)
 
 
 def spec_for(stage: str) -> StageSpec:
     entry = registered_stage(stage)  # ValueError naming the known stages
     image = os.environ.get(IMAGE_ENV[entry.image]) or f"dermaops-{entry.image}:{_image_tag()}"
     shm_size = STAGE_SHM_SIZE.get(stage, SHM_SIZE[entry.image])
-    return StageSpec(stage, image, gpu=entry.gpu, shm_size=shm_size, secrets=entry.secrets)
+    return StageSpec(stage, image, gpu=entry.gpu, shm_size=shm_size, secrets=entry.secrets, s3_role=entry.s3_role)

@@ -1,9 +1,18 @@
 """The embedded default artifact store: a real S3 HTTP endpoint on loopback (moto's server mode).
 
-Used by the README's run command and by the tests; production points at MinIO or AWS instead.
-Credentials for it are dummies: the server accepts any.
+Used by the README's run command, by the tests and, as a stand-in for MinIO, by the compose stack on a
+machine without an image registry; production points at MinIO or AWS instead.
 
-    python -m dermaops.embedded_s3 --port 9900 --bucket dermaops --state-dir .dermaops/s3
+    python -m dermaops.embedded_s3 --port 9900 --bucket dermaops --env-file s3-env.json
+    python -m dermaops.embedded_s3 --least-privilege --bucket dermaops --env-file s3-env.json
+
+By default the server accepts any credentials. With --least-privilege it enforces the policies of
+dermaops.access as MinIO does in the compose deployment: an admin key may do anything, and each role's
+key (`dermaops-<role>`) may write only its prefixes (a train key writing registry/ gets AccessDenied).
+The secrets come from the environment as the compose stack's .env names them (MINIO_ROOT_USER /
+MINIO_ROOT_PASSWORD for the admin, DERMAOPS_S3_<ROLE>_SECRET_KEY for each role), else fresh random
+ones; the env file then holds the admin key as AWS_* and each role's Airflow connection
+(AIRFLOW_CONN_DERMAOPS_S3_<ROLE>), which is how the DAG hands every stage its own key.
 """
 
 from __future__ import annotations
@@ -12,11 +21,14 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import threading
 from pathlib import Path
+
+from dermaops import access
 
 DUMMY_ENV = {
     "AWS_ACCESS_KEY_ID": "dermaops-local",
@@ -77,33 +89,108 @@ class EmbeddedS3:
         self.stop()
 
 
+ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+
+
+def least_privilege_keys(environ=os.environ) -> tuple[tuple[str, str], dict[str, str]]:
+    """The admin key and every role's secret: the deployment's (.env names) where set, else fresh."""
+    admin = (
+        environ.get("MINIO_ROOT_USER") or "dermaops-admin",
+        environ.get("MINIO_ROOT_PASSWORD") or secrets.token_hex(16),
+    )
+    roles = {role: environ.get(access.secret_env(role)) or secrets.token_hex(16) for role in access.ROLES}
+    return admin, roles
+
+
+def enforce_policies(bucket: str, admin: tuple[str, str], roles: dict[str, str]) -> None:
+    """Turn on moto's IAM checks with an admin user and one user per role of dermaops.access.
+
+    Process-wide: moto keeps its backends and its "check credentials" switch per process, so this is
+    for a server in a process of its own (main(), the compose stand-in), never inside the tests'
+    process, whose session server accepts any key."""
+    from moto import settings
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.authorization import ActionAuthenticatorMixin
+    from moto.iam.models import iam_backends
+
+    iam = iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+    def user(name: str, key: str, secret: str, document: dict) -> None:
+        iam.create_user("us-east-1", name)
+        iam.put_user_policy(name, "dermaops", json.dumps(document))
+        # moto generates the key pair; the deployment's own (from .env) must be the one that works.
+        key_pair = iam.create_access_key(name)
+        key_pair.access_key_id, key_pair.secret_access_key = key, secret
+
+    user("dermaops-admin", *admin, ADMIN_POLICY)
+    for role, secret in roles.items():
+        user(access.key_id(role), access.key_id(role), secret, access.policy(role, bucket))
+    # 0 requests without checks from now on: every request must be signed by one of these keys.
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    ActionAuthenticatorMixin.request_count = 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m dermaops.embedded_s3", description=__doc__)
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: pick a free one)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: pick a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--bucket", default="dermaops", help="bucket to create at start")
     parser.add_argument("--env-file", type=Path, help="write the client environment here as JSON once ready")
+    parser.add_argument(
+        "--least-privilege",
+        action="store_true",
+        help="enforce dermaops.access's policies: each role's key may write only its prefixes",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep the objects across restarts: loaded from here at start, saved here on SIGTERM/SIGINT",
+    )
     args = parser.parse_args()
 
-    os.environ.update(DUMMY_ENV)
+    env = dict(DUMMY_ENV)
+    if args.least_privilege:
+        admin, roles = least_privilege_keys()
+        env |= {"AWS_ACCESS_KEY_ID": admin[0], "AWS_SECRET_ACCESS_KEY": admin[1]}
+    os.environ.update(env)
     try:
-        server = EmbeddedS3(port=args.port or None).start()
+        server = EmbeddedS3(port=args.port or None, host=args.host).start()
     except RuntimeError as exc:
         print(f"embedded S3: error: {exc}", file=sys.stderr)
         return 1
+    if args.least_privilege:
+        enforce_policies(args.bucket, admin, roles)
+    if args.state_dir:
+        from dermaops import s3_snapshot
+
+        loaded = s3_snapshot.load(args.state_dir)
+        print(f"embedded S3: {loaded} objects loaded from {args.state_dir}", file=sys.stderr, flush=True)
     os.environ["DERMAOPS_S3_ENDPOINT_URL"] = server.url
     from dermaops.store import ArtifactStore
 
     ArtifactStore().ensure_bucket(args.bucket)
     if args.env_file:
+        client_env = {**server.env, **env, "DERMAOPS_BUCKET": args.bucket}
+        if args.least_privilege:
+            for role, secret in roles.items():
+                client_env[access.conn_env(role)] = access.connection_json(role, secret, server.url)
         tmp = args.env_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**server.env, "DERMAOPS_BUCKET": args.bucket}))
+        # The file holds secrets: readable by its owner only, from the first byte on.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(client_env))
         tmp.replace(args.env_file)
-    print(f"embedded S3 listening on {server.url}, bucket s3://{args.bucket}", file=sys.stderr, flush=True)
+    policies = "each role's key writes only its prefixes" if args.least_privilege else "any key accepted"
+    print(f"embedded S3 listening on {server.url}, bucket s3://{args.bucket} ({policies})", file=sys.stderr, flush=True)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    if args.state_dir:
+        # Before the server stops: a request still in flight finishes into the saved state or fails.
+        saved = s3_snapshot.save(args.state_dir)
+        print(f"embedded S3: {saved} objects saved to {args.state_dir}", file=sys.stderr, flush=True)
     server.stop()
     return 0
 

@@ -18,6 +18,8 @@ class Stage:
     image: str  # "data" (light image) or "torch" (PyTorch image)
     gpu: bool  # can use a GPU (DERMAOPS_GPU=1 in docker mode; the gpu queue on Celery)
     secrets: tuple[str, ...] = ("s3",)  # credential sets the runner hands it: "s3", "slack", "source"
+    # Whose S3 key "s3" is (dermaops.access): which prefixes of the bucket the stage may write.
+    s3_role: str = "data"
     dag: str = "retrain"  # the DAG that runs it: "retrain" (dags/ham10000_retrain.py) or "predict"
 
 
@@ -28,14 +30,23 @@ STAGES: tuple[Stage, ...] = (
     Stage("split", "dermaops.stages.split", "data", gpu=False),
     # Nothing new (same dataset version and recipe as the champion): the DAG skips training (force_retrain).
     Stage("changes", "dermaops.stages.changes", "data", gpu=False),
-    Stage("train_baseline", "dermaops.stages.train_baseline", "data", gpu=False),
-    Stage("train", "dermaops.stages.train", "torch", gpu=True),
-    Stage("evaluate", "dermaops.stages.evaluate", "torch", gpu=True),
+    Stage("train_baseline", "dermaops.stages.train_baseline", "data", gpu=False, s3_role="train"),
+    Stage("train", "dermaops.stages.train", "torch", gpu=True, s3_role="train"),
+    # Only evaluate and promote may write registry/ (champion.json, the history, the model card).
+    Stage("evaluate", "dermaops.stages.evaluate", "torch", gpu=True, s3_role="registry"),
     # require_approval: applies the reviewer's answer to a challenger that awaits approval (the DAG's approve task).
-    Stage("promote", "dermaops.stages.promote", "data", gpu=False),
+    Stage("promote", "dermaops.stages.promote", "data", gpu=False, s3_role="registry"),
     Stage("notify", "dermaops.stages.notify", "data", gpu=False, secrets=("s3", "slack")),
     # "slack": prediction monitoring's alert when a batch is past a bound (dermaops.monitoring).
-    Stage("predict", "dermaops.stages.predict", "torch", gpu=True, secrets=("s3", "slack"), dag="predict"),
+    Stage(
+        "predict",
+        "dermaops.stages.predict",
+        "torch",
+        gpu=True,
+        secrets=("s3", "slack"),
+        s3_role="predict",
+        dag="predict",
+    ),
 )
 BY_NAME = {s.name: s for s in STAGES}
 # The retraining DAG's tasks, in run order.

@@ -102,8 +102,12 @@ class ArtifactStore:
                 return StageError(f"bucket does not exist: s3://{uri.bucket} (while trying to {action} {uri})")
             if code in ("NoSuchKey", "404", "NotFound"):
                 return StageError(f"no such object: {uri}")
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return StageError(f"access denied to {uri} ({code}); check the S3 credentials")
+            if code in ("AccessDenied", "403"):
+                # The key is valid but its policy does not cover this (dermaops.access: each stage's key
+                # writes only its own prefixes).
+                return StageError(f"access denied: this S3 key may not {action} {uri} ({code})")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StageError(f"S3 rejected the credentials ({code}) while trying to {action} {uri}; check them")
             return TransientError(f"S3 error {code or exc} while trying to {action} {uri}")
         if isinstance(exc, BotoCoreError):
             return TransientError(f"cannot reach S3 ({type(exc).__name__}: {exc}) while trying to {action} {uri}")
