@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dermaops import __version__
+from dermaops import __version__, access
 
 from tests.support.docker_engine import ROOT, run_script
 
@@ -38,7 +38,7 @@ SECRET_VARS = (
     "AIRFLOW__API_AUTH__JWT_SECRET",
     "POSTGRES_PASSWORD",
     "MINIO_ROOT_PASSWORD",
-    "DERMAOPS_S3_SECRET_KEY",
+    *(access.secret_env(role) for role in access.ROLES),
     "SLACK_BOT_TOKEN",
 )
 
@@ -137,15 +137,24 @@ def test_secrets_come_from_the_env_file(compose, secret_env_file):
     assert api["AIRFLOW__API__SECRET_KEY"] == values["AIRFLOW__API__SECRET_KEY"]
     assert api["AIRFLOW__API_AUTH__JWT_SECRET"] == values["AIRFLOW__API_AUTH__JWT_SECRET"]
     assert f":{values['POSTGRES_PASSWORD']}@postgres/" in api["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-    # Least privilege: the stages get their own bucket-only key; MinIO's root account stays with MinIO
-    # and the init service that creates that key.
-    assert api["AWS_SECRET_ACCESS_KEY"] == values["DERMAOPS_S3_SECRET_KEY"]
+    # Least privilege: each stage gets its role's key (the connection dermaops_s3_<role>), which minio-init
+    # creates with that role's policy; no Airflow process holds a key of its own. MinIO's root account
+    # stays with MinIO and the init service.
+    assert "AWS_ACCESS_KEY_ID" not in api and "AWS_SECRET_ACCESS_KEY" not in api
+    for role in access.ROLES:
+        conn = json.loads(api[access.conn_env(role)])
+        assert (conn["conn_type"], conn["login"]) == ("aws", access.key_id(role))
+        assert conn["password"] == values[access.secret_env(role)]
+        assert conn["extra"] == {"endpoint_url": "http://minio:9000", "region_name": "us-east-1"}
     for name, service in config["services"].items():
         if name not in ("minio", "minio-init"):
             assert values["MINIO_ROOT_PASSWORD"] not in json.dumps(service), name
     init = config["services"]["minio-init"]
     assert init["entrypoint"] == ["sh", "/scripts/minio-least-privilege.sh"]
-    assert init["environment"]["DERMAOPS_S3_SECRET_KEY"] == values["DERMAOPS_S3_SECRET_KEY"]
+    mounts = {v["source"]: v["target"] for v in init["volumes"]}
+    assert mounts[str(access.POLICY_DIR)] == init["environment"]["POLICY_DIR"]  # the policies the tests enforce
+    for role in access.ROLES:
+        assert init["environment"][access.secret_env(role)] == values[access.secret_env(role)]
     assert api["SLACK_BOT_TOKEN"] == values["SLACK_BOT_TOKEN"]
     assert env_of(config, "postgres")["POSTGRES_PASSWORD"] == values["POSTGRES_PASSWORD"]
     assert env_of(config, "minio")["MINIO_ROOT_PASSWORD"] == values["MINIO_ROOT_PASSWORD"]
@@ -168,7 +177,7 @@ def test_missing_secrets_stop_compose_with_the_variable_name(compose, tmp_path):
     proc = compose(empty)
     assert proc.returncode != 0
     assert "in .env" in proc.stderr
-    assert any(name in proc.stderr for name in SECRET_VARS + ("MINIO_ROOT_USER", "DERMAOPS_S3_ACCESS_KEY")), proc.stderr
+    assert any(name in proc.stderr for name in SECRET_VARS + ("MINIO_ROOT_USER",)), proc.stderr
 
 
 def test_airflow_reaches_docker_and_stage_containers_reach_minio(compose):
@@ -256,7 +265,14 @@ def test_offline_override_keeps_service_names_endpoint_and_credentials(compose, 
     assert config["services"]["postgres"]["image"] == f"dermaops-postgres:{__version__}"
     assert config["services"]["redis"]["image"] == f"dermaops-redis:{__version__}"
     assert config["services"]["minio"]["image"] == f"dermaops-s3:{__version__}"
-    assert "EmbeddedS3(port=9000" in " ".join(config["services"]["minio"]["command"])
+    # The stand-in enforces the same per-role policies and keeps its objects across a restart.
+    minio = config["services"]["minio"]
+    assert minio["command"][:3] == ["python", "-m", "dermaops.embedded_s3"]
+    assert {"--least-privilege", "--state-dir=/data", "--port=9000"} <= set(minio["command"])
+    assert [v["target"] for v in minio["volumes"]] == ["/data"]
+    assert env_of(config, "minio")["MINIO_ROOT_PASSWORD"] == values["MINIO_ROOT_PASSWORD"]
+    for role in access.ROLES:
+        assert env_of(config, "minio")[access.secret_env(role)] == values[access.secret_env(role)]
     init = config["services"]["minio-init"]
     assert init["environment"]["AWS_SECRET_ACCESS_KEY"] == values["MINIO_ROOT_PASSWORD"]
     assert init["environment"]["DERMAOPS_S3_ENDPOINT_URL"] == "http://minio:9000"
@@ -277,6 +293,10 @@ def test_worker_on_another_host_joins_through_broker_and_database(compose, secre
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith(f":{values['POSTGRES_PASSWORD']}@10.0.0.5/airflow")
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://10.0.0.5:8080/execution/"
     assert env["DERMAOPS_S3_ENDPOINT_URL"] == "http://10.0.0.5:9000"
+    # Only the keys of the gpu queue's stages: no key that writes datasets/ on the GPU host.
+    roles = {name for name in env if name.startswith("AIRFLOW_CONN_DERMAOPS_S3_")}
+    assert roles == {access.conn_env(role) for role in ("train", "registry", "predict")}
+    assert json.loads(env[access.conn_env("train")])["extra"]["endpoint_url"] == "http://10.0.0.5:9000"
     assert (env["DERMAOPS_WORKER_QUEUES"], env["DERMAOPS_GPU"]) == ("gpu", "1")
     assert worker["hostname"] == "gpu-box"
     assert published(worker) == [("10.0.0.6", "8793")]

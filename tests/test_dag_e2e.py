@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dermaops import access
+from dermaops import access, pipeline
 from dermaops.config import param_names, param_schema, recipe_values
 from dermaops.dataset import CLASSES
 from dermaops.embedded_s3 import DUMMY_ENV
@@ -165,6 +165,9 @@ def test_local_mode_runs_every_stage(airflow_env, small_pack_200px, least_privil
     assert proc.returncode == 0, proc.stderr[-6000:]
     print("local mode task seconds:", task_seconds(airflow_env, run_id))
     assert dag_env["SLACK_BOT_TOKEN"] not in proc.stdout + proc.stderr
+    # Each stage got its role's key: the train role's for train, the registry role's for evaluate.
+    for role in {pipeline.stage(name).s3_role for name in pipeline.RETRAIN}:
+        assert f"S3 credentials from connection dermaops_s3_{role} (key dermaops-{role})" in proc.stdout + proc.stderr
     n_images = pack_rows(small_pack_200px)
     assert_successful_run(airflow_env, store, bucket, slack_api, run_id, n_images, image_size=64)
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ClientError
+from dermaops import access
 from dermaops.config import SOURCE_VARIABLE
 from dermaops.pipeline import RETRAIN, run_key
 from dermaops.pipeline import STAGES as REGISTRY
@@ -345,7 +347,7 @@ def test_the_deployment_end_to_end(stack, compose_logs, s3, slack, tmp_path, sma
     user = env["_AIRFLOW_WWW_USER_USERNAME"]
     secrets = {
         "S3 secret key": env["MINIO_ROOT_PASSWORD"],
-        "stages' S3 secret key": env["DERMAOPS_S3_SECRET_KEY"],
+        **{f"{role} S3 secret key": env[access.secret_env(role)] for role in access.ROLES},
         "Slack token": TOKEN,
         "UI password": env["_AIRFLOW_WWW_USER_PASSWORD"],
         "Fernet key": env["AIRFLOW__CORE__FERNET_KEY"],
@@ -434,6 +436,22 @@ def test_the_deployment_end_to_end(stack, compose_logs, s3, slack, tmp_path, sma
         assert f"approved by {user}: {COMMENT}" in report
         assert not keys(s3, bucket, f"registry/ham10000/pending/{run_key(run_id)}.json")  # decided: archived
         assert keys(s3, bucket, f"registry/ham10000/approvals/{run_key(run_id)}.json")
+
+        # Least privilege in the stack: train ran with its role's key, which may not write the registry.
+        train_log = task_log(api, stack, run_id, "train", tis["train"]["try_number"])
+        assert "S3 credentials from connection dermaops_s3_train (key dermaops-train)" in train_log
+        train_key = boto3.client(
+            "s3",
+            endpoint_url=stack.s3_url,
+            aws_access_key_id=access.key_id("train"),
+            aws_secret_access_key=env[access.secret_env("train")],
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )
+        with pytest.raises(ClientError) as refused:
+            train_key.put_object(Bucket=bucket, Key="registry/ham10000/champion.json", Body=b"{}")
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+        assert json.loads(text_of(s3, bucket, "registry/ham10000/champion.json")) == champion
 
         # The registry view (in the UI's Browse menu) shows the champion's melanoma operating point.
         assert champion["mel_threshold"] == champion["operating_point"]["threshold"] is not None

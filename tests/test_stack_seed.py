@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from dermaops import access
 
 from tests.support.airflow_env import ROOT
 from tests.support.stack import read_env_file
@@ -30,7 +31,8 @@ def test_the_env_file_has_fresh_secrets_long_enough_for_their_use(tmp_path):
     assert oct(env_file.stat().st_mode & 0o777) == "0o600"
     # The API's secret key signs HS512 tokens: PyJWT warns below 64 bytes for SHA-512.
     assert len(env["AIRFLOW__API__SECRET_KEY"]) == len(env["AIRFLOW__API_AUTH__JWT_SECRET"]) == 64
-    assert 8 <= len(env["DERMAOPS_S3_SECRET_KEY"]) <= 40  # MinIO's limits for a user's secret
+    for role in access.ROLES:
+        assert 8 <= len(env[access.secret_env(role)]) <= 40  # MinIO's limits for a user's secret
     # Never overwritten: a second call keeps the secrets the running stack uses.
     again = subprocess.run(
         [STACK, "env"], env={**os.environ, "DERMAOPS_ENV_FILE": str(env_file)}, capture_output=True, text=True

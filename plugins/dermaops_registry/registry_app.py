@@ -6,8 +6,9 @@ Airflow's own `requires_access_dag("GET", param_dag_id=...)`, which resolves the
 view in sends it) and asks the configured auth manager. Anonymous requests get 401, a user who may
 not read the DAG gets 403, before any S3 read.
 
-S3 is read with the connection `dermaops_s3` when one is defined, else the api-server's AWS_* /
-DERMAOPS_S3_ENDPOINT_URL environment: the same credentials the stages receive.
+S3 is read with the `reader` role's key (dermaops.access: it may read, never write), from the connection
+`dermaops_s3_reader`; without it, the connection `dermaops_s3` (one key for everything), else the
+api-server's AWS_* / DERMAOPS_S3_ENDPOINT_URL environment.
 """
 
 from __future__ import annotations
@@ -27,15 +28,26 @@ def registry_uri():
     return S3Uri(os.environ.get("DERMAOPS_BUCKET", "dermaops"), "registry/ham10000")
 
 
-def _store():
-    """An ArtifactStore with the `dermaops_s3` connection's credentials, or the environment's."""
+def _connection():
+    """The reader role's connection, else the shared `dermaops_s3`, else None."""
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
+    from dermaops import access
+
+    for conn_id in (access.conn_id("reader"), "dermaops_s3"):
+        try:
+            return Connection.get_connection_from_secrets(conn_id)
+        except AirflowNotFoundException:
+            continue
+    return None
+
+
+def _store():
+    """An ArtifactStore with the reader's credentials (see the module's docstring)."""
     from dermaops.store import ArtifactStore
 
-    try:
-        conn = Connection.get_connection_from_secrets("dermaops_s3")
-    except AirflowNotFoundException:
+    conn = _connection()
+    if conn is None:
         return ArtifactStore()
     import boto3
     from botocore.config import Config

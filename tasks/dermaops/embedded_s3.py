@@ -153,11 +153,8 @@ def main() -> int:
         admin, roles = least_privilege_keys()
         env |= {"AWS_ACCESS_KEY_ID": admin[0], "AWS_SECRET_ACCESS_KEY": admin[1]}
     os.environ.update(env)
-    try:
-        server = EmbeddedS3(port=args.port or None, host=args.host).start()
-    except RuntimeError as exc:
-        print(f"embedded S3: error: {exc}", file=sys.stderr)
-        return 1
+    # Users, policies and stored objects go into moto's backends before the port opens: a client that
+    # connects at once never meets a server that accepts any key or lacks what it stored before.
     if args.least_privilege:
         enforce_policies(args.bucket, admin, roles)
     if args.state_dir:
@@ -165,6 +162,11 @@ def main() -> int:
 
         loaded = s3_snapshot.load(args.state_dir)
         print(f"embedded S3: {loaded} objects loaded from {args.state_dir}", file=sys.stderr, flush=True)
+    try:
+        server = EmbeddedS3(port=args.port or None, host=args.host).start()
+    except RuntimeError as exc:
+        print(f"embedded S3: error: {exc}", file=sys.stderr)
+        return 1
     os.environ["DERMAOPS_S3_ENDPOINT_URL"] = server.url
     from dermaops.store import ArtifactStore
 

@@ -27,8 +27,8 @@ def fresh_value(name: str, value: str, docker_gid: str) -> str:
         return docker_gid  # the group of the host's docker.sock, for the workers' DockerOperator
     if value != "change-me":
         return value
-    if name == "DERMAOPS_S3_SECRET_KEY":
-        return secrets.token_hex(16)  # 32 characters: MinIO takes at most 40
+    if name.startswith("DERMAOPS_S3_") and name.endswith("_SECRET_KEY"):
+        return secrets.token_hex(16)  # a stage role's S3 secret, 32 characters: MinIO takes at most 40
     if "PASSWORD" in name:
         return secrets.token_urlsafe(24)
     # 64 characters: the API's secret key signs HS512 tokens, and PyJWT wants 64 bytes for SHA-512.
