@@ -159,7 +159,7 @@ def test_derived_tta_views_equal_predict_proba_and_the_gradcam_layer_is_chosen_f
     from dermaops.frame import Frame
     from dermaops.gradcam import pick_target_layer
     from dermaops.models import build_model, model_meta, predict_proba
-    from dermaops.stages.evaluate import dihedral_views_uint8
+    from dermaops.scoring import dihedral_views_uint8
 
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, size=(6, 28, 28, 3), dtype=np.uint8)

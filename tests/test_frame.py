@@ -15,7 +15,7 @@ from dermaops.frame import Frame
 from dermaops.gradcam import Localization, energy_ratios, pointing_hits
 from dermaops.imagecache import decode_full, decode_image, decode_mask, rows_per_shard
 from dermaops.models import build_model, head_name, model_meta, predict_proba, stage_names, symmetry_views
-from dermaops.stages.evaluate import dihedral_views_uint8
+from dermaops.scoring import dihedral_views_uint8
 
 from tests.support.data import PACK_200PX, PACK_SAMPLE
 

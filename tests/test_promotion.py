@@ -20,8 +20,8 @@ from dermaops.promotion import (
     operating_point_record,
     run_gate,
 )
+from dermaops.scoring import SplitScorer
 from dermaops.stage import Context
-from dermaops.stages.evaluate import SplitScorer
 from dermaops.store import S3Uri, sha256_bytes
 
 # The decision-rule tests isolate the melanoma floor and the champion: the other floors off, and a Random
