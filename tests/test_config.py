@@ -145,10 +145,31 @@ def test_bad_numbers_exit_2_with_one_line_and_the_finished_output_survives(
     assert [uri.key for uri, _ in store.list(bucket)] == [out.join(MANIFEST).key]
 
 
+BAD_INGEST_SETTINGS = [
+    ("--timeout=nan", "--timeout must be a finite number, got nan"),
+    ("--timeout=0", "--timeout must be > 0 and <= 3600, got 0.0"),
+    ("--retry-base-delay=-inf", "--retry-base-delay must be a finite number, got -inf"),
+    ("--progress-every=inf", "--progress-every must be a finite number, got inf"),
+    ("--retries=-1", "--retries must be 0..100, got -1"),
+    ("--retry-base-delay=90", "need --retry-base-delay <= --retry-max-delay (got 90.0 and 60.0)"),
+]
+
+
+@pytest.mark.parametrize(("argument", "message"), BAD_INGEST_SETTINGS)
+def test_ingest_settings_are_checked_from_its_config_before_anything_is_fetched(
+    argument, message, bucket, store, capsys
+):
+    datasets = bucket.join("datasets", "ham10000")
+    kept = store.put_json(datasets.join("v1", "manifest.json"), {"kept": True})
+    # A source that would fail to connect: the check comes first.
+    code = cli.main(["ingest", "--source", "http://127.0.0.1:9/pack", "--datasets", str(datasets), argument])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert err == [f"dermaops ingest: error: {message}"]
+    assert [uri for uri, _ in store.list(bucket)] == [kept]
+
+
 NON_FINITE_ARGUMENTS = [
-    (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--timeout=nan", "must be a finite number of seconds"),
-    (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--retry-base-delay=-inf", "must be a finite number"),
-    (["ingest", "--datasets", "s3://b/datasets/ham10000"], "--progress-every=inf", "must be a finite number"),
     (["split", "--dataset", "s3://b/d", "--out", "s3://b/o"], "--fractions=nan,0.5,0.5", "every fraction must be > 0"),
 ]
 

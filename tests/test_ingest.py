@@ -465,7 +465,7 @@ def test_images_without_metadata_are_reported_not_fatal(run_stage, bucket, pack_
         ("/nonexistent/ham10000", None, (), ("--source directory does not exist: /nonexistent/ham10000",)),
         (None, "/tmp/datasets", (), ("not an S3 URI: '/tmp/datasets'",)),
         (None, "s3://no-such-bucket-dermaops/datasets", (), ("bucket does not exist: s3://no-such-bucket-dermaops",)),
-        (None, None, ("--retries", "-1"), ("argument --retries: must be >= 0",)),
+        (None, None, ("--retries", "-1"), ("--retries must be 0..100, got -1",)),
         ("doi:10.7910/DVN/DBW86T", None, ("--dataverse-url", "ftp://dv"), ("--dataverse-url must be an http(s)",)),
     ],
 )

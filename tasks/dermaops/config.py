@@ -46,6 +46,8 @@ PRIMARY_METRICS = ("macro_f1", "weighted_f1", "balanced_accuracy", "accuracy", "
 SPLIT_STRATEGIES = ("lesion", "image", "dermamnist")
 BASELINE_CLASS_WEIGHTS = ("balanced", "none")
 SEED_MAX = 2**32 - 1  # numpy and sklearn seeds are unsigned 32-bit
+# The Dataverse server that publishes HAM10000 (dermaops.sources resolves a bare doi:... against it).
+DEFAULT_DATAVERSE_URL = "https://dataverse.harvard.edu"
 
 
 @dataclass(frozen=True)
@@ -606,6 +608,34 @@ class EvaluateConfig(StageConfig):
 
 
 @dataclass(frozen=True)
+class IngestConfig(StageConfig):
+    """`ingest`'s settings (its source and its dataset prefix are its own flags): how it talks to the source.
+    None is in the fingerprint: a dataset version is the hash of the bytes stored, however they came."""
+
+    dataverse_url: str = setting(
+        DEFAULT_DATAVERSE_URL, "Dataverse server for a bare doi:... --source", fingerprint=False
+    )
+    retries: int = setting(5, "extra attempts per request on transient failures", lo=0, hi=100, fingerprint=False)
+    retry_base_delay: float = setting(
+        2.0, "first backoff delay in seconds (doubles each attempt)", lo=0, hi=3600, fingerprint=False
+    )
+    retry_max_delay: float = setting(60.0, "cap on one backoff delay in seconds", lo=0, hi=3600, fingerprint=False)
+    timeout: float = setting(
+        60.0, "connect/read timeout per request in seconds", lo=0, hi=3600, lo_open=True, fingerprint=False
+    )
+    progress_every: float = setting(
+        30.0, "seconds between download progress lines", lo=0, hi=86400, lo_open=True, fingerprint=False
+    )
+
+    def check(self) -> None:
+        if self.retry_base_delay > self.retry_max_delay:
+            raise StageError(
+                f"need {flag('retry_base_delay')} <= {flag('retry_max_delay')} "
+                f"(got {self.retry_base_delay} and {self.retry_max_delay})"
+            )
+
+
+@dataclass(frozen=True)
 class ValidateConfig(StageConfig):
     """`validate`'s settings (its dataset, output, expectations folder and drift registry are its own flags):
     the bounds the expectation suites get as $PARAMETERs, and the drift comparison with the champion's data.
@@ -719,6 +749,7 @@ class PredictConfig(StageConfig):
 
 
 CONFIGS: dict[str, type[StageConfig]] = {
+    "ingest": IngestConfig,
     "validate": ValidateConfig,
     "split": SplitConfig,
     "train_baseline": BaselineConfig,
@@ -727,7 +758,7 @@ CONFIGS: dict[str, type[StageConfig]] = {
 }
 
 # -- the DAG's trigger form ---------------------------------------------------------------------------
-DATAVERSE_SOURCE = "https://dataverse.harvard.edu/dataset.xhtml?persistentId=doi:10.7910/DVN/DBW86T"
+DATAVERSE_SOURCE = f"{DEFAULT_DATAVERSE_URL}/dataset.xhtml?persistentId=doi:10.7910/DVN/DBW86T"
 # The data source is the deployment's, not a run's: the weekly schedule retrains on whatever it holds. This
 # Airflow Variable (or AIRFLOW_VAR_DERMAOPS_SOURCE) names it; `scripts/stack seed` sets it. Unset: Dataverse.
 SOURCE_VARIABLE = "dermaops_source"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dermaops.config import DEFAULT_DATAVERSE_URL  # noqa: F401 (re-exported by dermaops.sources)
 from dermaops.dataset import ARCHIVES, MASKS_ARCHIVE
 from dermaops.errors import StageError
 from dermaops.redaction import SOURCE_TOKEN_ENV
@@ -25,7 +26,6 @@ METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab")
 # `HAM10000_segmentations_lesion_tschandl.zip`, its members in a folder of that name; ingest stores
 # either under MASKS_ARCHIVE, so the same masks give the same dataset version from every source.
 MASKS_NAMES = (MASKS_ARCHIVE, "HAM10000_segmentations_lesion_tschandl.zip")
-DEFAULT_DATAVERSE_URL = "https://dataverse.harvard.edu"
 HAM10000_DOI = "doi:10.7910/DVN/DBW86T"
 # The source's credentials come from the environment, never from --source: a URL is stored in the DAG
 # run's conf, rendered in the UI and shown in process lists. The runner fills these from the Airflow

@@ -22,7 +22,6 @@ import csv
 import hashlib
 import io
 import logging
-import math
 import shutil
 import time
 import zipfile
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dermaops.archives import check_archive
+from dermaops.config import IngestConfig
 from dermaops.dataset import MASKS_ARCHIVE, METADATA, REQUIRED_COLUMNS, image_id_of, mask_image_id_of
 from dermaops.errors import StageError, TransientError
 from dermaops.redaction import redact
@@ -49,32 +49,10 @@ from dermaops.stage import Context, fingerprint, skipped, utcnow
 from dermaops.store import S3Uri, sha256_file
 
 HELP = "fetch and verify HAM10000, store an immutable dataset version"
+CONFIG = IngestConfig  # how it talks to the source: retries, backoff, timeouts, the Dataverse server
 DEFAULT_SOURCE = f"{DEFAULT_DATAVERSE_URL}/dataset.xhtml?persistentId={HAM10000_DOI}"
 SOURCES_DIR = "_sources"  # source fingerprints, next to the versions: <datasets>/_sources/<key>.json
 log = logging.getLogger(__name__)
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {value}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,18 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--datasets", required=True, help="S3 prefix of the dataset versions, e.g. s3://<bucket>/datasets/ham10000"
-    )
-    parser.add_argument(
-        "--dataverse-url", default=DEFAULT_DATAVERSE_URL, help="Dataverse server for a bare doi:... --source"
-    )
-    parser.add_argument("--retries", type=_count, default=5, help="extra attempts per request on transient failures")
-    parser.add_argument(
-        "--retry-base-delay", type=_seconds, default=2.0, help="first backoff delay in seconds (doubles each attempt)"
-    )
-    parser.add_argument("--retry-max-delay", type=_seconds, default=60.0, help="cap on one backoff delay in seconds")
-    parser.add_argument("--timeout", type=_positive_seconds, default=60.0, help="connect/read timeout per request")
-    parser.add_argument(
-        "--progress-every", type=_positive_seconds, default=30.0, help="seconds between download progress lines"
     )
 
 
@@ -124,14 +90,15 @@ class Metadata:
 def run(args: argparse.Namespace, ctx: Context) -> dict:
     started = time.monotonic()
     datasets = S3Uri.parse(args.datasets)
+    cfg: IngestConfig = args.config
     settings = TransferSettings(
-        retries=args.retries,
-        base_delay=args.retry_base_delay,
-        max_delay=args.retry_max_delay,
-        timeout=args.timeout,
-        progress_every=args.progress_every,
+        retries=cfg.retries,
+        base_delay=cfg.retry_base_delay,
+        max_delay=cfg.retry_max_delay,
+        timeout=cfg.timeout,
+        progress_every=cfg.progress_every,
     )
-    source = open_source(args.source, settings, args.dataverse_url, SourceCredentials.from_env())
+    source = open_source(args.source, settings, cfg.dataverse_url, SourceCredentials.from_env())
     next(ctx.store.list(datasets), None)  # fail on a missing bucket now, not after downloading gigabytes
 
     files = source.files()
