@@ -208,14 +208,14 @@ def calibrate_checkpoint(
     gives the same result. `val_raw`: the checkpoint's unadjusted validation probabilities (`tta` as given)
     when the caller has them, instead of scoring `val_images` again."""
     from dermaops.dataset import CLASSES
-    from dermaops.models import adjust_proba, load_checkpoint, predict_proba, save_checkpoint
+    from dermaops.models import load_checkpoint, predict_proba, save_checkpoint
+    from dermaops.prediction import calibrated
 
     model, meta = load_checkpoint(path, device=device)
     if val_raw is None:
-        proba = predict_proba(model, val_images, meta, device=device, tta=tta)
-    else:
-        proba = adjust_proba(val_raw, meta)
-    fitted = fit(proba, val_labels, list(CLASSES).index("mel"), mel_sensitivity)
+        val_raw = predict_proba(model, val_images, meta, device=device, tta=tta, adjust=False)
+    # The temperature is fitted on the adjusted probabilities (the order `calibrated` applies them in).
+    fitted = fit(calibrated(val_raw, meta, temperature=False), val_labels, list(CLASSES).index("mel"), mel_sensitivity)
     fitted["calibration"]["tta"] = tta
     save_checkpoint(path, model, {**meta, **fitted})
     return fitted

@@ -117,16 +117,14 @@ def fit_checkpoint(
     `val_images` again. Returns the facts (no arrays)."""
     from dermaops import ood, selective
     from dermaops.dataset import CLASSES
-    from dermaops.models import adjust_proba, head_name, load_checkpoint, predict_proba, save_checkpoint
-    from dermaops.prediction import apply_temperature, temperature_of
+    from dermaops.models import head_name, load_checkpoint, predict_proba, save_checkpoint
+    from dermaops.prediction import calibrated
 
     model, meta = load_checkpoint(path, device=device)
     # The validation probabilities as predict will see them: adjusted, tempered, `tta` as evaluate scores.
     if val_raw is None:
-        adjusted = predict_proba(model, val_images, meta, device=device, tta=tta)
-    else:
-        adjusted = adjust_proba(val_raw, meta)
-    proba = apply_temperature(adjusted, temperature_of(meta))
+        val_raw = predict_proba(model, val_images, meta, device=device, tta=tta, adjust=False)
+    proba = calibrated(val_raw, meta)
     correct = proba.argmax(axis=1) == np.asarray(val_labels)
     referral = selective.threshold_for_accuracy(selective.confidence(proba), correct, referral_accuracy)
     referral.update(fitted_on="val", tta=tta)

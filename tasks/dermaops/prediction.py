@@ -276,6 +276,18 @@ def apply_temperature(proba: np.ndarray, temperature: float | None) -> np.ndarra
     return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def calibrated(softmax: np.ndarray, meta: dict, *, adjust: bool = True, temperature: bool = True) -> np.ndarray:
+    """A checkpoint's probabilities as every consumer reads them, the one place their order is written: its
+    softmax (the mean over the symmetry views with TTA), then the logit adjustment (meta `logit_bias`), then
+    the temperature (meta `temperature`, fitted on validation after the adjustment). The melanoma rule
+    (`operating_point`) and the referral threshold are defined on this output. `adjust` / `temperature`
+    False: without that step (evaluate's ablations; calibration fitting the temperature)."""
+    from dermaops.models import adjust_proba
+
+    proba = adjust_proba(softmax, meta) if adjust else softmax
+    return apply_temperature(proba, temperature_of(meta)) if temperature else proba
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     threshold: float | None
@@ -349,13 +361,13 @@ def predict_batches(
     from dermaops.models import predict_proba
 
     frame = Frame.from_meta(meta)
-    temperature = temperature_of(meta)
+    temperature_of(meta)  # a bad stored temperature fails before the first image is decoded
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         for start in range(0, len(inputs.images), batch_size):
             chunk = inputs.images[start : start + batch_size]
             pixels = decode_batch(chunk, frame, inputs.spec, pool)
-            proba = predict_proba(model, pixels, meta, batch_size, device, tta=tta)
-            yield Batch(chunk, pixels, apply_temperature(proba, temperature))
+            softmax = predict_proba(model, pixels, meta, batch_size, device, tta=tta, adjust=False)
+            yield Batch(chunk, pixels, calibrated(softmax, meta))
 
 
 def draw_gradcams(model, meta: dict, batch: Batch, target: str, device: str, out_dir: Path) -> list[Path]:

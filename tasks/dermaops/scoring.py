@@ -38,15 +38,12 @@ class Scored:
     def proba(self, tta: bool, adjust: bool = True, temperature: bool = True):
         """The probabilities as predict_proba gives them (mean softmax over the views with `tta`), then
         the checkpoint's logit adjustment and temperature, as every consumer applies them."""
-        from dermaops.models import adjust_proba
-        from dermaops.prediction import apply_temperature, temperature_of
+        from dermaops.prediction import calibrated
 
         if tta and len(self.views) == 1:
             raise ValueError("test-time augmentation asked of a model scored on one view")
-        proba = self.views.mean(axis=0) if tta else self.views[0]
-        if adjust:
-            proba = adjust_proba(proba, self.meta)
-        return apply_temperature(proba, temperature_of(self.meta)) if temperature else proba
+        return calibrated(self.views.mean(axis=0) if tta else self.views[0], self.meta, adjust=adjust,
+                          temperature=temperature)  # fmt: skip
 
 
 def dihedral_views_uint8(images, k: int):
