@@ -187,6 +187,22 @@ class StageConfig:
 
 
 # -- the stages' settings -----------------------------------------------------------------------------
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1), train, val, test; ValueError naming the problem otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"expected 3 comma-separated numbers (train,val,test), got {text!r}")
+    try:
+        fractions = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"not numbers: {text!r} (expected e.g. 0.8,0.1,0.1)") from None
+    if any(not math.isfinite(f) or f <= 0 for f in fractions):
+        raise ValueError(f"every fraction must be > 0, got {text!r}")
+    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must sum to 1, got {text!r} (sum {sum(fractions):g})")
+    return fractions
+
+
 @dataclass(frozen=True)
 class SplitConfig(StageConfig):
     strategy: str = setting(
@@ -207,6 +223,20 @@ class SplitConfig(StageConfig):
         42, "random seed of the split, the baseline and the CNN training", lo=0, hi=SEED_MAX, param=True,
         title="Random seed",
     )  # fmt: skip
+    fractions: str = setting(
+        "0.8,0.1,0.1",
+        "train,val,test fractions of each class's images, > 0 and summing to 1 (lesion and image strategies)",
+    )
+
+    def check(self) -> None:
+        try:
+            parse_fractions(self.fractions)
+        except ValueError as exc:
+            raise StageError(f"{flag('fractions')}: {exc}") from None
+
+    @property
+    def fraction_values(self) -> tuple[float, float, float]:
+        return parse_fractions(self.fractions)
 
 
 @dataclass(frozen=True)

@@ -10,32 +10,16 @@ Every strategy returns a Series of split names (`SPLITS`) aligned with the metad
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
+from dermaops.config import parse_fractions  # noqa: F401 (the split stage's setting; re-exported)
 from dermaops.errors import StageError
 
 SPLITS = ("train", "val", "test")
 OFFICIAL_COLUMNS = ("image_id", "dermamnist_split")
-
-
-def parse_fractions(text: str) -> tuple[float, float, float]:
-    """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1); ValueError naming the problem otherwise."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != len(SPLITS):
-        raise ValueError(f"expected 3 comma-separated numbers (train,val,test), got {text!r}")
-    try:
-        fractions = tuple(float(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"not numbers: {text!r} (expected e.g. 0.8,0.1,0.1)") from None
-    if any(not math.isfinite(f) or f <= 0 for f in fractions):
-        raise ValueError(f"every fraction must be > 0, got {text!r}")
-    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must sum to 1, got {text!r} (sum {sum(fractions):g})")
-    return fractions
 
 
 # -- strategies ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from dermaops.store import ArtifactStore, S3Uri, sha256_bytes
 HELP = "train/val/test split: stratified by dx, grouped by lesion (or image-level / official DermaMNIST)"
 
 STRATEGIES = SPLIT_STRATEGIES
-CONFIG = SplitConfig  # --strategy and --seed
+CONFIG = SplitConfig  # --strategy, --seed and --fractions
 DESCRIPTIONS = {
     "lesion": "stratified by dx, grouped by lesion_id (no lesion in two splits), fractions by images per class",
     "image": "image-level, stratified by dx, lesions ignored (the seed report's split, kept for comparison)",
@@ -41,26 +41,11 @@ MAX_DEVIATION_POINTS = 1.0
 log = logging.getLogger(__name__)
 
 
-def _fractions(text: str) -> tuple[float, float, float]:
-    from dermaops.splitting import parse_fractions
-
-    try:
-        return parse_fractions(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", required=True, help="published dataset version (s3://<b>/datasets/ham10000/<version>)"
     )
     parser.add_argument("--out", required=True, help="output prefix (s3://<b>/runs/<run_id>/split)")
-    parser.add_argument(
-        "--fractions",
-        type=_fractions,
-        default="0.8,0.1,0.1",
-        help="train,val,test fractions of each class's images, > 0 and summing to 1 (lesion and image strategies)",
-    )
     parser.add_argument(
         "--official-splits",
         default=None,
@@ -70,11 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args, ctx) -> dict:
+    cfg: SplitConfig = args.config
     out_uri = S3Uri.parse(args.out)
-    if args.strategy == "dermamnist" and not args.official_splits:
+    if cfg.strategy == "dermamnist" and not args.official_splits:
         raise StageError("--strategy dermamnist needs --official-splits (path or s3:// URI of dermamnist_splits.csv)")
-    if args.strategy != "dermamnist" and args.official_splits:
-        raise StageError(f"--official-splits is only used by --strategy dermamnist, not {args.strategy!r}")
+    if cfg.strategy != "dermamnist" and args.official_splits:
+        raise StageError(f"--official-splits is only used by --strategy dermamnist, not {cfg.strategy!r}")
     dataset = Dataset.open(ctx.store, args.dataset, ctx.scratch)
     if "dataset_version" not in dataset.manifest:
         raise StageError(f"{dataset.uri} is not a dataset version: its manifest.json has no dataset_version")
@@ -82,9 +68,9 @@ def run(args, ctx) -> dict:
 
     # Only what changes the result goes into the fingerprint: the official split ignores seed and fractions.
     params = (
-        {"strategy": args.strategy, "official_splits_sha256": sha256_bytes(official)}
+        {"strategy": cfg.strategy, "official_splits_sha256": sha256_bytes(official)}
         if official is not None
-        else {"strategy": args.strategy, "seed": args.seed, "fractions": list(args.fractions)}
+        else {"strategy": cfg.strategy, "seed": cfg.seed, "fractions": list(cfg.fraction_values)}
     )
     out = ctx.output(
         out_uri,
@@ -101,7 +87,7 @@ def run(args, ctx) -> dict:
     frames, report = _split(args, dataset, official)
     log.info(
         "%s split of %d images: %s; lesions in several splits: %d",
-        args.strategy,
+        cfg.strategy,
         report["n_images"],
         ", ".join(f"{name} {n}" for name, n in report["counts"].items()),
         report["lesion_overlap"]["lesions_in_several_splits"],
@@ -116,8 +102,8 @@ def run(args, ctx) -> dict:
         "split_uri": str(out_uri),
         "dataset_uri": str(dataset.uri),
         "dataset_version": dataset.version,
-        "strategy": args.strategy,
-        "seed": None if official is not None else args.seed,
+        "strategy": cfg.strategy,
+        "seed": None if official is not None else cfg.seed,
         "fractions": report["target_fractions"],
         "counts": report["counts"],
         "lesion_overlap": report["lesion_overlap"]["lesions_in_several_splits"],
@@ -137,6 +123,7 @@ def _read_official_splits(store: ArtifactStore, location: str) -> bytes:
 
 
 def _split(args, dataset: Dataset, official: bytes | None) -> tuple[dict, dict]:
+    cfg: SplitConfig = args.config
     """The three tables and the report; every check runs here, before anything is written."""
     import pandas as pd
 
@@ -145,12 +132,12 @@ def _split(args, dataset: Dataset, official: bytes | None) -> tuple[dict, dict]:
     meta = dataset.metadata
     splitting.check_metadata(meta, CLASSES)
     mixed = splitting.mixed_dx_lesions(meta)
-    if args.strategy == "lesion":
+    if cfg.strategy == "lesion":
         splitting.check_enough_per_class(meta, by_lesion=True)
-        split = splitting.lesion_split(meta, args.fractions, args.seed)
-    elif args.strategy == "image":
+        split = splitting.lesion_split(meta, cfg.fraction_values, cfg.seed)
+    elif cfg.strategy == "image":
         splitting.check_enough_per_class(meta, by_lesion=False)
-        split = splitting.image_split(meta, args.fractions, args.seed)
+        split = splitting.image_split(meta, cfg.fraction_values, cfg.seed)
     else:
         try:
             table = pd.read_csv(io.BytesIO(official), dtype={"image_id": str, "dermamnist_split": str})
@@ -162,17 +149,17 @@ def _split(args, dataset: Dataset, official: bytes | None) -> tuple[dict, dict]:
     labelled = meta.assign(label=meta["dx"].map(CLASSES.index))[COLUMNS]
     frames = {name: labelled[split == name].sort_values("image_id").reset_index(drop=True) for name in splitting.SPLITS}
     leakage = splitting.lesion_leakage(frames)
-    if args.strategy == "lesion" and leakage["lesions_in_several_splits"]:
+    if cfg.strategy == "lesion" and leakage["lesions_in_several_splits"]:
         raise StageError(
             f"lesion-grouped split put {leakage['lesions_in_several_splits']} lesions in more than one split "
             f"(e.g. {', '.join(leakage['examples'])}); refusing to write it"
         )
     counts = splitting.class_table(frames, CLASSES)
-    targets = None if official is not None else dict(zip(splitting.SPLITS, args.fractions, strict=True))
+    targets = None if official is not None else dict(zip(splitting.SPLITS, cfg.fraction_values, strict=True))
     report = {
-        "strategy": args.strategy,
-        "description": DESCRIPTIONS[args.strategy],
-        "seed": None if official is not None else args.seed,
+        "strategy": cfg.strategy,
+        "description": DESCRIPTIONS[cfg.strategy],
+        "seed": None if official is not None else cfg.seed,
         "target_fractions": targets,
         "dataset_uri": str(dataset.uri),
         "dataset_version": dataset.version,
