@@ -160,7 +160,12 @@ def main() -> int:
     if args.state_dir:
         from dermaops import s3_snapshot
 
-        loaded = s3_snapshot.load(args.state_dir)
+        try:
+            loaded = s3_snapshot.load(args.state_dir)
+        except s3_snapshot.SnapshotError as exc:
+            # Exit without serving, so the damaged snapshot is never overwritten by an empty one.
+            print(f"embedded S3: error: {exc}", file=sys.stderr)
+            return 1
         print(f"embedded S3: {loaded} objects loaded from {args.state_dir}", file=sys.stderr, flush=True)
     try:
         server = EmbeddedS3(port=args.port or None, host=args.host).start()
@@ -189,11 +194,16 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
-    if args.state_dir:
-        # Before the server stops: a request still in flight finishes into the saved state or fails.
-        saved = s3_snapshot.save(args.state_dir)
-        print(f"embedded S3: {saved} objects saved to {args.state_dir}", file=sys.stderr, flush=True)
+    # The server stops first: no write is acknowledged after the snapshot was taken (moto's backend stays
+    # in this process's memory until it exits).
     server.stop()
+    if args.state_dir:
+        try:
+            saved = s3_snapshot.save(args.state_dir)
+        except s3_snapshot.SnapshotError as exc:
+            print(f"embedded S3: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"embedded S3: {saved} objects saved to {args.state_dir}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -184,29 +184,49 @@ def run(args, ctx) -> dict:
 
 
 def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> dict:
-    import numpy as np
-    import torch
-
-    from dermaops.imagecache import cache_uri
-    from dermaops.plots import plot_history
-    from dermaops.training import Split, Trainer
-
+    """One rank's training, as named steps: inputs, fit, post-hoc fits on validation, publish."""
     device = distributed.device_for(dist, device)
     distributed.init(dist, device)
-    cache_ctx = Context(ctx.store, distributed.cache_scratch(ctx.scratch))
-    inputs = _inputs(args, cfg, ctx, cache_ctx)
-    out, done, train_df, val_df, dataset, cache = (
-        inputs.out, inputs.done, inputs.train_df, inputs.val_df, inputs.dataset, inputs.cache
-    )  # fmt: skip
-    split_uri = inputs.split_uri
-    if done and not args.force:
-        log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", out.prefix)
-        return skipped(done)
+    inputs = _inputs(args, cfg, ctx, Context(ctx.store, distributed.cache_scratch(ctx.scratch)))
+    if inputs.done and not args.force:
+        log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", inputs.out.prefix)
+        return skipped(inputs.done)
+    fitted = _fit(args, cfg, ctx, inputs, dist, device)
+    if not dist.primary:
+        return {"rank": dist.rank, "epochs_run": len(fitted.state.history)}
+    post_hoc = _fit_post_hoc(cfg, inputs, fitted.work / "cnn.pt", device)
+    summary = _publish(args, cfg, inputs, fitted, post_hoc, dist, device, started)
+    distributed.report_summary(summary)
+    return summary
+
+
+@dataclass
+class Fitted:
+    trainer: object  # training.Trainer
+    state: object  # training.TrainState: the history and the best epochs
+    work: Path  # the local folder of the checkpoints
+    resumed: bool
+    upload: object  # (name, path) -> None: rank 0 puts a file into the output prefix
+
+
+def _set_threads(cfg: TrainConfig, dist, device: str) -> None:
+    import torch
+
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     elif dist.distributed and not device.startswith("cuda"):
         # CPU ranks share the host's cores (torchrun sets OMP_NUM_THREADS=1 for the same reason).
         torch.set_num_threads(max(1, torch.get_num_threads() // dist.local_world_size))
+
+
+def _fit(args, cfg: TrainConfig, ctx, inputs: Inputs, dist, device: str) -> Fitted:
+    """The two training phases (dermaops.training.Trainer), resumed from the checkpoint an interrupted run of
+    the same training left in S3; every rank runs it, rank 0 alone writes the output prefix."""
+    from dermaops.imagecache import cache_uri
+    from dermaops.training import Split, Trainer
+
+    _set_threads(cfg, dist, device)
+    out, cache = inputs.out, inputs.cache
 
     def to_split(frame) -> Split:
         labels = frame["label"].to_numpy()
@@ -222,17 +242,18 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
             out.put_file(name, path, content_type="application/octet-stream")
 
     extra_meta = {
-        "dataset_version": dataset.version,
-        "split_uri": str(split_uri),
-        "image_cache": str(cache_uri(dataset, cache.frame)),
+        "dataset_version": inputs.dataset.version,
+        "split_uri": str(inputs.split_uri),
+        "image_cache": str(cache_uri(inputs.dataset, cache.frame)),
         "fingerprint": out.fingerprint,
     }
-    trainer = Trainer(cfg, list(CLASSES), to_split(train_df), to_split(val_df), device, work, extra_meta, upload, dist)
-
+    trainer = Trainer(
+        cfg, list(CLASSES), to_split(inputs.train_df), to_split(inputs.val_df), device, work, extra_meta, upload, dist
+    )
     # Inputs are all good: from here on the output prefix changes (rank 0 alone writes it).
     if dist.primary:
         out.unpublish()
-        if done:  # --force on a finished training starts over instead of resuming the finished one.
+        if inputs.done:  # --force on a finished training starts over instead of resuming the finished one.
             for name in (CHECKPOINT, *BEST_FILES.values()):
                 if ctx.store.exists(out.uri(name)):
                     ctx.store.delete(out.uri(name))
@@ -241,63 +262,71 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
     log.info(
         "training %s at %s (stem %s) on %s%s: %d train / %d val images, %d steps per epoch",
         cfg.arch, cache.frame.describe(), trainer.meta["stem"], device,
-        f" x {dist.world_size} processes" if dist.distributed else "", len(train_df), len(val_df),
+        f" x {dist.world_size} processes" if dist.distributed else "", len(inputs.train_df), len(inputs.val_df),
         trainer.steps_per_epoch,
     )  # fmt: skip
     state = trainer.run()
     dist.barrier()
     distributed.shutdown(dist)
-    if not dist.primary:
-        return {"rank": dist.rank, "epochs_run": len(state.history)}
+    return Fitted(trainer, state, work, resumed, upload)
 
-    adjustment = None
-    val_images = cache.rows(val_df["image_id"].tolist())
-    # The best checkpoint's unadjusted validation probabilities, scored once: the logit adjustment, the
-    # calibration and the referral threshold are each fitted on a transform of them (models.adjust_proba,
-    # the temperature), and with test-time augmentation a pass costs a forward per view.
+
+def _fit_post_hoc(cfg: TrainConfig, inputs: Inputs, path: Path, device: str) -> dict:
+    """What is fitted on validation after training, each stored in the best checkpoint's meta for every
+    consumer, in the order prediction.calibrated applies them: the logit adjustment (with --calibrate), the
+    temperature and the melanoma threshold, then the prediction guards (referral and out-of-distribution
+    thresholds, the detector's statistics from the training split)."""
+    from dermaops.calibration import calibrate_checkpoint
+    from dermaops.guards import fit_checkpoint
     from dermaops.models import load_checkpoint, predict_proba
 
-    best_model, best_meta = load_checkpoint(work / "cnn.pt", device=device)
+    train_df, val_df, cache = inputs.train_df, inputs.val_df, inputs.cache
+    val_images = cache.rows(val_df["image_id"].tolist())
+    val_labels = val_df["label"].to_numpy()
+    # The best checkpoint's unadjusted validation probabilities, scored once: the logit adjustment, the
+    # calibration and the referral threshold are each fitted on a transform of them, and with test-time
+    # augmentation a pass costs a forward per view.
+    best_model, best_meta = load_checkpoint(path, device=device)
     val_raw = predict_proba(best_model, val_images, best_meta, device=device, tta=cfg.tta, adjust=False)
     del best_model
-    if cfg.calibrate:
-        adjustment = _calibrate(work / "cnn.pt", val_raw, val_df, train_df, cfg.tta, device)
-    # Calibration hook (dermaops.calibration): temperature and melanoma threshold, fitted on validation
-    # after any logit adjustment, stored in cnn.pt's meta for every consumer.
-    from dermaops.calibration import calibrate_checkpoint
-
+    adjustment = _calibrate(path, val_raw, val_df, train_df, cfg.tta, device) if cfg.calibrate else None
     calibration = calibrate_checkpoint(
-        work / "cnn.pt", val_images, val_df["label"].to_numpy(), cfg.mel_sensitivity, cfg.tta, device,
-        val_raw=val_raw,
-    )  # fmt: skip
+        path, val_images, val_labels, cfg.mel_sensitivity, cfg.tta, device, val_raw=val_raw
+    )
     log.info("calibrated on val: temperature %.4f, mel_threshold %.4f, %s",
              calibration["temperature"], calibration["mel_threshold"], calibration["calibration"])  # fmt: skip
-    # The prediction guards (dermaops.guards), on the calibrated model: the referral threshold and the
-    # out-of-distribution threshold chosen on validation, the detector's statistics from the training split.
-    from dermaops.guards import fit_checkpoint
-
     guards = fit_checkpoint(
-        work / "cnn.pt",
+        path,
         cache.rows,
         train_df["image_id"].tolist(),
         train_df["label"].to_numpy(),
         val_images,
-        val_df["label"].to_numpy(),
+        val_labels,
         referral_accuracy=cfg.referral_accuracy,
         ood_tpr=cfg.ood_tpr,
         tta=cfg.tta,
         device=device,
         val_raw=val_raw,
     )
-    upload("cnn.pt", work / "cnn.pt")
+    return {"adjustment": adjustment, "calibration": calibration, "guards": guards}
+
+
+def _publish(args, cfg: TrainConfig, inputs: Inputs, fitted: Fitted, post_hoc: dict, dist, device, started) -> dict:
+    """The checkpoints, the history and its curves, then the manifest with the summary (the stage contract)."""
+    import numpy as np
+
+    from dermaops.plots import plot_history
+
+    out, work, state = inputs.out, fitted.work, fitted.state
+    fitted.upload("cnn.pt", work / "cnn.pt")
     history = [row.to_dict() for row in state.history]
     out.put_json("history.json", history)
     for name, path in plot_history(history, work / "curves").items():
         out.put_file(name, path, content_type="image/png")
     for name in (*BEST_FILES.values(), CHECKPOINT):  # uploaded while training (maybe by the crashed attempt)
         if name not in out.files and (work / name).exists():
-            upload(name, work / name)
-    best = state.best
+            fitted.upload(name, work / name)
+    best, calibration, guards = state.best, post_hoc["calibration"], post_hoc["guards"]
     summary = {
         "model_uri": str(out.uri("cnn.pt")),
         "phase1_model_uri": str(out.uri("cnn_phase1.pt")) if state.best_phase1 else None,
@@ -309,22 +338,21 @@ def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> di
         "arch": cfg.arch,
         "image_size": cfg.image_size,
         "geometry": cfg.geometry,
-        "stem": trainer.meta["stem"],
+        "stem": fitted.trainer.meta["stem"],
         "device": device.split(":")[0],
         "world_size": dist.world_size,
         "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
-        "resumed": resumed,
-        "logit_adjustment": adjustment,
+        "resumed": fitted.resumed,
+        "logit_adjustment": post_hoc["adjustment"],
         "temperature": round(calibration["temperature"], 4),
         "mel_threshold": round(calibration["mel_threshold"], 4),
         "calibration": calibration["calibration"],
         "referral": guards["referral"],
         "ood": guards["ood"],
-        "n_train": len(train_df),
-        "n_val": len(val_df),
-        "dataset_version": dataset.version,
+        "n_train": len(inputs.train_df),
+        "n_val": len(inputs.val_df),
+        "dataset_version": inputs.dataset.version,
         "train_seconds": round(time.monotonic() - started, 1),
     }
-    out.publish(summary, split_uri=str(split_uri), config={"split": args.split, "out": args.out, **asdict(cfg)})
-    distributed.report_summary(summary)
+    out.publish(summary, split_uri=str(inputs.split_uri), config={"split": args.split, "out": args.out, **asdict(cfg)})
     return summary
