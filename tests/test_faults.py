@@ -78,7 +78,7 @@ def test_source_password_never_leaks_on_the_failure_paths(
     url = http_source.base_url("28px").replace("http://", f"http://reader:{SECRET}@")
     argv = ["--source", url, "--datasets", str(bucket.join("ds")), *FAST_RETRIES]
 
-    monkeypatch.setattr(local_mode, "resolve", lambda sets: {})
+    monkeypatch.setattr(local_mode, "resolve", lambda sets, s3_role: {})
     monkeypatch.setenv("DERMAOPS_SCRATCH_DIR", str(tmp_path / "scratch"))
     for name, value in stage_env.items():
         monkeypatch.setenv(name, value)
@@ -142,7 +142,7 @@ def test_local_runner_logs_a_redacted_command_line_on_success(
     from dermaops_runner.stages import spec_for
 
     url = http_source.base_url("28px").replace("http://", f"http://reader:{SECRET}@")
-    monkeypatch.setattr(local_mode, "resolve", lambda sets: {})
+    monkeypatch.setattr(local_mode, "resolve", lambda sets, s3_role: {})
     monkeypatch.setenv("DERMAOPS_SCRATCH_DIR", str(tmp_path / "scratch"))
     for name, value in stage_env.items():
         monkeypatch.setenv(name, value)
