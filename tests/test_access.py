@@ -72,17 +72,10 @@ def test_each_role_writes_only_its_prefixes(least_privilege_s3):
 
 
 def test_a_key_the_server_does_not_know_is_refused_in_one_line(least_privilege_s3):
-    import boto3
-    from dermaops.store import ArtifactStore
+    from dermaops.store import ArtifactStore, make_client
 
-    env = least_privilege_s3.env
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["DERMAOPS_S3_ENDPOINT_URL"],
-        aws_access_key_id="dermaops-train",
-        aws_secret_access_key="not-the-secret",
-        region_name="us-east-1",
-    )
+    wrong = {**least_privilege_s3.role_env("train"), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    client = make_client(wrong)
     with pytest.raises(
         StageError, match=r"^S3 rejected the credentials \(SignatureDoesNotMatch\) while trying to list"
     ):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,20 +48,26 @@ class S3Uri:
         return f"s3://{self.bucket}/{self.key}"
 
 
-def endpoint_url() -> str | None:
+def endpoint_url(environ: Mapping[str, str] = os.environ) -> str | None:
     return (
-        os.environ.get("DERMAOPS_S3_ENDPOINT_URL")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or None
-    )
+        environ.get("DERMAOPS_S3_ENDPOINT_URL") or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    ) or None
 
 
-def make_client():
+def make_client(environ: Mapping[str, str] | None = None):
+    """An S3 client configured from `environ` (default: this process's environment, where boto3 also
+    finds the credentials); an explicit `environ` supplies the key too, e.g. one role's (dermaops.access)."""
     import boto3
     from botocore.config import Config
 
-    url = endpoint_url()
+    keys = {}
+    if environ is not None:
+        keys = {
+            "aws_access_key_id": environ["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": environ["AWS_SECRET_ACCESS_KEY"],
+        }
+    environ = os.environ if environ is None else environ
+    url = endpoint_url(environ)
     config = Config(
         retries={"max_attempts": 8, "mode": "standard"},
         s3={"addressing_style": "path" if url else "auto"},
@@ -71,8 +77,9 @@ def make_client():
     return boto3.client(
         "s3",
         endpoint_url=url,
-        region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        region_name=environ.get("AWS_DEFAULT_REGION") or environ.get("AWS_REGION") or "us-east-1",
         config=config,
+        **keys,
     )
 
 

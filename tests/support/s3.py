@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 from dermaops import access
 from dermaops.embedded_s3 import EmbeddedS3
-from dermaops.store import ArtifactStore, S3Uri
+from dermaops.store import ArtifactStore, S3Uri, make_client
 
 
 @pytest.fixture(scope="session")
@@ -72,18 +72,7 @@ class LeastPrivilegeS3:
 
     def store(self, role: str | None = None) -> ArtifactStore:
         """A store with the admin key, or with a role's."""
-        import boto3
-
-        env = self.env if role is None else self.role_env(role)
-        return ArtifactStore(
-            boto3.client(
-                "s3",
-                endpoint_url=env["DERMAOPS_S3_ENDPOINT_URL"],
-                aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                region_name="us-east-1",
-            )
-        )
+        return ArtifactStore(make_client(self.env if role is None else self.role_env(role)))
 
 
 @pytest.fixture
