@@ -62,9 +62,7 @@ def dags_test(airflow_env, conf: dict, env: dict) -> tuple[subprocess.CompletedP
 
 
 def task_seconds(airflow_env, run_id: str) -> dict[str, float]:
-    with airflow_env.db() as conn:
-        rows = conn.execute("SELECT task_id, duration FROM task_instance WHERE run_id = ?", (run_id,))
-        return {r["task_id"]: round(r["duration"] or 0.0, 1) for r in rows}
+    return {t: round(ti["duration"] or 0.0, 1) for t, ti in airflow_env.task_instances(run_id).items()}
 
 
 def pack_rows(pack: Path) -> int:
@@ -131,14 +129,15 @@ def assert_successful_run(
     assert str(runs.join("notify", "report.md")) in text
     assert all(f"`{t}` success" in text for t in STAGES)
 
-    with airflow_env.db() as conn:
-        events = conn.execute(
-            "SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE e.source_run_id = ?",
-            (run_id,),
-        ).fetchall()
-    lineage = {name: json.loads(extra) for name, extra in events}
-    assert lineage[f"s3://{bucket.bucket}/datasets/ham10000"]["dataset_version"] == ingest["dataset_version"]
-    assert lineage[f"s3://{bucket.bucket}/registry/ham10000/champion.json"]["promoted"] is False
+    # One event per asset: ingest's dataset version, evaluate's decision (promote, the champion's other
+    # producer, was skipped).
+    events = airflow_env.asset_events(run_id)
+    lineage = {event["name"]: event["extra"] for event in events}
+    dataset = f"s3://{bucket.bucket}/datasets/ham10000"
+    champion = f"s3://{bucket.bucket}/registry/ham10000/champion.json"
+    assert sorted(event["name"] for event in events) == [dataset, champion]
+    assert lineage[dataset]["dataset_version"] == ingest["dataset_version"]
+    assert lineage[champion]["promoted"] is False
 
 
 @pytest.mark.slow
@@ -296,11 +295,8 @@ def test_invalid_data_stops_before_training_and_is_reported(
         "notify": "success",
         "outcome": "success",  # the failed stage fails the run, through promote; the alert names it
     }, proc.stdout[-8000:]
-    with airflow_env.db() as conn:
-        [tries] = conn.execute(
-            "SELECT try_number FROM task_instance WHERE run_id = ? AND task_id = 'validate'", (run_id,)
-        ).fetchone()
-    assert tries == 1  # a validation failure is not retried: the same data fails the same way
+    # A validation failure is not retried: the same data fails the same way.
+    assert airflow_env.task_instances(run_id)["validate"]["try_number"] == 1
     error = airflow_env.xcoms(run_id, key="error")["validate"]
     assert error.startswith("dermaops validate: error:") and "dx" in error and "xyz" in error
 
@@ -357,11 +353,7 @@ def test_docker_mode_failure_is_reported_and_alerted(
         "upstream_failed",
         "success",
     ), proc.stdout[-8000:]
-    with airflow_env.db() as conn:
-        [tries] = conn.execute(
-            "SELECT try_number FROM task_instance WHERE run_id = ? AND task_id = 'validate'", (run_id,)
-        ).fetchone()
-    assert tries == 1
+    assert airflow_env.task_instances(run_id)["validate"]["try_number"] == 1
     error = airflow_env.xcoms(run_id, key="error")["validate"]
     assert error.startswith("dermaops validate: error:") and "critical expectation" in error
     report_md = store.get_bytes(bucket.join("runs", run_key(run_id), "notify", "report.md")).decode()
@@ -425,12 +417,8 @@ def test_slack_down_through_notifys_retries_shows_on_the_run(
     }
     proc = airflow_env.run("dags", "test", "tiny_notify", env=env, check=False, timeout=600)
     run_id = airflow_env.latest_run_id("tiny_notify")
-    with airflow_env.db() as conn:
-        [tries] = conn.execute(
-            "SELECT try_number FROM task_instance WHERE dag_id = 'tiny_notify' AND run_id = ? AND task_id = 'notify'",
-            (run_id,),
-        ).fetchone()
-    states = airflow_env.task_states(run_id, dag_id="tiny_notify")
+    tis = airflow_env.task_instances(run_id, dag_id="tiny_notify")
+    states, tries = {t: ti["state"] for t, ti in tis.items()}, tis["notify"]["try_number"]
     expected = {"work": "success", "notify": "failed", **({"outcome": "failed"} if with_outcome else {})}
     assert states == expected, proc.stdout[-6000:] + proc.stderr[-6000:]
     assert tries == 3  # the first try and 2 retries: exit 3 (Slack unreachable) is transient
