@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -399,3 +400,46 @@ def test_a_stage_declares_only_its_inputs_and_outputs_and_its_settings_come_from
             f"{stage.name} declares {sorted(set(own) - LOCATION_FLAGS)} by hand: a setting belongs in its config class"
         )
         assert not {flag.removeprefix("--").replace("-", "_") for flag in own} & settings, stage.name
+
+
+# -- runs are read through Airflow's interfaces ------------------------------------------------------------
+# Airflow's metadata tables are its own to change between releases (columns moved between 2 and 3, the
+# asset tables were renamed from dataset_*): tests and tools read runs through its REST API or CLI
+# (tests/support/airflow_env.py, dermaops.devrun), never with SQL.
+AIRFLOW_TABLES = "|".join((
+    "dag", "dag_run", "dag_version", "serialized_dag", "task_instance", "task_instance_history", "task_reschedule",
+    "xcom", "asset", "asset_event", "asset_alias", "hitl_detail",
+))  # fmt: skip
+# The shapes of SQL, so that prose ("lines from log files") passes.
+AIRFLOW_SQL = re.compile(
+    rf"\bselect\b[\s\S]*?\b(?:from|join)\s+(?:{AIRFLOW_TABLES})\b|\binsert\s+into\s+(?:{AIRFLOW_TABLES})\b"
+    rf"|\bupdate\s+(?:{AIRFLOW_TABLES})\s+set\b|\bdelete\s+from\s+(?:{AIRFLOW_TABLES})\b",
+    re.I,
+)
+
+
+def airflow_table_reads(source: str) -> list[str]:
+    """An `import sqlite3` and the string literals of `source` that are SQL on an Airflow table."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name == "sqlite3"]
+        elif isinstance(node, ast.ImportFrom) and node.module == "sqlite3":
+            found.append("from sqlite3 import ...")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and AIRFLOW_SQL.search(node.value):
+            found.append(node.value.strip()[:80])
+    return found
+
+
+def test_no_code_reads_airflows_tables():
+    table = "task_instance"  # the injected query's table, apart: this file's own literals stay clean
+    injected = f'import sqlite3\nq = "SELECT try_number FROM {table} WHERE run_id = ?"\n'
+    assert airflow_table_reads(injected) == ["import sqlite3", f"SELECT try_number FROM {table} WHERE run_id = ?"]
+    assert airflow_table_reads('msg = "select a run from the list of runs; update dag docs"\n') == []
+    offenders = {
+        str(path.relative_to(ROOT)): found
+        for folder in ("tests", "tasks", "plugins", "dags", "benchmarks")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if (found := airflow_table_reads(path.read_text()))
+    }
+    assert offenders == {}, "read runs through Airflow's REST API or CLI (tests/support/airflow_env.py)"
