@@ -33,10 +33,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    from dermaops.frame import Frame
+    from dermaops.checkpoint import load_checkpoint
     from dermaops.guards import detector, features
     from dermaops.imagecache import decode_image
-    from dermaops.models import load_checkpoint
     from dermaops.ood import CORRUPTIONS, corrupt
 
     from tests.support.ood_images import photograph_jpegs
@@ -45,7 +44,7 @@ def main() -> None:
     found = detector(meta)
     if found is None:
         sys.exit(f"{args.checkpoint} carries no out-of-distribution detector (train fits it)")
-    frame = Frame.from_meta(meta)
+    frame = meta.frame
     genuine = []
     for archive in sorted(Path(args.sample).glob("HAM10000_images_part_*.zip")):
         with zipfile.ZipFile(archive) as zf:

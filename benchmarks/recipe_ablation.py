@@ -96,11 +96,13 @@ def main(argv=None) -> int:
 
     import torch
     from dermaops.calibration import fit_logit_adjustment
+    from dermaops.checkpoint import load_checkpoint, save_checkpoint
     from dermaops.config import RECIPES, TrainConfig
     from dermaops.dataset import CLASSES
     from dermaops.frame import Frame
     from dermaops.metrics import classification_metrics
-    from dermaops.models import adjust_proba, load_checkpoint, predict_proba, save_checkpoint, symmetry_views
+    from dermaops.models import predict_proba, symmetry_views
+    from dermaops.predictor import adjust_proba
     from dermaops.training import Split, Trainer
 
     values = {k: v for k, v in RECIPES[args.recipe].items() if k not in TRAIN_ONLY}
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     def score(model, model_meta, keep: Path | None = None) -> dict:
         out = {}
         proba = {
-            (name, tta): predict_proba(model, parts[name][0], model_meta, tta=tta, adjust=False)
+            (name, tta): predict_proba(model, parts[name][0], model_meta, tta=tta)
             for name in ("val", "test")
             for tta in ttas
         }
@@ -142,10 +144,9 @@ def main(argv=None) -> int:
                                 y_test=parts["test"][1], y_train=parts["train"][1])  # fmt: skip
         for tta in ttas:
             fit = fit_logit_adjustment(proba["val", tta], parts["val"][1], parts["train"][1], classes)
-            bias_meta = {"logit_bias": fit["logit_bias"]}
             for name in ("val", "test"):
                 y = parts[name][1]
-                variants = {"adjusted": adjust_proba(proba[name, tta], bias_meta)}
+                variants = {"adjusted": adjust_proba(proba[name, tta], fit["logit_bias"])}
                 if not tta:
                     variants["plain"] = proba[name, tta]
                 for label, pr in variants.items():

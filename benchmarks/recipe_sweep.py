@@ -89,7 +89,7 @@ def ensemble(out: Path, runs: list[str]) -> dict:
     from dermaops.calibration import fit_logit_adjustment
     from dermaops.dataset import CLASSES
     from dermaops.metrics import classification_metrics
-    from dermaops.models import adjust_proba
+    from dermaops.predictor import adjust_proba
 
     kept = [np.load(out / f"{run}.npz") for run in runs]
     proba = {part: np.mean([k[part] for k in kept], axis=0) for part in ("val", "test")}
@@ -97,7 +97,7 @@ def ensemble(out: Path, runs: list[str]) -> dict:
     fit = fit_logit_adjustment(proba["val"], first["y_val"], first["y_train"], list(CLASSES))
     result = {"members": len(runs), "tau": fit["logit_adjustment"]["tau"]}
     for part in ("val", "test"):
-        pr = adjust_proba(proba[part], {"logit_bias": fit["logit_bias"]})
+        pr = adjust_proba(proba[part], fit["logit_bias"])
         m = classification_metrics(first[f"y_{part}"], pr.argmax(1), pr, list(CLASSES))
         result[part] = {k: round(m[k], 4) for k in ("macro_f1", "balanced_accuracy", "accuracy", "macro_auc")}
         result[part]["df_recall"] = round(m["per_class"]["df"]["recall"], 3)

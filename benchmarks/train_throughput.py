@@ -69,7 +69,7 @@ def measure(args) -> dict:
 
         # Model only: same model object, optimizer and loss; a batch already normalised on the device.
         x = normalize(torch.rand(args.batch_size, 3, height, width, device=device),
-                      trainer.meta["mean"], trainer.meta["std"], channels_last=cuda)  # fmt: skip
+                      trainer.meta.mean, trainer.meta.std, channels_last=cuda)  # fmt: skip
         y = labels[: args.batch_size].to(device)
 
         def model_only() -> float:
@@ -103,7 +103,7 @@ def measure(args) -> dict:
         "arch": args.arch,
         "image_size": args.image_size,
         "input_shape": [height, width],
-        "stem": trainer.meta["stem"],
+        "stem": trainer.meta.stem,
         "batch_size": args.batch_size,
         "bf16_autocast": cuda,
         "channels_last": cuda,

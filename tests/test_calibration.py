@@ -155,15 +155,16 @@ def test_paired_bootstrap_of_identical_and_of_clearly_different_models():
 
 def test_derived_tta_views_equal_predict_proba_and_the_gradcam_layer_is_chosen_for_resolution():
     import torch
+    from dermaops.checkpoint import CheckpointMeta
     from dermaops.dataset import CLASSES
     from dermaops.frame import Frame
     from dermaops.gradcam import pick_target_layer
-    from dermaops.models import build_model, model_meta, predict_proba
+    from dermaops.models import build_model, predict_proba
     from dermaops.scoring import dihedral_views_uint8
 
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, size=(6, 28, 28, 3), dtype=np.uint8)
-    meta = model_meta("resnet18", CLASSES, Frame("squash", 28), "auto", "none")
+    meta = CheckpointMeta.for_model("resnet18", CLASSES, Frame("squash", 28), "auto", "none")
     model = build_model("resnet18", 7, 28).eval()
     views = np.stack([predict_proba(model, dihedral_views_uint8(images, k), meta) for k in range(8)])
     assert np.allclose(views.mean(axis=0), predict_proba(model, images, meta, tta=True), atol=1e-6)
@@ -173,9 +174,9 @@ def test_derived_tta_views_equal_predict_proba_and_the_gradcam_layer_is_chosen_f
     # layer2 (6x6; layer3 is 3x3); at 224 px layer4 is already 7x7.
     assert pick_target_layer(model, meta)[1:] == ("layer3", (7, 7))
     at_48 = build_model("resnet18", 7, 48)
-    assert pick_target_layer(at_48, {**meta, "image_size": 48})[1:] == ("layer2", (6, 6))
+    assert pick_target_layer(at_48, meta.replace(image_size=48))[1:] == ("layer2", (6, 6))
     at_224 = build_model("resnet18", 7, 224)
-    assert pick_target_layer(at_224, {**meta, "image_size": 224})[1:] == ("layer4", (7, 7))
+    assert pick_target_layer(at_224, meta.replace(image_size=224))[1:] == ("layer4", (7, 7))
 
 
 def test_localization_ratio_of_a_dark_lesion():

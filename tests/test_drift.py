@@ -157,12 +157,13 @@ def test_the_champions_feature_space_separates_darkened_images_but_not_the_same_
     """A resnet18 as the registry fixtures' champion is (seeded random backbone): its penultimate embeddings."""
     import torch
     from dermaops import feature_drift
+    from dermaops.checkpoint import CheckpointMeta
     from dermaops.dataset import CLASSES
-    from dermaops.models import build_model, model_meta
+    from dermaops.models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet18", len(CLASSES), 28).eval()
-    meta = model_meta("resnet18", CLASSES, 28, "auto", "none")
+    meta = CheckpointMeta.for_model("resnet18", CLASSES, 28, "auto", "none")
     base, other, dark = (_decoded(packs[name]) for name in ("base", "other", "dark"))
     same = feature_drift.compare(model, meta, base, other, 128, "cpu")
     shifted = feature_drift.compare(model, meta, base, dark, 128, "cpu")

@@ -7,10 +7,10 @@ import io
 
 import numpy as np
 import pandas as pd
+from dermaops.checkpoint import load_checkpoint
 from dermaops.dataset import CLASSES, Dataset
 from dermaops.gradcam import gradcam
 from dermaops.imagecache import load_images
-from dermaops.models import load_checkpoint
 from dermaops.stage import Context
 from dermaops.store import S3Uri, sha256_bytes
 
@@ -153,7 +153,7 @@ def test_evaluate_reports_calibration_operating_point_intervals_and_localization
     derived figure is checked against a recomputation from the checkpoint and the test split."""
     from dermaops.calibration import reliability
     from dermaops.models import predict_proba
-    from dermaops.prediction import apply_temperature
+    from dermaops.predictor import apply_temperature
 
     split = S3Uri.parse(small_split["split_uri"])
     out = S3Uri.parse(f"s3://{bucket.bucket}/runs/cal/evaluation")
@@ -167,7 +167,7 @@ def test_evaluate_reports_calibration_operating_point_intervals_and_localization
     checkpoint = store.download(S3Uri.parse(small_models["calibrated"]).join("cnn.pt"), tmp_path / "cnn.pt")
     model, meta = load_checkpoint(checkpoint)
     raw = predict_proba(model, images, meta, tta=True)
-    calibrated = apply_temperature(raw, meta["temperature"])
+    calibrated = apply_temperature(raw, meta.temperature)
     labels = test["label"].to_numpy()
     mel = CLASSES.index("mel")
 
@@ -178,20 +178,20 @@ def test_evaluate_reports_calibration_operating_point_intervals_and_localization
     assert summary["ablation"]["tta_off"]["accuracy"] == round(float((single == labels).mean()), 4)
     # Calibration: the stored temperature, ECE before and after recomputed.
     cal = metrics["calibration"]
-    assert cal["temperature"] == meta["temperature"] and cal["fitted"]["fitted_on"] == "val"
+    assert cal["temperature"] == meta.temperature and cal["fitted"]["fitted_on"] == "val"
     assert np.isclose(cal["ece_before"], reliability(raw, labels)["ece"], atol=1e-5)
     assert np.isclose(cal["ece_after"], reliability(calibrated, labels)["ece"], atol=1e-5)
     assert summary["ece_calibrated"] == round(cal["ece_after"], 4) and metrics["test"]["ece"] == cal["ece_after"]
     # The operating point: the checkpoint's threshold, its test sensitivity and specificity, intervals.
     point = metrics["mel_operating_point"]
-    flagged = calibrated[:, mel] >= meta["mel_threshold"]
-    assert point["threshold"] == meta["mel_threshold"] and point["target_sensitivity"] == 0.85
+    flagged = calibrated[:, mel] >= meta.mel_threshold
+    assert point["threshold"] == meta.mel_threshold and point["target_sensitivity"] == 0.85
     assert np.isclose(point["sensitivity"], flagged[labels == mel].mean(), atol=1e-6)
     assert np.isclose(point["specificity"], (~flagged[labels != mel]).mean(), atol=1e-6)
     for name in ("sensitivity", "specificity"):
         low, high = point[f"{name}_ci"]
         assert low <= point[name] <= high and low < high
-    assert summary["mel_operating_point"]["threshold"] == round(meta["mel_threshold"], 4)
+    assert summary["mel_operating_point"]["threshold"] == round(meta.mel_threshold, 4)
     # Every headline metric has a lesion-bootstrap interval around its value.
     intervals = metrics["intervals"]
     assert intervals["resamples"] == 500 and intervals["lesions"] == test["lesion_id"].nunique()

@@ -196,7 +196,7 @@ def test_a_diverging_training_stops_at_the_first_non_finite_loss_and_publishes_n
     # `--lr inf` no longer gets past the flag checks, so the loss is made non-finite another way: initial
     # weights (--pretrained) whose head is NaN, a corrupt weights file a user could hand the stage.
     import torch
-    from dermaops.models import load_checkpoint
+    from dermaops.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(store.download(S3Uri.parse(small_models["fitted"]).join("cnn.pt"), tmp_path / "f.pt"))
     with torch.no_grad():
@@ -220,7 +220,7 @@ def test_evaluate_refuses_a_model_with_non_finite_outputs(
     small_split, small_models, run_stage, bucket, store, tmp_path
 ):
     import torch
-    from dermaops.models import load_checkpoint
+    from dermaops.checkpoint import load_checkpoint
 
     from tests.support.evaluation_inputs import _publish
 

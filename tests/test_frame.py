@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from dermaops.augment import AugmentConfig, PolicyAugment, geometric
+from dermaops.checkpoint import CheckpointMeta
 from dermaops.errors import StageError
 from dermaops.frame import Frame
 from dermaops.gradcam import Localization, energy_ratios, pointing_hits
 from dermaops.imagecache import decode_full, decode_image, decode_mask, rows_per_shard
-from dermaops.models import build_model, head_name, model_meta, predict_proba, stage_names, symmetry_views
+from dermaops.models import build_model, head_name, predict_proba, stage_names, symmetry_views
 from dermaops.scoring import dihedral_views_uint8
 
 from tests.support.data import PACK_200PX, PACK_SAMPLE
@@ -115,8 +116,8 @@ def test_augmentation_of_a_4_3_frame_keeps_its_shape_and_uses_the_rectangles_sym
 def test_tta_of_a_4_3_frame_averages_its_four_views():
     assert symmetry_views((48, 64)) == (0, 2, 4, 6) and symmetry_views((64, 64)) == tuple(range(8))
     frame = Frame("aspect", 64)
-    meta = model_meta("resnet18", "abcdefg", frame, "auto", "none")
-    assert meta["input_shape"] == [48, 64] and meta["geometry"] == "aspect"
+    meta = CheckpointMeta.for_model("resnet18", "abcdefg", frame, "auto", "none")
+    assert meta.input_shape == (48, 64) and meta.to_dict()["input_shape"] == [48, 64] and meta.geometry == "aspect"
     torch.manual_seed(0)
     model = build_model("resnet18", 7, min(frame.shape)).eval()
     images = np.random.default_rng(0).integers(0, 256, size=(5, 48, 64, 3), dtype=np.uint8)

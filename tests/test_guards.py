@@ -149,10 +149,11 @@ def _test_split(store, small_split, tmp_path):
 def test_evaluate_reports_subgroups_referral_and_out_of_distribution(
     small_split, guarded_model, run_stage, bucket, store, tmp_path
 ):
+    from dermaops.checkpoint import load_checkpoint
     from dermaops.guards import detector, features, referral_threshold
     from dermaops.imagecache import load_images
-    from dermaops.models import load_checkpoint, predict_proba
-    from dermaops.prediction import apply_temperature
+    from dermaops.models import predict_proba
+    from dermaops.predictor import apply_temperature
 
     out = S3Uri.parse(f"s3://{bucket.bucket}/runs/guarded/evaluation")
     argv = ["evaluate", "--split", small_split["split_uri"], "--model", guarded_model, "--out", str(out)]
@@ -161,7 +162,7 @@ def test_evaluate_reports_subgroups_referral_and_out_of_distribution(
     test, dataset = _test_split(store, small_split, tmp_path)
     images = load_images(Context(store, tmp_path), dataset, 28).rows(test["image_id"].tolist())
     model, meta = load_checkpoint(store.download(S3Uri.parse(guarded_model).join("cnn.pt"), tmp_path / "g.pt"))
-    proba = apply_temperature(predict_proba(model, images, meta, tta=True), meta["temperature"])
+    proba = apply_temperature(predict_proba(model, images, meta, tta=True), meta.temperature)
     labels, mel = test["label"].to_numpy(), CLASSES.index("mel")
 
     # Subgroups: every group of the four attributes, its counts and figures recomputed from the test split.
@@ -173,7 +174,7 @@ def test_evaluate_reports_subgroups_referral_and_out_of_distribution(
         assert g["n"] == rows.sum() and g["lesions"] == test["lesion_id"][rows].nunique(), g
         assert g["small"] == (g["lesions"] < subgroups.SMALL_LESIONS)
         assert np.isclose(g["accuracy"]["value"], (proba[rows].argmax(1) == labels[rows]).mean())
-        flagged = proba[rows, mel] >= meta["mel_threshold"]
+        flagged = proba[rows, mel] >= meta.mel_threshold
         is_mel = labels[rows] == mel
         if is_mel.any():
             assert np.isclose(g["mel_sensitivity"]["value"], flagged[is_mel].mean())

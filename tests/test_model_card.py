@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from dermaops.checkpoint import CheckpointMeta
 from dermaops.config import TrainConfig, setting
 from dermaops.dataset import CLASSES
 from dermaops.model_card import CARD_JSON, CARD_MD, build_card, recipe_of, render_card
@@ -65,9 +66,13 @@ def test_card_shows_intervals_calibration_operating_point_and_recipe():
         "per_class": per_class,
         "mel_operating_point": {"threshold": 0.2, "sensitivity": 0.86, "specificity": 0.7},
     }
-    meta = {"arch": "resnet18", "image_size": 64, "stem": "imagenet", "pretrained": "none", "classes": list(CLASSES)}
-    meta |= {"phase": 2, "epoch": 7, "temperature": 1.7, "mel_threshold": 0.2}
-    meta["calibration"] = {"mel_target_sensitivity": 0.85, "val_mel_sensitivity": 0.86, "val_mel_specificity": 0.61}
+    meta = CheckpointMeta.for_model("resnet18", CLASSES, 64, "auto", "none").replace(
+        phase=2,
+        epoch=7,
+        temperature=1.7,
+        mel_threshold=0.2,
+        calibration={"mel_target_sensitivity": 0.85, "val_mel_sensitivity": 0.86, "val_mel_specificity": 0.61},
+    )
     decision = {"run_id": "r2", "decided_at": "2026-02-01T00:00:00", "decision": "promoted", "reason": "beats | it"}
     history = [
         {"run_id": "r1", "decided_at": "2026-01-01", "decision": "refused", "reason": "below the floor"},
@@ -124,7 +129,7 @@ def test_card_states_subgroups_referral_and_inputs_unlike_the_training_data():
         "ood": {"threshold": 812.5, "false_flag_rate": 0.052, "detection": {"blurred": 0.91, "overexposed": 0.99},
                 "fitted": {"means": "left out of the card"}},
     }  # fmt: skip
-    meta = {"arch": "resnet18", "image_size": 48, "classes": list(CLASSES), "phase": 2, "epoch": 3}
+    meta = CheckpointMeta.for_model("resnet18", CLASSES, 48, "auto", "none").replace(phase=2, epoch=3)
     decision = {"run_id": "r1", "decided_at": "2026-02-01T00:00:00", "decision": "promoted", "reason": "first"}
     args = dict(
         run_id="r1", model_uri="s3://b/m/cnn.pt", model_sha256="cd" * 32, meta=meta, metrics=metrics,

@@ -9,10 +9,11 @@ import zipfile
 
 import numpy as np
 import pytest
+from dermaops.checkpoint import load_checkpoint, save_checkpoint
 from dermaops.dataset import CLASSES
 from dermaops.imagecache import decode_image
-from dermaops.models import load_checkpoint, predict_proba, save_checkpoint
-from dermaops.prediction import apply_temperature
+from dermaops.models import predict_proba
+from dermaops.predictor import apply_temperature
 from dermaops.store import S3Uri
 
 from tests.support.faulty_files import add_zeros_member, jpeg_declaring
@@ -56,7 +57,7 @@ def test_champion_predicts_the_full_resolution_sample_through_trainings_preproce
     model, meta = load_checkpoint(store.download(champion["model_uri"], tmp_path / "champion.pt"))
     with zipfile.ZipFile(pack_sample / "HAM10000_images_part_2.zip") as zf:
         names = sorted(zf.namelist())[:5]
-        pixels = np.stack([decode_image(zf.read(n), meta["image_size"]) for n in names])
+        pixels = np.stack([decode_image(zf.read(n), meta.image_size) for n in names])
     expected = predict_proba(model, pixels, meta, tta=False)
     rows = table.set_index("image").loc[[f"HAM10000_images_part_2.zip:{n}" for n in names], P_COLUMNS]
     assert np.allclose(rows.to_numpy(), expected, atol=1e-5)
@@ -97,9 +98,8 @@ def test_temperature_and_operating_point_are_used_and_reported(
     before = read_csv(store, S3Uri.parse(plain["predictions_uri"]))[P_COLUMNS].to_numpy()
 
     model, meta = load_checkpoint(store.download(promoted_registry["champion"]["model_uri"], tmp_path / "c.pt"))
-    calibrated_ckpt = save_checkpoint(
-        tmp_path / "calibrated.pt", model, {**meta, "temperature": 2.0, "mel_threshold": 0.05}
-    )
+    calibrated = meta.replace(temperature=2.0, mel_threshold=0.05)
+    calibrated_ckpt = save_checkpoint(tmp_path / "calibrated.pt", model, calibrated)
     ckpt_uri = store.put_file(S3Uri.parse(f"{root}/models/calibrated/cnn.pt"), calibrated_ckpt)
     summary = run_stage(
         "predict",

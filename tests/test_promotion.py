@@ -8,6 +8,7 @@ import io
 
 import pandas as pd
 import pytest
+from dermaops.checkpoint import CheckpointMeta
 from dermaops.dataset import CLASSES, Dataset
 from dermaops.errors import StageError
 from dermaops.promotion import (
@@ -73,10 +74,11 @@ def test_the_first_champion_must_clear_every_absolute_rule():
 def test_the_champion_record_carries_the_melanoma_operating_point():
     """champion.json's operating_point: the threshold, what it was chosen for on validation, and the test
     figures evaluate measured; predict reads mel_threshold from the record (dermaops.prediction)."""
-    meta = {
-        "mel_threshold": 0.31,
-        "calibration": {"mel_target_sensitivity": 0.85, "val_mel_sensitivity": 0.86, "val_mel_specificity": 0.61},
-    }
+    argmax = CheckpointMeta.for_model("resnet18", CLASSES, 28, "auto", "none")
+    meta = argmax.replace(
+        mel_threshold=0.31,
+        calibration={"mel_target_sensitivity": 0.85, "val_mel_sensitivity": 0.86, "val_mel_specificity": 0.61},
+    )
     test = {"threshold": 0.31, "rule": "p(mel) >= 0.310", "sensitivity": 0.8, "sensitivity_ci": [0.7, 0.9],
             "specificity": 0.64, "specificity_ci": [0.6, 0.68], "n_mel": 110, "n_other": 890}  # fmt: skip
     assert operating_point_record(meta, {"mel_operating_point": test}) == {
@@ -86,7 +88,7 @@ def test_the_champion_record_carries_the_melanoma_operating_point():
         "test": {k: test[k] for k in ("sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "n_mel",
                                       "n_other")},
     }  # fmt: skip
-    assert operating_point_record({}, {"mel_operating_point": test}) is None  # argmax: no threshold
+    assert operating_point_record(argmax, {"mel_operating_point": test}) is None  # no threshold
     assert operating_point_record(meta, {})["test"] is None
 
 
@@ -335,7 +337,7 @@ def test_an_approved_challenger_is_promoted_by_the_promote_stage(scored, store, 
     assert champion["model_uri"] == approved["champion_uri"] and store.exists(champion["model_uri"])
     assert champion["model_sha256"] == waiting["challenger"]["model_sha256"]
     _, meta, metrics, _, _ = scored["models"]["fitted"]
-    assert champion["mel_threshold"] == meta.get("mel_threshold")
+    assert champion["mel_threshold"] == meta.mel_threshold
     assert champion["operating_point"] == operating_point_record(meta, metrics)
     # Decided: the record left pending/ for approvals/, with the answer.
     assert not store.exists(registry.pending_uri("run-2"))
@@ -615,7 +617,7 @@ def test_the_subgroup_gate_refuses_a_challenger_built_to_fail_one_group(scored, 
     champion finds the most melanoma lesions. Overall it passes the gate (margin -1: rule 5 holds whatever the
     difference); with the subgroup gate on it is refused, and the decision names that group."""
     import numpy as np
-    from dermaops.prediction import operating_point
+    from dermaops.predictor import operating_point
 
     scorer = scored["scorer"]
     mel, labels = scorer.mel, scorer.labels

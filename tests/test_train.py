@@ -16,16 +16,9 @@ import pytest
 import torch
 from dermaops.augment import AugmentConfig, colour_jitter, geometric, mix_batch
 from dermaops.calibration import fit_logit_adjustment
-from dermaops.models import (
-    build_model,
-    dihedral_view,
-    head_name,
-    load_checkpoint,
-    predict_proba,
-    save_checkpoint,
-    stage_names,
-    to_input,
-)
+from dermaops.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from dermaops.models import build_model, dihedral_view, head_name, predict_proba, stage_names, to_input
+from dermaops.predictor import Predictor
 from dermaops.store import S3Uri
 from dermaops.training import EpochRecord, TrainState
 
@@ -66,13 +59,13 @@ def test_training_learns_writes_outputs_and_skips_when_finished(run_stage, split
 
     # The best checkpoint is a self-describing model: rebuilt, it predicts probabilities.
     model, meta = load_checkpoint(store.download(summary["model_uri"], tmp_path / "cnn.pt"))
-    assert meta["arch"] == "resnet18" and meta["image_size"] == 32 and meta["epoch"] == summary["best_epoch"]
-    assert meta["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert meta.arch == "resnet18" and meta.image_size == 32 and meta.epoch == summary["best_epoch"]
+    assert meta.classes == ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     proba = predict_proba(model, images, meta)
     assert proba.shape == (5, 7) and np.allclose(proba.sum(1), 1.0, atol=1e-5)
     _, phase1_meta = load_checkpoint(store.download(summary["phase1_model_uri"], tmp_path / "p1.pt"))
-    assert phase1_meta["phase"] == 1
+    assert phase1_meta.phase == 1
 
     again = run_stage(*argv)
     assert again.summary["status"] == "skipped"
@@ -153,8 +146,8 @@ def test_small_inputs_get_the_small_stem_and_checkpoints_round_trip(tmp_path):
     assert compact.conv1.kernel_size == (3, 3) and isinstance(compact.maxpool, torch.nn.MaxPool2d)
     with torch.inference_mode():
         assert compact.layer1(compact.maxpool(compact.conv1(torch.rand(1, 3, 28, 28)))).shape[-2:] == (14, 14)
-    meta = {"arch": "resnet18", "classes": list("abcdefg"), "image_size": 28, "stem": "small"}
-    meta.update(mean=[0.5] * 3, std=[0.25] * 3, phase=1, epoch=1, val={})
+    meta = CheckpointMeta(arch="resnet18", classes=list("abcdefg"), image_size=28, stem="small", mean=[0.5] * 3,
+                          std=[0.25] * 3, phase=1, epoch=1, val={})  # fmt: skip
     model, loaded_meta = load_checkpoint(save_checkpoint(tmp_path / "m.pt", small, meta))
     assert loaded_meta == meta
     x = torch.rand(2, 3, 28, 28)
@@ -164,7 +157,7 @@ def test_small_inputs_get_the_small_stem_and_checkpoints_round_trip(tmp_path):
 
 def test_pretrained_weights_from_a_checkpoint_file_are_loaded(tmp_path):
     source = build_model("resnet18", 7, 64)
-    meta = {"arch": "resnet18", "classes": list("abcdefg"), "image_size": 64, "stem": "imagenet"}
+    meta = CheckpointMeta.for_model("resnet18", list("abcdefg"), 64, "imagenet", "none")
     path = save_checkpoint(tmp_path / "src.pt", source, meta)
     # Different head size: the backbone is copied, the new head starts fresh.
     target = build_model("resnet18", 3, 64, pretrained=str(path))
@@ -210,7 +203,8 @@ def test_mixup_and_cutmix_pair_each_image_with_the_previous_one_and_return_the_l
 def test_test_time_augmentation_is_the_mean_softmax_over_the_8_views_and_the_bias_is_applied():
     torch.manual_seed(0)
     model = build_model("resnet18", 7, 16, stem="small").eval()
-    meta = {"classes": list("abcdefg"), "image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
+    meta = CheckpointMeta(arch="resnet18", classes=list("abcdefg"), image_size=16, stem="small", mean=[0.5] * 3,
+                          std=[0.25] * 3)  # fmt: skip
     images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     x = to_input(torch.from_numpy(images), meta)
     views = [dihedral_view(x, k) for k in range(8)]
@@ -223,10 +217,10 @@ def test_test_time_augmentation_is_the_mean_softmax_over_the_8_views_and_the_bia
     assert not np.allclose(tta, per_view[0], atol=1e-4)
 
     bias = np.linspace(-1, 1, 7)
-    adjusted = predict_proba(model, images, {**meta, "logit_bias": bias.tolist()}, tta=True)
+    adjusting = Predictor(model, meta.replace(logit_bias=bias.tolist()))
     expected = np.exp(np.log(per_view.mean(0)) + bias)
-    assert np.allclose(adjusted, expected / expected.sum(1, keepdims=True), atol=1e-5)
-    assert np.allclose(predict_proba(model, images, {**meta, "logit_bias": bias.tolist()}, tta=True, adjust=False), tta)
+    assert np.allclose(adjusting.predict(images, tta=True), expected / expected.sum(1, keepdims=True), atol=1e-5)
+    assert np.allclose(adjusting.softmax(images, tta=True), tta)
 
 
 def test_logit_adjustment_recovers_an_under_predicted_rare_class():
@@ -279,32 +273,33 @@ def test_calibrate_fits_the_adjustment_on_validation_predictions(run_stage, spli
     argv = ["train", "--split", split_uri, "--out", out, *TINY, "--epochs", "1", "--finetune-epochs", "0"]
     summary = run_stage(*argv, "--calibrate").summary
     model, meta = load_checkpoint(store.download(summary["model_uri"], tmp_path / "cnn.pt"))
-    assert meta["logit_adjustment"] == summary["logit_adjustment"] and meta["logit_adjustment"]["fitted_on"] == "val"
+    assert meta.logit_adjustment == summary["logit_adjustment"] and meta.logit_adjustment["fitted_on"] == "val"
 
     # Refitting from the unadjusted TTA predictions on val.csv gives the stored bias: val, not test, fixed it.
     split = S3Uri.parse(split_uri)
     frames = {n: pd.read_csv(store.download(split.join(f"{n}.csv"), tmp_path / f"{n}.csv")) for n in ("train", "val")}
     train = frames["train"].sample(n=480, random_state=42)
-    cache = S3Uri.parse(meta["image_cache"])
+    cache = S3Uri.parse(meta.image_cache)
     ids = store.get_json(cache.join("image_ids.json"))
     shards = store.get_json(cache.join("manifest.json"))["summary"]["shards"]
     images = np.concatenate([np.load(store.download(cache.join(name), tmp_path / name)) for name, _ in shards])
     val_images = images[[ids.index(i) for i in frames["val"]["image_id"]]]
-    raw = predict_proba(model, val_images, meta, tta=True, adjust=False)
-    refit = fit_logit_adjustment(raw, frames["val"]["label"].to_numpy(), train["label"].to_numpy(), meta["classes"])
-    assert np.allclose(refit["logit_bias"], meta["logit_bias"], atol=1e-6)
-    assert refit["logit_adjustment"]["val_macro_f1_after"] == meta["logit_adjustment"]["val_macro_f1_after"]
+    raw = predict_proba(model, val_images, meta, tta=True)
+    refit = fit_logit_adjustment(raw, frames["val"]["label"].to_numpy(), train["label"].to_numpy(), list(meta.classes))
+    assert np.allclose(refit["logit_bias"], meta.logit_bias, atol=1e-6)
+    assert refit["logit_adjustment"]["val_macro_f1_after"] == meta.logit_adjustment["val_macro_f1_after"]
 
     # The calibration hook: temperature and melanoma threshold refit from the adjusted TTA val probabilities
     # (what every consumer scores) are the stored ones, and the threshold reaches the default target on val.
     from dermaops.calibration import fit
 
     labels = frames["val"]["label"].to_numpy()
-    calibration = fit(predict_proba(model, val_images, meta, tta=True), labels, meta["classes"].index("mel"), 0.85)
-    assert meta["temperature"] == pytest.approx(calibration["temperature"], rel=1e-6) and meta["temperature"] > 0
-    assert meta["mel_threshold"] == pytest.approx(calibration["mel_threshold"], abs=1e-6)
-    assert meta["calibration"]["val_mel_sensitivity"] >= 0.85 and meta["calibration"]["tta"] is True
-    assert summary["temperature"] == round(meta["temperature"], 4) and summary["calibration"] == meta["calibration"]
+    adjusted = Predictor(model, meta).calibrate(raw, temperature=False)
+    calibration = fit(adjusted, labels, meta.classes.index("mel"), 0.85)
+    assert meta.temperature == pytest.approx(calibration["temperature"], rel=1e-6) and meta.temperature > 0
+    assert meta.mel_threshold == pytest.approx(calibration["mel_threshold"], abs=1e-6)
+    assert meta.calibration["val_mel_sensitivity"] >= 0.85 and meta.calibration["tta"] is True
+    assert summary["temperature"] == round(meta.temperature, 4) and summary["calibration"] == meta.calibration
 
 
 def test_weight_ema_averages_float_weights_copies_counters_and_round_trips():

@@ -5,15 +5,15 @@
   no prediction (the argmax of z / T is the argmax of z), only how confident the probabilities are.
   The logits z are log p of the probabilities the model is scored with (test-time augmented and logit
   adjusted where those apply): for one view log p equals the logits up to a per-row constant, which
-  softmax ignores, and it is what `prediction.apply_temperature` undoes at inference. One definition of
+  softmax ignores, and it is what `predictor.apply_temperature` undoes at inference. One definition of
   "the model's probabilities" for fitting and applying.
 - The expected calibration error (15 equal-width confidence bins, Naeini et al. 2015 / Guo et al.):
   sum over bins of |accuracy - mean confidence| weighted by the bin's share of images.
 - The melanoma operating point: the highest threshold on the calibrated p(mel) whose validation
   sensitivity reaches the target (the highest keeps the most specificity for that sensitivity).
 
-The stored facts are `temperature` and `mel_threshold` in the checkpoint's meta; `prediction` and
-`model_card` read them from there.
+The stored facts are `temperature` and `mel_threshold` in the checkpoint's meta (dermaops.checkpoint);
+the Predictor (dermaops.predictor) applies them and `model_card` reports them.
 """
 
 from __future__ import annotations
@@ -207,17 +207,18 @@ def calibrate_checkpoint(
     probabilities are the uncalibrated ones whatever the meta already holds, so a refit after a resume
     gives the same result. `val_raw`: the checkpoint's unadjusted validation probabilities (`tta` as given)
     when the caller has them, instead of scoring `val_images` again."""
+    from dermaops.checkpoint import save_checkpoint
     from dermaops.dataset import CLASSES
-    from dermaops.models import load_checkpoint, predict_proba, save_checkpoint
-    from dermaops.prediction import calibrated
+    from dermaops.predictor import Predictor
 
-    model, meta = load_checkpoint(path, device=device)
+    predictor = Predictor.load(path, device)
     if val_raw is None:
-        val_raw = predict_proba(model, val_images, meta, device=device, tta=tta, adjust=False)
-    # The temperature is fitted on the adjusted probabilities (the order `calibrated` applies them in).
-    fitted = fit(calibrated(val_raw, meta, temperature=False), val_labels, list(CLASSES).index("mel"), mel_sensitivity)
+        val_raw = predictor.softmax(val_images, tta=tta)
+    # The temperature is fitted on the adjusted probabilities (the order the Predictor applies them in).
+    adjusted = predictor.calibrate(val_raw, temperature=False)
+    fitted = fit(adjusted, val_labels, list(CLASSES).index("mel"), mel_sensitivity)
     fitted["calibration"]["tta"] = tta
-    save_checkpoint(path, model, {**meta, **fitted})
+    save_checkpoint(path, predictor.model, predictor.meta.replace(**fitted))
     return fitted
 
 

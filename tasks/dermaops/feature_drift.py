@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dermaops.checkpoint import CheckpointMeta
 
 DEFAULT_AUC = 0.7
 DEFAULT_SAMPLE = 500
@@ -46,7 +50,7 @@ def sample_ids(image_ids, n: int) -> list[str]:
     return sorted(ranked[:n])
 
 
-def embeddings(model, images, meta: dict, batch_size: int, device: str):
+def embeddings(model, images, meta: CheckpointMeta, batch_size: int, device: str):
     """Penultimate-layer features (the input of the classifier's final Linear) of uint8 NHWC images, as a
     float32 array."""
     import numpy as np
@@ -102,7 +106,7 @@ def mmd2(reference, current) -> float:
     )
 
 
-def compare(model, meta: dict, reference_images, current_images, batch_size: int, device: str,
+def compare(model, meta: CheckpointMeta, reference_images, current_images, batch_size: int, device: str,
             threshold: float = DEFAULT_AUC) -> FeatureDrift:  # fmt: skip
     """The champion's view of the two image samples (uint8 NHWC at its image size), equal sizes."""
     n = min(len(reference_images), len(current_images))
@@ -115,11 +119,10 @@ def against_champion(ctx, registry_uri, dataset, batch_size: int, device: str, n
     """The champion's feature-space drift of `dataset` against its own training data: a summary dict, or
     {"skipped": why} when there is nothing to compare (no champion, same data, data or model unreadable).
     Never fails the stage: the gate, not this report, decides about a broken champion."""
+    from dermaops.checkpoint import load_checkpoint
     from dermaops.dataset import Dataset
     from dermaops.errors import StageError, TransientError
-    from dermaops.frame import Frame
     from dermaops.imagecache import load_images
-    from dermaops.models import load_checkpoint
     from dermaops.promotion import Registry
     from dermaops.store import S3Uri
 
@@ -138,7 +141,7 @@ def against_champion(ctx, registry_uri, dataset, batch_size: int, device: str, n
         model, meta = load_checkpoint(path, device=device)
         parent = S3Uri(dataset.uri.bucket, dataset.uri.key.rstrip("/").rsplit("/", 1)[0])
         reference = Dataset.open(ctx.store, parent.join(version), scratch)
-        frame = Frame.from_meta(meta)
+        frame = meta.frame
         images = []
         for ds in (reference, dataset):
             ids = sample_ids(ds.metadata["image_id"].astype(str), n)

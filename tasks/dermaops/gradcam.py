@@ -29,8 +29,12 @@ skin around them in 95 % of the HAM10000 images), and the report says which mask
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dermaops.checkpoint import CheckpointMeta
 
 # Overlays are drawn at least this big so 28 px images stay readable.
 DISPLAY_MIN_PX = 112
@@ -49,16 +53,14 @@ class GradCam:
     target_proba: np.ndarray  # (N,) softmax probability of the target class
 
 
-def pick_target_layer(model, meta: dict, min_map: int = MIN_MAP):
+def pick_target_layer(model, meta: CheckpointMeta, min_map: int = MIN_MAP):
     """(module, name, (h, w)): the deepest convolutional module whose output at the model's input size is
     at least `min_map` on both sides; the finest one there is when none reaches it. "Deepest" is the
     order in which modules finish their forward pass, seen with hooks on one dummy image; a module
     counts when it is a Conv2d or contains one (a residual block or stage: its output is the block's)."""
     import torch
 
-    from dermaops.frame import Frame
-
-    height, width = Frame.from_meta(meta).shape
+    height, width = meta.frame.shape
     finished: list[tuple[str, torch.nn.Module, tuple[int, int]]] = []
     handles = []
     for name, module in model.named_modules():
@@ -88,7 +90,13 @@ def pick_target_layer(model, meta: dict, min_map: int = MIN_MAP):
 
 
 def gradcam(
-    model, layer, images_uint8_nhwc: np.ndarray, meta: dict, target: int, device: str = "cpu", batch_size: int = 256
+    model,
+    layer,
+    images_uint8_nhwc: np.ndarray,
+    meta: CheckpointMeta,
+    target: int,
+    device: str = "cpu",
+    batch_size: int = 256,
 ) -> GradCam:
     """Grad-CAM maps of `target` for each image, through `layer` (e.g. pick_target_layer(model, meta)[0])."""
     parts = [
@@ -98,7 +106,9 @@ def gradcam(
     return GradCam(*(np.concatenate([getattr(p, f) for p in parts]) for f in GradCam.__dataclass_fields__))
 
 
-def _gradcam_batch(model, layer, images_uint8_nhwc: np.ndarray, meta: dict, target: int, device: str) -> GradCam:
+def _gradcam_batch(
+    model, layer, images_uint8_nhwc: np.ndarray, meta: CheckpointMeta, target: int, device: str
+) -> GradCam:
     import torch
     import torch.nn.functional as F
 

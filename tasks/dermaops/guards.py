@@ -1,5 +1,6 @@
 """What a checkpoint carries to guard its predictions, fitted by train after training: the one module that
-writes and reads these keys of the checkpoint's meta (a typed meta can take them over from here).
+fits these fields of the checkpoint's meta (dermaops.checkpoint.CheckpointMeta) and turns them into thresholds
+and detectors.
 
 - `referral`: the confidence threshold below which `predict` refers an image to a clinician instead of
   diagnosing it (dermaops.selective), chosen on the VALIDATION split for `--referral-accuracy`, with what
@@ -7,7 +8,7 @@ writes and reads these keys of the checkpoint's meta (a typed meta can take them
 - `ood`: the out-of-distribution detector (dermaops.ood): class means and the precision matrix of the
   TRAINING split's penultimate-layer features, and the threshold chosen on VALIDATION for a 95 %
   true-in-distribution rate. Plain lists: checkpoints load with `weights_only=True`, and meta travels as
-  JSON (use `without_arrays` for records that only describe the model).
+  JSON (`CheckpointMeta.record()` drops the matrices for records that only describe the model).
 - `train_prior`: the training split's class shares, what prediction monitoring compares a batch's
   predicted class mix with (dermaops.monitoring).
 
@@ -21,22 +22,25 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dermaops.errors import StageError
 
-REFERRAL, OOD, PRIOR = "referral", "ood", "train_prior"
-ARRAYS = ("means", "precision")  # the bulky entries of meta["ood"]
+if TYPE_CHECKING:
+    from dermaops.checkpoint import CheckpointMeta
+
+REFERRAL, OOD, PRIOR = "referral", "ood", "train_prior"  # the CheckpointMeta fields, and their summary keys
 FEATURE_CHUNK = 1024  # training images embedded at once: memory stays flat however large the split
 
 log = logging.getLogger(__name__)
 
 
 # -- reading ------------------------------------------------------------------------------------
-def referral_threshold(meta: dict) -> float | None:
+def referral_threshold(meta: CheckpointMeta) -> float | None:
     """The referral threshold on the calibrated confidence, or None (every image decided)."""
-    value = (meta.get(REFERRAL) or {}).get("threshold")
+    value = (meta.referral or {}).get("threshold")
     if value is None:
         return None
     if not isinstance(value, int | float) or not math.isfinite(value):
@@ -44,11 +48,11 @@ def referral_threshold(meta: dict) -> float | None:
     return float(value)
 
 
-def detector(meta: dict):
+def detector(meta: CheckpointMeta):
     """The out-of-distribution detector (dermaops.ood.Detector), or None when the checkpoint carries none."""
     from dermaops.ood import Detector
 
-    entry = meta.get(OOD)
+    entry = meta.ood
     if not entry:
         return None
     try:
@@ -65,30 +69,19 @@ def detector(meta: dict):
     return Detector(means, precision, threshold)
 
 
-def train_prior(meta: dict) -> np.ndarray | None:
-    value = meta.get(PRIOR)
+def train_prior(meta: CheckpointMeta) -> np.ndarray | None:
+    value = meta.train_prior
     return None if value is None else np.asarray(value, dtype=np.float64)
 
 
-def without_arrays(meta: dict) -> dict:
-    """The meta without the detector's matrices: what a record describing the model (JSON) keeps."""
-    entry = meta.get(OOD)
-    if not entry:
-        return meta
-    return {**meta, OOD: {k: v for k, v in entry.items() if k not in ARRAYS}}
-
-
-def summary(meta: dict) -> dict:
+def summary(meta: CheckpointMeta) -> dict:
     """The guards' facts for reports and model cards (no matrices)."""
-    return {
-        REFERRAL: meta.get(REFERRAL),
-        OOD: without_arrays(meta).get(OOD),
-        PRIOR: meta.get(PRIOR),
-    }
+    record = meta.record()
+    return {REFERRAL: record[REFERRAL], OOD: record[OOD], PRIOR: record[PRIOR]}
 
 
 # -- fitting (train) ----------------------------------------------------------------------------
-def features(model, images: np.ndarray, meta: dict, batch_size: int, device: str) -> np.ndarray:
+def features(model, images: np.ndarray, meta: CheckpointMeta, batch_size: int, device: str) -> np.ndarray:
     """Penultimate-layer features of uint8 images in the model's frame (the input of its final Linear)."""
     from dermaops.feature_drift import embeddings
 
@@ -116,15 +109,17 @@ def fit_checkpoint(
     them, the checkpoint's unadjusted validation probabilities (`tta` as given), instead of scoring
     `val_images` again. Returns the facts (no arrays)."""
     from dermaops import ood, selective
+    from dermaops.checkpoint import save_checkpoint
     from dermaops.dataset import CLASSES
-    from dermaops.models import head_name, load_checkpoint, predict_proba, save_checkpoint
-    from dermaops.prediction import calibrated
+    from dermaops.models import head_name
+    from dermaops.predictor import Predictor
 
-    model, meta = load_checkpoint(path, device=device)
+    predictor = Predictor.load(path, device)
+    model, meta = predictor.model, predictor.meta
     # The validation probabilities as predict will see them: adjusted, tempered, `tta` as evaluate scores.
     if val_raw is None:
-        val_raw = predict_proba(model, val_images, meta, device=device, tta=tta, adjust=False)
-    proba = calibrated(val_raw, meta)
+        val_raw = predictor.softmax(val_images, tta=tta)
+    proba = predictor.calibrate(val_raw)
     correct = proba.argmax(axis=1) == np.asarray(val_labels)
     referral = selective.threshold_for_accuracy(selective.confidence(proba), correct, referral_accuracy)
     referral.update(fitted_on="val", tta=tta)
@@ -151,8 +146,8 @@ def fit_checkpoint(
         "precision": fitted.precision.tolist(),
     }
     prior = np.bincount(np.asarray(train_labels), minlength=len(CLASSES)) / len(train_labels)
-    fitted_meta = {REFERRAL: referral, OOD: detector_entry, PRIOR: [round(float(p), 6) for p in prior]}
-    save_checkpoint(path, model, {**meta, **fitted_meta})
-    facts = summary(fitted_meta)
+    guarded = meta.replace(referral=referral, ood=detector_entry, train_prior=[round(float(p), 6) for p in prior])
+    save_checkpoint(path, model, guarded)
+    facts = summary(guarded)
     log.info("guards fitted: referral %s; out-of-distribution %s", facts[REFERRAL], facts[OOD])
     return facts

@@ -10,8 +10,8 @@ input size, calibration), the train stage's manifest (the recipe: its `config`),
 manifest (strategy, seed, counts), the test metrics the promotion gate decided on, and the registry
 history. Optional facts are shown when the producing stage records them, under these keys:
 
-- calibration: `temperature` in the checkpoint meta (temperature scaling); `logit_bias` (the
-  validation-fitted logit adjustment of `train --calibrate`); `ece` in the test metrics;
+- calibration: `temperature` in the checkpoint meta (dermaops.checkpoint.CheckpointMeta; temperature
+  scaling); `logit_bias` (the validation-fitted logit adjustment of `train --calibrate`); `ece` in the test metrics;
 - melanoma operating point: `mel_threshold` in the checkpoint meta (a threshold on p(mel));
   `mel_operating_point` in the test metrics ({threshold, sensitivity, specificity, ...});
 - intervals: any metric `<name>` with a sibling `<name>_ci` = [low, high] (headline or per class);
@@ -30,9 +30,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from dermaops.checkpoint import CheckpointMeta
 from dermaops.config import StageConfig, TrainConfig
 from dermaops.errors import StageError, TransientError
-from dermaops.frame import Frame
 from dermaops.metrics import operating_point_line
 from dermaops.store import ArtifactStore, S3Uri
 
@@ -108,7 +108,7 @@ def build_card(
     run_id: str,
     model_uri: str,
     model_sha256: str,
-    meta: dict,
+    meta: CheckpointMeta,
     metrics: dict,
     dataset_version: str,
     split_uri: str,
@@ -118,21 +118,25 @@ def build_card(
     split_manifest: dict | None,
 ) -> dict:
     """The card's facts as one JSON-able dict (pure: no I/O)."""
+    from dermaops.predictor import operating_point
+
     config = (train_manifest or {}).get("config") or {}
     split_summary = (split_manifest or {}).get("summary") or {}
-    frame = Frame.from_meta(meta) if meta.get("image_size") else None
+    frame = meta.frame
+    # The checkpoint's own rule, as the Predictor applies it (champion.json may move it later: predict reads that).
+    point = operating_point(meta, None)
     per_class = {
         cls: {name: _with_ci(values, name) for name in PER_CLASS if name in values}
         for cls, values in (metrics.get("per_class") or {}).items()
     }
     calibration = {
-        "temperature": meta.get("temperature"),
-        "logit_adjustment": meta.get("logit_bias") is not None,
+        "temperature": meta.temperature,
+        "logit_adjustment": meta.logit_bias is not None,
         "ece": metrics.get("ece"),
     }
-    fitted = meta.get("calibration") or {}
-    operating_point = {
-        "mel_threshold": meta.get("mel_threshold"),
+    fitted = meta.calibration or {}
+    operating = {
+        "mel_threshold": meta.mel_threshold,
         "target_sensitivity": fitted.get("mel_target_sensitivity"),
         "validation": {
             "sensitivity": fitted.get("val_mel_sensitivity"),
@@ -140,8 +144,8 @@ def build_card(
         },
         "test": metrics.get("mel_operating_point"),
         "rule": (
-            f"flag melanoma when p(mel) >= {meta['mel_threshold']}"
-            if meta.get("mel_threshold") is not None
+            f"flag melanoma when p(mel) >= {point.threshold}"
+            if point.threshold is not None
             else "no stored threshold: melanoma is flagged when it is the most probable class"
         ),
     }
@@ -151,12 +155,12 @@ def build_card(
             "name": f"DermaOps HAM10000 classifier, run {run_id}",
             "model_uri": model_uri,
             "model_sha256": model_sha256,
-            "architecture": meta.get("arch"),
-            "input": f"{frame.describe() if frame else 'not recorded'} RGB, ImageNet mean/std normalisation",
-            "stem": meta.get("stem"),
-            "initial_weights": meta.get("pretrained"),
-            "checkpoint": {"phase": meta.get("phase"), "epoch": meta.get("epoch")},
-            "classes": {cls: CLASS_NAMES.get(cls, cls) for cls in meta.get("classes", [])},
+            "architecture": meta.arch,
+            "input": f"{frame.describe()} RGB, ImageNet mean/std normalisation",
+            "stem": meta.stem,
+            "initial_weights": meta.pretrained,
+            "checkpoint": {"phase": meta.phase, "epoch": meta.epoch},
+            "classes": {cls: CLASS_NAMES.get(cls, cls) for cls in meta.classes},
             "promoted_at": decision.get("decided_at"),
         },
         "intended_use": {"primary": INTENDED_USE, "out_of_scope": OUT_OF_SCOPE},
@@ -185,7 +189,7 @@ def build_card(
             "per_class": per_class,
         },
         "calibration": calibration,
-        "melanoma_operating_point": operating_point,
+        "melanoma_operating_point": operating,
         "localization": metrics.get("localization"),
         "subgroups": metrics.get("subgroups"),
         "referral": _referral(metrics.get("referral")),

@@ -1,8 +1,8 @@
-"""The CNN: torchvision classifiers (ResNets and the efficient families), their checkpoints, and inference
-on cached uint8 images.
+"""The CNN: torchvision classifiers (ResNets and the efficient families), and inference on cached uint8 images.
 
 Shared by `train` (builds and fits), `evaluate` (predicts, Grad-CAM) and anything that scores a
-checkpoint. Preprocessing lives here (uint8 NHWC -> normalised float NCHW) so that training and
+checkpoint (the file and its meta: dermaops.checkpoint; the inference steps after the softmax:
+dermaops.predictor). Preprocessing lives here (uint8 NHWC -> normalised float NCHW) so that training and
 inference can never disagree about it.
 
 Small inputs: the ImageNet stem (7x7 stride-2 conv + max-pool) shrinks a 28 px image to 7 px before
@@ -28,7 +28,6 @@ import numpy as np
 
 from dermaops.config import ARCHS, RESNETS, STEMS  # the settings' choices, defined once
 from dermaops.errors import StageError
-from dermaops.frame import Frame
 
 SMALL_STEM_BELOW = 40
 # ImageNet statistics: right for ImageNet weights and a reasonable fixed scale for training from scratch.
@@ -190,48 +189,6 @@ def build_model(arch: str, num_classes: int, image_size: int, pretrained: str = 
     return model
 
 
-def model_meta(arch: str, classes, frame: Frame | int, stem: str, pretrained: str) -> dict:
-    """The part of a checkpoint's meta that fixes how to rebuild the model and preprocess its input
-    (`Frame.from_meta` reads the frame back); a bare size is its squashed square."""
-    frame = Frame.of(frame)
-    return {
-        "arch": arch,
-        "classes": list(classes),
-        "image_size": frame.size,
-        "geometry": frame.geometry,
-        "input_shape": list(frame.shape),
-        "stem": resolve_stem(stem, min(frame.shape)) if arch in RESNETS else "imagenet",
-        "pretrained": pretrained,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
-
-
-def save_checkpoint(path, model, meta: dict) -> Path:
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"model_state": state, "meta": meta}, path)
-    return path
-
-
-def load_checkpoint(path, device: str = "cpu"):
-    """(model in eval mode on `device`, meta) from a file written by save_checkpoint."""
-    import torch
-
-    try:
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        meta = blob["meta"]
-        state = blob["model_state"]
-    except (OSError, RuntimeError, KeyError, TypeError) as exc:
-        raise StageError(f"not a DermaOps model checkpoint: {path} ({type(exc).__name__}: {exc})") from exc
-    model = build_model(meta["arch"], len(meta["classes"]), meta["image_size"], "none", meta.get("stem", "auto"))
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
-
-
 def to_float(batch_uint8_nhwc):
     """uint8 NHWC tensor -> float32 NCHW in [0, 1] (what augmentation works on)."""
     return batch_uint8_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
@@ -247,9 +204,11 @@ def normalize(x, mean, std, channels_last: bool = False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-def to_input(batch_uint8_nhwc, meta: dict, channels_last: bool = False):
-    """uint8 NHWC tensor (on any device) -> the model's input, exactly as in training minus augmentation."""
-    return normalize(to_float(batch_uint8_nhwc), meta["mean"], meta["std"], channels_last)
+def to_input(batch_uint8_nhwc, meta, channels_last: bool = False):
+    """uint8 NHWC tensor (on any device) -> the model's input, exactly as in training minus augmentation
+    (`meta`: the checkpoint's CheckpointMeta, whose normalisation it applies; dermaops.checkpoint imports this
+    module, so the type is named here, not imported)."""
+    return normalize(to_float(batch_uint8_nhwc), meta.mean, meta.std, channels_last)
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -283,33 +242,21 @@ def dihedral_view(x, k: int):
     return torch.flip(x, dims=(3,)) if k >= 4 else x
 
 
-def adjust_proba(proba: np.ndarray, meta: dict) -> np.ndarray:
-    """Apply the checkpoint's logit adjustment (meta["logit_bias"], fitted on the validation split by
-    `train --calibrate`): softmax(log p + bias). Probabilities of a model without one pass unchanged."""
-    bias = meta.get("logit_bias")
-    if bias is None:
-        return proba
-    logits = np.log(np.clip(proba, 1e-12, None)) + np.asarray(bias, dtype=np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 def predict_proba(
     model,
     images_uint8_nhwc: np.ndarray,
-    meta: dict,
+    meta,
     batch_size: int = 256,
     device=None,
     tta: bool = False,
-    adjust: bool = True,
 ) -> np.ndarray:
-    """Softmax probabilities (N, C): eval mode, training's preprocessing, no random augmentation.
-    `tta`: the mean softmax over the frame's symmetry views; `adjust`: apply the checkpoint's logit
-    adjustment, if it has one (every scoring path leaves it on; off only to measure its effect)."""
+    """Softmax probabilities (N, C) of the checkpoint whose CheckpointMeta is `meta`: eval mode, training's
+    preprocessing, no random augmentation.
+    `tta`: the mean softmax over the frame's symmetry views. The model's softmax only: the logit adjustment,
+    the temperature and the decision rule are the Predictor's (dermaops.predictor), applied in one place."""
     import torch
 
-    shape = Frame.from_meta(meta).shape
+    shape = meta.frame.shape
     if images_uint8_nhwc.ndim != 4 or images_uint8_nhwc.shape[1:] != (*shape, 3):
         expected = f"(N, {shape[0]}, {shape[1]}, 3)"
         raise StageError(f"images have shape {images_uint8_nhwc.shape}, the model expects {expected}")
@@ -324,5 +271,4 @@ def predict_proba(
             x = to_input(batch, meta, channels_last=cuda)
             proba = sum(torch.softmax(model(dihedral_view(x, k)).float(), dim=1) for k in views) / len(views)
             out.append(proba.cpu().numpy())
-    proba = np.concatenate(out) if out else np.zeros((0, len(meta["classes"])), dtype=np.float32)
-    return adjust_proba(proba, meta) if adjust else proba
+    return np.concatenate(out) if out else np.zeros((0, len(meta.classes)), dtype=np.float32)

@@ -17,22 +17,15 @@ verifies the checkpoint's sha256 against it; otherwise an s3:// URI of a checkpo
 prefix holding `cnn.pt` (a train output or a registry `models/<run_id>-<sha12>/` folder).
 
 What it says. Every image goes through training's exact preprocessing (imagecache.decode_image:
-PIL RGB, bicubic squash to the model's size; models.predict_proba: the model's normalisation,
-logit adjustment and optionally the 8-view test-time augmentation evaluate scores with). Two
-optional facts, read where they exist and reported in every output so a reader knows which applied:
-
-- `temperature` in the checkpoint's meta (a float > 0): probabilities are calibrated by
-  temperature scaling, softmax(log p / T); for one view log p equals the logits up to a constant,
-  so this is exactly softmax(logits / T).
-- `mel_threshold` (a float in [0, 1] on the calibrated p(mel)): the melanoma operating point, read
-  from champion.json first (the registry may move the operating point without a new checkpoint),
-  then from the checkpoint's meta. Without one, an image is flagged when `mel` is the argmax.
+PIL RGB, bicubic squash to the model's size), then the checkpoint's Predictor (dermaops.predictor): the
+model's normalisation and optionally the 8-view test-time augmentation evaluate scores with, the logit
+adjustment, the `temperature`, and the melanoma operating point (`mel_threshold` from champion.json first,
+then the checkpoint's meta; argmax == mel without one). Which of them applied is reported in every output.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import zipfile
 from collections.abc import Iterator
@@ -246,74 +239,14 @@ def resolve_model(store: ArtifactStore, spec: str, registry: str | None, scratch
 
 
 def load_model(resolved: ResolvedModel, device: str):
-    """(model, meta); StageError if the checkpoint is not a HAM10000 classifier of ours."""
+    """The checkpoint's Predictor, its melanoma rule from champion.json first; StageError if the checkpoint is
+    not a HAM10000 classifier of ours."""
     from dermaops.dataset import CLASSES
-    from dermaops.models import load_checkpoint
+    from dermaops.predictor import Predictor
 
-    model, meta = load_checkpoint(resolved.path, device=device)
-    if list(meta.get("classes", [])) != list(CLASSES):
-        raise StageError(f"--model {resolved.uri} predicts classes {meta.get('classes')}, expected {list(CLASSES)}")
-    return model, meta
-
-
-# -- calibration and the melanoma operating point -----------------------------------------------
-def temperature_of(meta: dict) -> float | None:
-    value = meta.get("temperature")
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise StageError(f"the checkpoint's meta temperature is {value!r}; it must be a finite number > 0")
-    return float(value)
-
-
-def apply_temperature(proba: np.ndarray, temperature: float | None) -> np.ndarray:
-    """softmax(log p / T): temperature scaling on probabilities (the identity for T = 1 or None)."""
-    if temperature is None:
-        return proba
-    logits = np.log(np.clip(proba, 1e-12, None)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def calibrated(softmax: np.ndarray, meta: dict, *, adjust: bool = True, temperature: bool = True) -> np.ndarray:
-    """A checkpoint's probabilities as every consumer reads them, the one place their order is written: its
-    softmax (the mean over the symmetry views with TTA), then the logit adjustment (meta `logit_bias`), then
-    the temperature (meta `temperature`, fitted on validation after the adjustment). The melanoma rule
-    (`operating_point`) and the referral threshold are defined on this output. `adjust` / `temperature`
-    False: without that step (evaluate's ablations; calibration fitting the temperature)."""
-    from dermaops.models import adjust_proba
-
-    proba = adjust_proba(softmax, meta) if adjust else softmax
-    return apply_temperature(proba, temperature_of(meta)) if temperature else proba
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    threshold: float | None
-    source: str  # champion.json | checkpoint meta | none
-
-    @property
-    def rule(self) -> str:
-        if self.threshold is None:
-            return "argmax == mel (the model carries no mel_threshold)"
-        return f"p(mel) >= {self.threshold:.4f} (mel_threshold from {self.source})"
-
-    def flags(self, proba: np.ndarray, mel: int) -> np.ndarray:
-        if self.threshold is None:
-            return proba.argmax(axis=1) == mel
-        return proba[:, mel] >= self.threshold
-
-
-def operating_point(meta: dict, champion: dict | None) -> OperatingPoint:
-    for source, holder in (("champion.json", champion or {}), ("checkpoint meta", meta)):
-        value = holder.get("mel_threshold")
-        if value is None:
-            continue
-        if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-            raise StageError(f"mel_threshold in the {source} is {value!r}; it must be a number between 0 and 1")
-        return OperatingPoint(float(value), source)
-    return OperatingPoint(None, "none")
+    return Predictor.load(
+        resolved.path, device, classes=CLASSES, what=f"--model {resolved.uri}", champion=resolved.champion
+    )
 
 
 # -- prediction --------------------------------------------------------------------------------
@@ -346,31 +279,18 @@ def decode_batch(images: list[InputImage], frame, spec: str, pool: ThreadPoolExe
     return np.stack(list(pool.map(decode, images)))
 
 
-def predict_batches(
-    model,
-    meta: dict,
-    inputs: ImageInputs,
-    *,
-    batch_size: int,
-    device: str,
-    tta: bool,
-) -> Iterator[Batch]:
-    """Calibrated probabilities for every input image, a batch at a time (memory stays flat however
-    many images there are: only one batch is ever decoded)."""
-    from dermaops.frame import Frame
-    from dermaops.models import predict_proba
-
-    frame = Frame.from_meta(meta)
-    temperature_of(meta)  # a bad stored temperature fails before the first image is decoded
+def predict_batches(predictor, inputs: ImageInputs, *, batch_size: int, tta: bool) -> Iterator[Batch]:
+    """Calibrated probabilities (dermaops.predictor.Predictor) for every input image, a batch at a time (memory
+    stays flat however many images there are: only one batch is ever decoded)."""
+    frame = predictor.frame
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         for start in range(0, len(inputs.images), batch_size):
             chunk = inputs.images[start : start + batch_size]
             pixels = decode_batch(chunk, frame, inputs.spec, pool)
-            softmax = predict_proba(model, pixels, meta, batch_size, device, tta=tta, adjust=False)
-            yield Batch(chunk, pixels, calibrated(softmax, meta))
+            yield Batch(chunk, pixels, predictor.predict(pixels, tta=tta, batch_size=batch_size))
 
 
-def draw_gradcams(model, meta: dict, batch: Batch, target: str, device: str, out_dir: Path) -> list[Path]:
+def draw_gradcams(predictor, batch: Batch, target: str, out_dir: Path) -> list[Path]:
     """One PNG per image (the model-size image beside its Grad-CAM overlay) of the predicted class's
     or the melanoma score; returned in the batch's order."""
     from dermaops.dataset import CLASSES
@@ -379,6 +299,7 @@ def draw_gradcams(model, meta: dict, batch: Batch, target: str, device: str, out
     out_dir.mkdir(parents=True, exist_ok=True)
     predicted = batch.proba.argmax(axis=1)
     targets = np.full(len(batch.images), CLASSES.index("mel")) if target == "mel" else predicted
+    model, meta, device = predictor.model, predictor.meta, predictor.device
     layer = pick_target_layer(model, meta)[0]
     heatmaps = np.zeros(batch.pixels.shape[:3], dtype=np.float32)
     for cls in np.unique(targets):

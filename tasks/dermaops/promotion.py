@@ -75,6 +75,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dermaops.checkpoint import CheckpointMeta
 from dermaops.errors import StageError, TransientError
 from dermaops.lease import Lease
 from dermaops.metrics import headline as metrics_headline
@@ -252,7 +253,7 @@ class Challenger:
     checkpoint: Path  # local copy of the challenger's checkpoint
     source_uri: str  # where the run stored it
     metrics: dict  # classification_metrics on the test split
-    meta: dict  # checkpoint meta (arch, image_size, ...)
+    meta: CheckpointMeta  # the checkpoint's meta (registry records keep its JSON record())
     dataset_version: str
     split_uri: str
     proba: object = None  # (N, C) test probabilities, for the paired comparison with the champion
@@ -361,10 +362,10 @@ ChampionScorer = Callable[[Path], tuple[dict, object]]
 run's test split, scored exactly like the challenger; raises StageError when it cannot be loaded or scored."""
 PairedComparison = Callable[[object, object, str], dict]
 """(challenger probabilities, champion probabilities, metric) -> bootstrap.paired_difference's record."""
-SubgroupCheck = Callable[[object, dict, object, dict, dict], dict]
+SubgroupCheck = Callable[[object, CheckpointMeta, object, CheckpointMeta | None, dict], dict]
 """The optional subgroup gate (evaluate's --subgroup-gate, dermaops.subgroups): (challenger probabilities, its
-checkpoint meta, champion probabilities, its checkpoint meta, champion.json) -> {"groups": the paired comparison of
-each judged group, "refusal": the reason naming the group, or None}."""
+checkpoint meta, champion probabilities, its checkpoint meta (the `meta` of its metrics), champion.json) ->
+{"groups": the paired comparison of each judged group, "refusal": the reason naming the group, or None}."""
 
 
 def _rescore(registry: Registry, record: dict, score_champion: ChampionScorer, scratch: Path):
@@ -445,7 +446,7 @@ def _judge(
         # The subgroup gate: a challenger that beats the champion overall must not lose melanomas in a group.
         if subgroup_check is not None and decision.promoted and champion_metrics is not None:
             subgroup = subgroup_check(
-                challenger.proba, challenger.meta, champion_proba, champion_metrics.get("meta") or {}, record
+                challenger.proba, challenger.meta, champion_proba, champion_metrics.get("meta"), record
             )
             if subgroup["refusal"]:
                 decision = Decision(False, "refused", subgroup["refusal"])
@@ -470,8 +471,8 @@ def _judge(
         "challenger": {
             "source_model_uri": challenger.source_uri,
             "model_sha256": sha256,
-            "arch": challenger.meta.get("arch"),
-            "image_size": challenger.meta.get("image_size"),
+            "arch": challenger.meta.arch,
+            "image_size": challenger.meta.image_size,
             "metrics": headline(challenger.metrics),
         },
         "champion_before": champion_info,
@@ -565,7 +566,7 @@ def run_gate(
                     "source_model_uri": challenger.source_uri,
                     "model_sha256": sha256,
                     "metrics": challenger.metrics,
-                    "meta": challenger.meta,
+                    "meta": challenger.meta.record(),
                     "dataset_version": challenger.dataset_version,
                     "split_uri": challenger.split_uri,
                     "recipe": challenger.recipe,
@@ -604,8 +605,8 @@ def write_promotion(
             "model_uri": str(model_uri),
             "model_sha256": sha256,
             "source_model_uri": challenger.source_uri,
-            "arch": challenger.meta.get("arch"),
-            "image_size": challenger.meta.get("image_size"),
+            "arch": challenger.meta.arch,
+            "image_size": challenger.meta.image_size,
             "run_id": challenger.run_id,
             "dataset_version": challenger.dataset_version,
             "split_uri": challenger.split_uri,
@@ -613,7 +614,7 @@ def write_promotion(
             "primary_metric": entry["primary_metric"],
             "metrics": headline(challenger.metrics),
             # Where predict reads the threshold (dermaops.prediction.operating_point), and what it was chosen for.
-            "mel_threshold": challenger.meta.get("mel_threshold"),
+            "mel_threshold": challenger.meta.mel_threshold,
             "operating_point": operating_point_record(challenger.meta, challenger.metrics),
             "decided_at": entry["decided_at"],
             "decision": entry["decision"],
@@ -642,16 +643,16 @@ def write_promotion(
     return entry, history_uri
 
 
-def operating_point_record(meta: dict, metrics: dict) -> dict | None:
+def operating_point_record(meta: CheckpointMeta, metrics: dict) -> dict | None:
     """The melanoma operating point of a model: its threshold on the calibrated p(mel), the sensitivity it was
     chosen for, and its sensitivity and specificity on validation (train's fit, the checkpoint meta) and on the
     test split (evaluate, with lesion-bootstrap intervals). None when the checkpoint carries no threshold."""
-    if meta.get("mel_threshold") is None:
+    if meta.mel_threshold is None:
         return None
-    fitted = meta.get("calibration") or {}
+    fitted = meta.calibration or {}
     test = metrics.get("mel_operating_point") or {}
     return {
-        "threshold": meta["mel_threshold"],
+        "threshold": meta.mel_threshold,
         "target_sensitivity": fitted.get("mel_target_sensitivity"),
         "validation": {
             "sensitivity": fitted.get("val_mel_sensitivity"),
@@ -739,7 +740,7 @@ def resolve_approval(
             checkpoint=checkpoint,
             source_uri=facts["source_model_uri"],
             metrics=facts["metrics"],
-            meta=facts["meta"],
+            meta=CheckpointMeta.from_dict(facts["meta"], f"the challenger's meta in {pending_uri}"),
             dataset_version=facts["dataset_version"],
             split_uri=facts["split_uri"],
             recipe=facts.get("recipe"),

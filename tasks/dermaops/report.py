@@ -8,8 +8,8 @@ import io
 
 import numpy as np
 
+from dermaops.checkpoint import CheckpointMeta
 from dermaops.dataset import CLASSES
-from dermaops.frame import Frame
 from dermaops.metrics import HEADLINE, format_number, headline
 
 COMPARISON_COLUMNS = HEADLINE
@@ -21,23 +21,23 @@ SEED_REPORT = {"accuracy": 0.7285, "weighted_f1": 0.7486, "macro_f1": 0.5891, "m
 BASELINE, FROZEN = "baseline (random forest)", "frozen (phase 1)"
 
 
-def evaluated_label(meta: dict) -> str:
+def evaluated_label(meta: CheckpointMeta) -> str:
     """The evaluated checkpoint (cnn.pt) named as it is: the epoch of either phase with the best validation
     macro F1, which is phase 1's when fine-tuning did not improve on it."""
-    return f"best on validation (phase {meta.get('phase')}, epoch {meta.get('epoch')})"
+    return f"best on validation (phase {meta.phase}, epoch {meta.epoch})"
 
 
-def why_chosen(meta: dict, train_config: dict | None) -> str:
+def why_chosen(meta: CheckpointMeta, train_config: dict | None) -> str:
     """Why cnn.pt is this checkpoint, in words, from its meta and the train stage's config."""
-    score = (meta.get("val") or {}).get("macro_f1")
+    score = (meta.val or {}).get("macro_f1")
     said = f"the highest validation macro F1{f' ({score:.4f})' if score is not None else ''} of every epoch trained"
     finetune = (train_config or {}).get("finetune_epochs")
-    if meta.get("phase") == 1 and finetune:
+    if meta.phase == 1 and finetune:
         said += (
             f"; phase 2's {finetune} fine-tuning epoch{'s' if finetune != 1 else ''} did not improve on it, so it "
             f"is the {FROZEN} model"
         )
-    elif meta.get("phase") == 1:
+    elif meta.phase == 1:
         said += " (phase 1 only: no fine-tuning epochs)"
     return said
 
@@ -107,7 +107,7 @@ def render(
     split_uri: str,
     split_strategy: str,
     model_uri: str,
-    model_meta: dict,
+    model_meta: CheckpointMeta,
     models: dict[str, dict],
     confusion: np.ndarray,
     gradcam: dict | None,
@@ -131,8 +131,8 @@ def render(
         "",
         f"- dataset version: `{dataset_version}`",
         f"- test split: `{split_uri}` ({metrics['n']} images; strategy `{split_strategy}`)",
-        f"- evaluated model, {name}: `{model_uri}` ({model_meta.get('arch')} at "
-        f"{Frame.from_meta(model_meta).describe()}); chosen because it has {why_chosen(model_meta, train_config)}",
+        f"- evaluated model, {name}: `{model_uri}` ({model_meta.arch} at "
+        f"{model_meta.frame.describe()}); chosen because it has {why_chosen(model_meta, train_config)}",
         "",
         "## Test metrics",
         "",

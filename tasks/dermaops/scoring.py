@@ -1,11 +1,11 @@
 """Scoring checkpoints on a test split: what evaluate reports, computed from one pass per model.
 
 `SplitScorer` loads the test images once per frame, draws the lesion-bootstrap resamples once, and scores
-a checkpoint on every symmetry view of its frame (`Scored`: the softmax of each view, before the logit
-adjustment and the temperature). Every figure of the evaluation (metrics with and without TTA, the
-adjustment or the temperature; calibration; the melanoma operating point; subgroups; referral;
-out-of-distribution checks; the champion's re-scoring and the paired comparison) is derived from those
-stored views without scoring the model again. Library code: the evaluate stage runs it, benchmarks and
+a checkpoint's Predictor (dermaops.predictor) on every symmetry view of its frame (`Scored`: the softmax of
+each view, before the logit adjustment and the temperature). Every figure of the evaluation (metrics with
+and without TTA, the adjustment or the temperature; calibration; the melanoma operating point; subgroups;
+referral; out-of-distribution checks; the champion's re-scoring and the paired comparison) is derived from
+those stored views without scoring the model again. Library code: the evaluate stage runs it, benchmarks and
 tests use it directly.
 """
 
@@ -31,19 +31,24 @@ class Scored:
     and the temperature. Every variant evaluate reports (with or without TTA, adjustment, temperature)
     is derived from these without scoring the model again."""
 
-    model: object
-    meta: dict
+    predictor: object  # dermaops.predictor.Predictor
     views: object  # (V, N, C) float32: V = 1, or the frame's symmetry views (view 0 = the image as it is)
 
-    def proba(self, tta: bool, adjust: bool = True, temperature: bool = True):
-        """The probabilities as predict_proba gives them (mean softmax over the views with `tta`), then
-        the checkpoint's logit adjustment and temperature, as every consumer applies them."""
-        from dermaops.prediction import calibrated
+    @property
+    def model(self):
+        return self.predictor.model
 
+    @property
+    def meta(self):
+        return self.predictor.meta
+
+    def proba(self, tta: bool, adjust: bool = True, temperature: bool = True):
+        """The probabilities as Predictor.softmax gives them (mean softmax over the views with `tta`), then
+        the checkpoint's logit adjustment and temperature, as every consumer applies them."""
         if tta and len(self.views) == 1:
             raise ValueError("test-time augmentation asked of a model scored on one view")
-        return calibrated(self.views.mean(axis=0) if tta else self.views[0], self.meta, adjust=adjust,
-                          temperature=temperature)  # fmt: skip
+        softmax = self.views.mean(axis=0) if tta else self.views[0]
+        return self.predictor.calibrate(softmax, adjust=adjust, temperature=temperature)
 
 
 def dihedral_views_uint8(images, k: int):
@@ -103,28 +108,24 @@ class SplitScorer:
         image as it is; StageError if it is not one of ours or predicts other classes."""
         import numpy as np
 
-        from dermaops.frame import Frame
-        from dermaops.models import load_checkpoint, predict_proba, symmetry_views
+        from dermaops.models import symmetry_views
+        from dermaops.predictor import Predictor
 
-        model, meta = load_checkpoint(path, device=self.device)
-        if list(meta.get("classes", [])) != list(self.classes):
-            raise StageError(f"{what} predicts classes {meta.get('classes')}, expected {list(self.classes)}")
-        frame = Frame.from_meta(meta)
+        predictor = Predictor.load(path, self.device, classes=self.classes, what=what)
+        meta = predictor.meta
+        frame = meta.frame
         images = self.images(frame)
         views = symmetry_views(frame.shape) if (self.tta if all_views is None else all_views) else (0,)
         started = time.monotonic()
         # One log line per model scored keeps the container's log alive (Docker log streaming).
         log.info("scoring %s (%s, %s, %d view(s)) on %d test images",
-                 what, meta["arch"], frame.describe(), len(views), len(images))  # fmt: skip
+                 what, meta.arch, frame.describe(), len(views), len(images))  # fmt: skip
         per_view = np.stack(
-            [
-                predict_proba(model, dihedral_views_uint8(images, k), meta, self.batch_size, self.device, adjust=False)
-                for k in views
-            ]
+            [predictor.softmax(dihedral_views_uint8(images, k), batch_size=self.batch_size) for k in views]
         )
         log.info("scored %s in %.1f s", what, time.monotonic() - started)
         require_finite(per_view.sum(axis=0), what)  # NaN/inf in any view of an image propagates to its sum
-        return Scored(model, meta, per_view)
+        return Scored(predictor, per_view)
 
     def ablation(self, scored: Scored) -> dict:
         """Headline test metrics of the model with each inference-time component switched off (or, for TTA
@@ -136,7 +137,7 @@ class SplitScorer:
             variants["tta_off"] = {"tta": False}
         elif len(scored.views) > 1:
             variants["tta_on"] = {"tta": True}
-        if scored.meta.get("logit_bias") is not None:
+        if scored.meta.logit_bias is not None:
             variants["logit_adjustment_off"] = {"tta": self.tta, "adjust": False}
         return {
             name: headline(self.metrics(scored.proba(**kwargs)), ABLATION_KEYS) for name, kwargs in variants.items()
@@ -146,33 +147,31 @@ class SplitScorer:
         """Test ECE (15 bins) and reliability bins of the probabilities without and with the checkpoint's
         temperature (fitted on validation by train)."""
         from dermaops.calibration import ECE_BINS, reliability
-        from dermaops.prediction import temperature_of
 
-        temperature = temperature_of(scored.meta)
+        temperature = scored.predictor.temperature
         before = reliability(scored.proba(self.tta, temperature=False), self.labels, ECE_BINS)
         after = reliability(scored.proba(self.tta), self.labels, ECE_BINS) if temperature else None
         return {
             "temperature": temperature,
-            "fitted": scored.meta.get("calibration"),
+            "fitted": scored.meta.calibration,
             "ece_before": before["ece"],
             "ece_after": after["ece"] if after else None,
             "reliability_before": before,
             "reliability_after": after,
         }
 
-    def operating_point(self, meta: dict, proba) -> dict | None:
+    def operating_point(self, scored: Scored, proba) -> dict | None:
         """Test sensitivity and specificity of the checkpoint's melanoma threshold, with lesion-bootstrap
         intervals; None when the checkpoint carries no threshold."""
         from dermaops.bootstrap import interval, resample_metrics
-        from dermaops.prediction import operating_point
 
-        point = operating_point(meta, None)
+        point = scored.predictor.point
         if point.threshold is None:
             return None
         samples = resample_metrics(self.resamples.weights, self.labels, proba, self.mel, point.threshold, False)
         is_mel = self.labels == self.mel
         flagged = point.flags(proba, self.mel)
-        fitted = meta.get("calibration") or {}
+        fitted = scored.meta.calibration or {}
         out = {
             "threshold": point.threshold,
             "rule": point.rule,
@@ -204,11 +203,9 @@ class SplitScorer:
         return Subgroups(self.labels, self.groups, group_labels(self.test, sites), sites, self.resamples.weights,
                          self.mel, len(self.classes))  # fmt: skip
 
-    def subgroups(self, proba, meta: dict) -> dict:
+    def subgroups(self, scored: Scored, proba) -> dict:
         """Every subgroup's figures, the melanoma flag at the checkpoint's operating point."""
-        from dermaops.prediction import operating_point
-
-        point = operating_point(meta, None)
+        point = scored.predictor.point
         started = time.monotonic()
         out = self.subgroup_table.figures(proba, point.flags(proba, self.mel), point.rule)
         log.info(
@@ -219,10 +216,10 @@ class SplitScorer:
     def subgroup_check(self, min_melanomas: int):
         """The subgroup gate's comparison (dermaops.promotion.SubgroupCheck): each model's melanoma flag at its
         own operating point (the champion's from champion.json first, as predict reads it), paired per group."""
-        from dermaops.prediction import operating_point
+        from dermaops.predictor import operating_point
         from dermaops.subgroups import verdict
 
-        def check(challenger_proba, challenger_meta: dict, champion_proba, champion_meta: dict, record: dict) -> dict:
+        def check(challenger_proba, challenger_meta, champion_proba, champion_meta, record: dict) -> dict:
             challenger = operating_point(challenger_meta, None).flags(challenger_proba, self.mel)
             champion = operating_point(champion_meta, record).flags(champion_proba, self.mel)
             compared = self.subgroup_table.compare(challenger, champion, min_melanomas)
@@ -235,14 +232,14 @@ class SplitScorer:
 
         return risk_coverage(confidence(proba), proba.argmax(axis=1) == self.labels)
 
-    def referral(self, proba, meta: dict) -> dict:
+    def referral(self, proba, meta) -> dict:
         """The test risk-coverage curve and AURC; with the checkpoint's referral threshold (chosen on validation),
         the test coverage and accuracy of the decided images at it, with lesion-bootstrap intervals, and the
         coverage the test curve itself has at the target (for reference: chosen on test, never used)."""
         import numpy as np
 
         from dermaops.bootstrap import interval
-        from dermaops.guards import REFERRAL, referral_threshold
+        from dermaops.guards import referral_threshold
         from dermaops.selective import confidence, weighted_at_threshold
 
         curve = self.risk_coverage(proba)
@@ -250,7 +247,7 @@ class SplitScorer:
         threshold = referral_threshold(meta)
         if threshold is None:
             return {**out, "fitted": None}
-        fitted = meta[REFERRAL]
+        fitted = meta.referral
         conf, correct = confidence(proba), proba.argmax(axis=1) == self.labels
         (coverage,), (accuracy,) = weighted_at_threshold(np.ones((1, len(conf)), dtype=np.float32), conf, correct,
                                                          threshold)  # fmt: skip
@@ -276,8 +273,7 @@ class SplitScorer:
         import numpy as np
 
         from dermaops.bootstrap import interval
-        from dermaops.frame import Frame
-        from dermaops.guards import OOD, detector, features
+        from dermaops.guards import detector, features
         from dermaops.imagecache import decode_image
         from dermaops.ood import CORRUPTION_TEXT, CORRUPTIONS, corrupt
 
@@ -285,7 +281,7 @@ class SplitScorer:
         if found is None:
             return None
         started = time.monotonic()
-        frame = Frame.from_meta(scored.meta)
+        frame = scored.meta.frame
 
         def flags(images):
             return found.flags(features(scored.model, images, scored.meta, self.batch_size, self.device))
@@ -300,7 +296,7 @@ class SplitScorer:
         samples = (self.resamples.weights @ flagged) / self.resamples.weights.sum(axis=1)
         log.info("out-of-distribution checks in %.1f s: false flags %.4f on test, detection %s",
                  time.monotonic() - started, flagged.mean(), detection)  # fmt: skip
-        fitted = {k: v for k, v in scored.meta[OOD].items() if k not in ("means", "precision")}
+        fitted = scored.meta.record()["ood"]
         return {
             "fitted": fitted,
             "threshold": found.threshold,
@@ -313,17 +309,15 @@ class SplitScorer:
 
     def score_champion(self, path: Path):
         """(test metrics, test probabilities) of the registered champion, scored like the challenger; the metrics
-        carry its checkpoint's meta (`meta`, without the detector's matrices) for the subgroup gate. Any failure
+        carry its checkpoint's meta (`meta`, a CheckpointMeta) for the subgroup gate. Any failure
         to rebuild it (architecture or tensor shapes its meta does not match) is a StageError: the gate then
         treats it as no champion."""
-        from dermaops.guards import without_arrays
-
         try:
             scored = self.score_checkpoint(path, what="the champion checkpoint")
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise StageError(f"the champion checkpoint does not load ({type(exc).__name__}: {exc})") from exc
         proba = scored.proba(self.tta)
-        return {**self.metrics(proba), "meta": without_arrays(scored.meta)}, proba
+        return {**self.metrics(proba), "meta": scored.meta}, proba
 
     def compare(self, proba_challenger, proba_champion, metric: str) -> dict:
         """Paired lesion bootstrap of metric(challenger) - metric(champion) on these same test images."""

@@ -46,12 +46,13 @@ from pathlib import Path
 import numpy as np
 
 from dermaops.augment import PolicyAugment, augment_batch, mix_batch
+from dermaops.checkpoint import CheckpointMeta, read_meta, save_checkpoint
 from dermaops.config import TrainConfig
 from dermaops.distributed import SINGLE, Dist
 from dermaops.errors import StageError
 from dermaops.frame import Frame
 from dermaops.metrics import classification_metrics
-from dermaops.models import model_meta, normalize, save_checkpoint, to_float
+from dermaops.models import normalize, to_float
 
 PROGRESS_EVERY_S = 30.0
 EVAL_BATCH = 256
@@ -353,7 +354,7 @@ class Trainer:
         val: Split,
         device: str,
         work_dir: Path,
-        extra_meta: dict,
+        provenance: dict,
         on_saved: Callable[[str, Path], None],
         dist: Dist = SINGLE,
     ):
@@ -367,7 +368,8 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.work_dir, self.on_saved = work_dir, on_saved
         frame = Frame(cfg.geometry, cfg.image_size)
-        self.meta = {**model_meta(cfg.arch, classes, frame, cfg.stem, cfg.pretrained), **extra_meta}
+        # What every checkpoint of this training carries; the best ones add their epoch, train's fits the rest.
+        self.meta = CheckpointMeta.for_model(cfg.arch, classes, frame, cfg.stem, cfg.pretrained, **provenance)
         seed_everything(cfg.seed)
         model = build_model(cfg.arch, len(classes), min(frame.shape), cfg.pretrained, cfg.stem)
         memory_format = torch.channels_last if self.cuda else torch.contiguous_format
@@ -474,7 +476,9 @@ class Trainer:
         import torch
 
         blob = torch.load(last, map_location="cpu", weights_only=True)
-        if blob.get("meta", {}).get("fingerprint") != self.meta.get("fingerprint"):
+        # last.pt is the training's state, not a model checkpoint: one of another training (or release) is set
+        # aside by its fingerprint alone, never refused.
+        if (blob.get("meta") or {}).get("fingerprint") != self.meta.fingerprint:
             log.info("ignoring %s: it belongs to a training with other inputs", last.name)
             return False
         st = self.state = TrainState.from_dict(blob["trainer"])
@@ -484,9 +488,9 @@ class Trainer:
         restore_rng(blob["rng"])
         self._resume_blob = {k: blob[k] for k in ("optimizer_state", "scheduler_state")}
         for key, path in best_files.items():
-            meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
-            if meta["epoch"] > st.epoch:
-                setattr(st, key, Best(meta["epoch"], meta["phase"], meta["val"]["macro_f1"]))
+            meta = read_meta(path)
+            if meta.epoch > st.epoch:
+                setattr(st, key, Best(meta.epoch, meta.phase, meta.val["macro_f1"]))
         log.info(
             "resuming from epoch %d: checkpoint after epoch %d (phase %d), %d history rows kept",
             st.epoch + 1, st.epoch, st.phase, len(st.history),
@@ -502,7 +506,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {
             "trainer": self.state.to_dict(),
-            "meta": self.meta,
+            "meta": self.meta.to_dict(),  # plain types: last.pt loads with weights_only
             "config": asdict(self.cfg),
             "model_state": self.model.state_dict(),
             "optimizer_state": optimizer.state_dict(),
@@ -519,7 +523,7 @@ class Trainer:
     def _save_best(self, name: str, row: EpochRecord) -> None:
         if not self.dist.primary:
             return
-        meta = {**self.meta, "phase": row.phase, "epoch": row.epoch, "val": row.val()}
+        meta = self.meta.replace(phase=row.phase, epoch=row.epoch, val=row.val())
         path = save_checkpoint(self.work_dir / name, self.scored_model, meta)
         self.on_saved(name, path)
 
@@ -575,7 +579,7 @@ class Trainer:
         if phase == 2:
             best1 = self.work_dir / "cnn_phase1.pt"
             if best1.exists():  # on rank 0, which wrote it; _sync hands its weights to the other ranks
-                from dermaops.models import load_checkpoint
+                from dermaops.checkpoint import load_checkpoint
 
                 best_model, _ = load_checkpoint(best1)
                 self.model.load_state_dict(best_model.state_dict())
@@ -636,7 +640,7 @@ class Trainer:
             if cfg.augment:
                 x = augment_batch(x, aug_rng)
             x, lam = mix_batch(x, cfg.mixup_alpha, cfg.cutmix_alpha, mix_rng)
-            x = normalize(x, self.meta["mean"], self.meta["std"], channels_last=self.cuda)
+            x = normalize(x, self.meta.mean, self.meta.std, channels_last=self.cuda)
             y = labels.to(self.device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 logits = self.net(x)
@@ -728,7 +732,7 @@ class Trainer:
         parts = []
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             for images, _ in self.val_loader:
-                x = normalize(to_float(images.to(self.device)), self.meta["mean"], self.meta["std"], self.cuda)
+                x = normalize(to_float(images.to(self.device)), self.meta.mean, self.meta.std, self.cuda)
                 parts.append(model(x).float())
             n = len(self.val.labels)
             empty = torch.empty((0, len(self.classes)), device=self.device)

@@ -79,13 +79,13 @@ def _fit_head(model, meta, images, labels) -> None:
         optimizer.step()
 
 
-def _publish(store: ArtifactStore, prefix: str, model, meta: dict, scratch) -> str:
+def _publish(store: ArtifactStore, prefix: str, model, meta, scratch) -> str:
     """A finished train output in the seam layout (what `train` publishes, minus history and curves)."""
-    from dermaops.models import save_checkpoint
+    from dermaops.checkpoint import save_checkpoint
 
     out = Context(store, scratch).output(prefix, "train", fingerprint(prefix=prefix))
     for name, phase in (("cnn_phase1.pt", 1), ("cnn.pt", 2)):
-        path = save_checkpoint(scratch / prefix.rsplit("/", 1)[-1] / name, model, {**meta, "phase": phase, "epoch": 1})
+        path = save_checkpoint(scratch / prefix.rsplit("/", 1)[-1] / name, model, meta.replace(phase=phase, epoch=1))
         out.put_file(name, path)
     out.publish({"model_uri": str(out.uri("cnn.pt")), "phase1_model_uri": str(out.uri("cnn_phase1.pt"))})
     return prefix
@@ -95,12 +95,13 @@ def _publish(store: ArtifactStore, prefix: str, model, meta: dict, scratch) -> s
 def small_models(small_split, shared_bucket, tmp_path_factory) -> dict[str, str]:
     """{fitted, weak, blind} -> train output prefix (s3://.../models/<name>)."""
     import torch
-    from dermaops.models import build_model, model_meta
+    from dermaops.checkpoint import CheckpointMeta
+    from dermaops.models import build_model
 
     store = ArtifactStore()
     scratch = tmp_path_factory.mktemp("small-models")
     images, labels = _train_images(store, small_split, scratch)
-    meta = model_meta(ARCH, CLASSES, SIZE, "auto", "none")
+    meta = CheckpointMeta.for_model(ARCH, CLASSES, SIZE, "auto", "none")
     torch.manual_seed(0)
     model = build_model(ARCH, len(CLASSES), SIZE).eval()
     _fit_head(model, meta, images, labels)
@@ -112,7 +113,7 @@ def small_models(small_split, shared_bucket, tmp_path_factory) -> dict[str, str]
 
     val_images, val_labels = _train_images(store, small_split, scratch, "val")
     fitted = fit(predict_proba(model, val_images, meta, tta=True), val_labels, CLASSES.index("mel"), 0.85)
-    prefixes["calibrated"] = _publish(store, f"{base}/calibrated", model, {**meta, **fitted}, scratch)
+    prefixes["calibrated"] = _publish(store, f"{base}/calibrated", model, meta.replace(**fitted), scratch)
 
     with torch.no_grad():
         model.fc.bias[CLASSES.index("mel")] = -1e4
@@ -138,9 +139,9 @@ def guarded_model(small_split, small_models, shared_bucket, tmp_path_factory) ->
     referral threshold, the out-of-distribution detector and the training prior in its meta."""
     import numpy as np
     import torch
+    from dermaops.checkpoint import load_checkpoint
     from dermaops.guards import fit_checkpoint
     from dermaops.imagecache import load_images
-    from dermaops.models import load_checkpoint
 
     store = ArtifactStore()
     scratch = tmp_path_factory.mktemp("guarded")

@@ -39,12 +39,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dermaops.config import EvaluateConfig, recipe_arg
 from dermaops.errors import StageError
 from dermaops.scoring import Scored, SplitScorer
 from dermaops.stage import Output, download_verified, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
+
+if TYPE_CHECKING:
+    from dermaops.checkpoint import CheckpointMeta
 
 HELP = "test-split metrics, confusion matrices, Grad-CAM, model comparison, champion/challenger promotion"
 CONFIG = EvaluateConfig
@@ -150,7 +154,7 @@ class Scores:
         return self.scored.model
 
     @property
-    def meta(self) -> dict:
+    def meta(self) -> CheckpointMeta:
         return self.scored.meta
 
 
@@ -260,13 +264,13 @@ def score_models(ctx, cfg: EvaluateConfig, inputs: Inputs, dataset, local: Path)
             models[FROZEN] = scorer.metrics(phase1_scored.proba(scorer.tta))
     metrics = models[evaluated_label(scored.meta)] = scorer.metrics(proba)
     log.info("test: %s", ", ".join(f"{k} {v}" for k, v in headline(metrics).items()))
-    point = scorer.operating_point(scored.meta, proba)
+    point = scorer.operating_point(scored, proba)
     intervals = scorer.intervals(proba, point["threshold"] if point else None)
     calibration = scorer.calibration(scored)
     add_uncertainty(metrics, intervals, calibration, point)
     # Beyond the headline: subgroups, referral and inputs unlike the training data, under the keys of the test
     # metrics the model card and the registry view read.
-    metrics["subgroups"] = subgroups = scorer.subgroups(proba, scored.meta)
+    metrics["subgroups"] = subgroups = scorer.subgroups(scored, proba)
     metrics["referral"] = referral = scorer.referral(proba, scored.meta)
     metrics["ood"] = ood = scorer.out_of_distribution(scored)
     return Scores(
@@ -364,7 +368,6 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
     """The champion/challenger gate (dermaops.promotion) when there is a registry; None otherwise."""
     if not inputs.registry_uri:
         return None
-    from dermaops.guards import without_arrays
     from dermaops.promotion import Challenger, GatePolicy, Registry, run_gate
     from dermaops.report import BASELINE
 
@@ -373,7 +376,7 @@ def promote(ctx, cfg: EvaluateConfig, inputs: Inputs, scores: Scores, dataset_ve
         checkpoint=scores.checkpoint,
         source_uri=str(inputs.cnn_uri),
         metrics=scores.metrics,
-        meta=without_arrays(scores.meta),
+        meta=scores.meta,
         dataset_version=dataset_version,
         split_uri=str(inputs.split_uri),
         proba=scores.proba,
@@ -410,6 +413,7 @@ def write_summary(
     from dermaops.report import render
 
     meta, metrics = scores.meta, scores.metrics
+    stored = meta.record()
     calibration = {k: v for k, v in scores.calibration.items() if not k.startswith("reliability")}
     report = render(
         run_id=inputs.run_id,
@@ -438,7 +442,7 @@ def write_summary(
             "dataset_version": dataset_version,
             "split_uri": str(inputs.split_uri),
             "model_uri": str(inputs.cnn_uri),
-            "model_meta": {k: meta.get(k) for k in MODEL_META_KEYS},
+            "model_meta": {k: stored[k] for k in MODEL_META_KEYS},
             "classes": list(scores.scorer.classes),
             "test": metrics,
             "intervals": {
@@ -458,7 +462,7 @@ def write_summary(
             "promotion": promotion,
             "inference": {
                 "tta": cfg.tta,
-                "logit_adjustment": meta.get("logit_adjustment"),
+                "logit_adjustment": meta.logit_adjustment,
                 "temperature": scores.calibration["temperature"],
             },
             "ablation": scores.ablation,
@@ -504,7 +508,6 @@ def explain(scorer: SplitScorer, scores: Scores, count: int, path: Path) -> dict
     over p(mel), with the mask outlines. None if the test split has no melanoma (no grid to draw)."""
     import numpy as np
 
-    from dermaops.frame import Frame
     from dermaops.gradcam import (
         POINTING_TOLERANCE,
         Localization,
@@ -522,7 +525,7 @@ def explain(scorer: SplitScorer, scores: Scores, count: int, path: Path) -> dict
         log.warning("no melanoma image in the test split: no Grad-CAM")
         return None
     started = time.monotonic()
-    frame = Frame.from_meta(meta)
+    frame = meta.frame
     images = scorer.images(frame)
     masks = load_masks(scorer.dataset, scorer.image_ids, frame)
     mask_source = "lesion segmentations" if masks is not None else "Otsu threshold (the dataset has no masks)"

@@ -36,11 +36,14 @@ from __future__ import annotations
 import io
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from dermaops.config import PredictConfig
-from dermaops.frame import Frame
 from dermaops.stage import fingerprint, skipped, utcnow
 from dermaops.store import S3Uri
+
+if TYPE_CHECKING:
+    from dermaops.checkpoint import CheckpointMeta
 
 HELP = "batch prediction: class probabilities and the melanoma flag for a folder of JPEGs, with a stored model"
 # Bump when what predict computes changes: part of the fingerprint, so a re-run recomputes.
@@ -77,24 +80,23 @@ def run(args, ctx) -> dict:
     from dermaops.dataset import CLASSES
     from dermaops.imagecache import CACHE_FORMAT
     from dermaops.models import pick_device
-    from dermaops.prediction import collect_images, load_model, operating_point, resolve_model, temperature_of
+    from dermaops.prediction import collect_images, load_model, resolve_model
 
     # The inputs first: a bad one fails before a checkpoint is downloaded.
     inputs = collect_images(args.images, ctx.store, ctx.scratch)
     resolved = resolve_model(ctx.store, args.model, registry, ctx.scratch)
     device = pick_device(cfg.device)
-    model, meta = load_model(resolved, device)
-    temperature = temperature_of(meta)
+    predictor = load_model(resolved, device)
+    meta, point, temperature = predictor.meta, predictor.point, predictor.temperature
     referral, found = guards.referral_threshold(meta), guards.detector(meta)
-    point = operating_point(meta, resolved.champion)
     log.info(
         "predicting %d images from %s with %s (%s, %s); calibration: %s; melanoma rule: %s; referral: %s; "
         "out-of-distribution detector: %s",
         len(inputs.images),
         args.images,
         resolved.uri,
-        meta["arch"],
-        Frame.from_meta(meta).describe(),
+        meta.arch,
+        meta.frame.describe(),
         f"temperature {temperature}" if temperature else "none",
         point.rule,
         "none" if referral is None else f"confidence < {referral:.4f}",
@@ -129,20 +131,18 @@ def run(args, ctx) -> dict:
     argmax_counts = np.zeros(len(CLASSES), dtype=np.int64)
     rows = []
     started = time.monotonic()
-    for n_batch, batch in enumerate(
-        predict_batches(model, meta, inputs, batch_size=cfg.batch_size, device=device, tta=cfg.tta)
-    ):
-        flags = point.flags(batch.proba, mel)
+    for n_batch, batch in enumerate(predict_batches(predictor, inputs, batch_size=cfg.batch_size, tta=cfg.tta)):
+        flags = predictor.flags(batch.proba, mel)
         decided = decisions(batch.proba, referral)
         conf = confidence(batch.proba)
         scores = None
         if found is not None:
-            scores = found.scores(guards.features(model, batch.pixels, meta, cfg.batch_size, device))
+            scores = found.scores(guards.features(predictor.model, batch.pixels, meta, cfg.batch_size, device))
             decided[scores > found.threshold] = OUT_OF_DISTRIBUTION
         argmax_counts += np.bincount(batch.proba[decided != OUT_OF_DISTRIBUTION].argmax(axis=1), minlength=len(CLASSES))
         cams = []
         if cfg.gradcam != "none":
-            paths = draw_gradcams(model, meta, batch, cfg.gradcam, device, ctx.scratch / "gradcam" / str(n_batch))
+            paths = draw_gradcams(predictor, batch, cfg.gradcam, ctx.scratch / "gradcam" / str(n_batch))
             for offset, path in enumerate(paths):
                 name = f"gradcam/{len(rows) + offset:06d}.png"
                 cams.append(str(out.put_file(name, path, content_type="image/png")))
@@ -178,9 +178,9 @@ def run(args, ctx) -> dict:
         "mel_threshold": point.threshold,
         "calibration": f"temperature {temperature:g} (checkpoint meta)" if temperature else "none",
         **resolved.describe,
-        "arch": meta["arch"],
-        "image_size": meta["image_size"],
-        "geometry": Frame.from_meta(meta).geometry,
+        "arch": meta.arch,
+        "image_size": meta.image_size,
+        "geometry": meta.geometry,
         "tta": cfg.tta,
         "gradcam": cfg.gradcam,
         "predictions_uri": str(csv_uri),
@@ -192,10 +192,10 @@ def run(args, ctx) -> dict:
             "created_at": utcnow(),
             "classes": list(CLASSES),
             "temperature": temperature,
-            "preprocessing": f"{CACHE_FORMAT} to {Frame.from_meta(meta).describe()}, the training image cache's "
+            "preprocessing": f"{CACHE_FORMAT} to {meta.frame.describe()}, the training image cache's "
             "recipe; "
-            f"then the model's normalisation (mean {meta['mean']}, std {meta['std']})"
-            + ("; logit adjustment from the checkpoint" if meta.get("logit_bias") is not None else ""),
+            f"then the model's normalisation (mean {list(meta.mean)}, std {list(meta.std)})"
+            + ("; logit adjustment from the checkpoint" if meta.logit_bias is not None else ""),
             "ignored": inputs.ignored,
             "champion": resolved.champion,
         },
@@ -207,7 +207,7 @@ def run(args, ctx) -> dict:
     return summary
 
 
-def monitor(ctx, args, summary: dict, meta: dict, argmax_counts, resolved) -> dict:
+def monitor(ctx, args, summary: dict, meta: CheckpointMeta, argmax_counts, resolved) -> dict:
     """The batch's monitoring record in the registry (dermaops.monitoring), and its Slack alert when it is past a
     bound; returns what the summary says about it."""
     from dermaops import guards, monitoring

@@ -12,8 +12,8 @@ GPU when there is one. CUDA runs use bf16 autocast and channels_last; CPU runs t
 At small sizes (< 40 px, --stem auto) the ResNet stem becomes a 3x3 stride-1 conv without max-pool.
 
 With --calibrate, a post-hoc logit adjustment (bias = -tau * log training prior, the one tau that
-maximises val macro F1 on test-time-augmented val predictions) goes into cnn.pt's meta; predict_proba
-applies it wherever the checkpoint is scored. The test split is never looked at.
+maximises val macro F1 on test-time-augmented val predictions) goes into cnn.pt's meta; the Predictor
+(dermaops.predictor) applies it wherever the checkpoint is scored. The test split is never looked at.
 
 Always, after training: temperature scaling and the melanoma operating point (dermaops.calibration)
 are fitted on the validation probabilities of cnn.pt, scored as evaluate and predict score it (--tta,
@@ -97,12 +97,12 @@ def _calibrate(path, val_raw, val_df, train_df, tta: bool, device) -> dict:
     `val_raw`: the checkpoint's unadjusted validation probabilities, with test-time augmentation as evaluate
     and predict will score (the shared tta param), so the bias is fitted to the probabilities it adjusts."""
     from dermaops.calibration import fit_logit_adjustment
-    from dermaops.models import load_checkpoint, save_checkpoint
+    from dermaops.checkpoint import load_checkpoint, save_checkpoint
 
     model, meta = load_checkpoint(path, device=device)
     fitted = fit_logit_adjustment(val_raw, val_df["label"].to_numpy(), train_df["label"].to_numpy(), list(CLASSES))
     fitted["logit_adjustment"]["tta"] = tta
-    save_checkpoint(path, model, {**meta, **fitted})
+    save_checkpoint(path, model, meta.replace(**fitted))
     log.info("logit adjustment fitted on val: %s", fitted["logit_adjustment"])
     return fitted["logit_adjustment"]
 
@@ -241,14 +241,14 @@ def _fit(args, cfg: TrainConfig, ctx, inputs: Inputs, dist, device: str) -> Fitt
         if dist.primary:  # the Trainer saves on rank 0 only; this keeps the one writer explicit
             out.put_file(name, path, content_type="application/octet-stream")
 
-    extra_meta = {
+    provenance = {  # the CheckpointMeta fields saying where the training data came from
         "dataset_version": inputs.dataset.version,
         "split_uri": str(inputs.split_uri),
         "image_cache": str(cache_uri(inputs.dataset, cache.frame)),
         "fingerprint": out.fingerprint,
     }
     trainer = Trainer(
-        cfg, list(CLASSES), to_split(inputs.train_df), to_split(inputs.val_df), device, work, extra_meta, upload, dist
+        cfg, list(CLASSES), to_split(inputs.train_df), to_split(inputs.val_df), device, work, provenance, upload, dist
     )
     # Inputs are all good: from here on the output prefix changes (rank 0 alone writes it).
     if dist.primary:
@@ -261,7 +261,7 @@ def _fit(args, cfg: TrainConfig, ctx, inputs: Inputs, dist, device: str) -> Fitt
     resumed = _resume(ctx, out, trainer, work)
     log.info(
         "training %s at %s (stem %s) on %s%s: %d train / %d val images, %d steps per epoch",
-        cfg.arch, cache.frame.describe(), trainer.meta["stem"], device,
+        cfg.arch, cache.frame.describe(), trainer.meta.stem, device,
         f" x {dist.world_size} processes" if dist.distributed else "", len(inputs.train_df), len(inputs.val_df),
         trainer.steps_per_epoch,
     )  # fmt: skip
@@ -273,12 +273,12 @@ def _fit(args, cfg: TrainConfig, ctx, inputs: Inputs, dist, device: str) -> Fitt
 
 def _fit_post_hoc(cfg: TrainConfig, inputs: Inputs, path: Path, device: str) -> dict:
     """What is fitted on validation after training, each stored in the best checkpoint's meta for every
-    consumer, in the order prediction.calibrated applies them: the logit adjustment (with --calibrate), the
+    consumer, in the order the Predictor (dermaops.predictor) applies them: the logit adjustment (with --calibrate), the
     temperature and the melanoma threshold, then the prediction guards (referral and out-of-distribution
     thresholds, the detector's statistics from the training split)."""
     from dermaops.calibration import calibrate_checkpoint
     from dermaops.guards import fit_checkpoint
-    from dermaops.models import load_checkpoint, predict_proba
+    from dermaops.predictor import Predictor
 
     train_df, val_df, cache = inputs.train_df, inputs.val_df, inputs.cache
     val_images = cache.rows(val_df["image_id"].tolist())
@@ -286,9 +286,9 @@ def _fit_post_hoc(cfg: TrainConfig, inputs: Inputs, path: Path, device: str) -> 
     # The best checkpoint's unadjusted validation probabilities, scored once: the logit adjustment, the
     # calibration and the referral threshold are each fitted on a transform of them, and with test-time
     # augmentation a pass costs a forward per view.
-    best_model, best_meta = load_checkpoint(path, device=device)
-    val_raw = predict_proba(best_model, val_images, best_meta, device=device, tta=cfg.tta, adjust=False)
-    del best_model
+    best = Predictor.load(path, device)
+    val_raw = best.softmax(val_images, tta=cfg.tta)
+    del best
     adjustment = _calibrate(path, val_raw, val_df, train_df, cfg.tta, device) if cfg.calibrate else None
     calibration = calibrate_checkpoint(
         path, val_images, val_labels, cfg.mel_sensitivity, cfg.tta, device, val_raw=val_raw
@@ -338,7 +338,7 @@ def _publish(args, cfg: TrainConfig, inputs: Inputs, fitted: Fitted, post_hoc: d
         "arch": cfg.arch,
         "image_size": cfg.image_size,
         "geometry": cfg.geometry,
-        "stem": fitted.trainer.meta["stem"],
+        "stem": fitted.trainer.meta.stem,
         "device": device.split(":")[0],
         "world_size": dist.world_size,
         "images_per_s": round(float(np.median([r["images_per_s"] for r in history])), 1),
