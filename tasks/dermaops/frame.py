@@ -13,8 +13,9 @@ aspect, a square for crop), so every image of one frame has the same shape. `Fra
 `imagecache.decode_image` resizes it (bicubic) and masks go through the same box
 (`imagecache.decode_mask`), so a mask stays aligned with its image in every geometry.
 
-The geometry is a training setting chosen on validation (the README's ablation); the checkpoint's meta
-carries it, so evaluate and predict feed a model exactly the frame it was trained on. Standard library
+The geometry is a training setting chosen on validation (docs/measurements.md, "Recipes on the 200 px
+pack"); the checkpoint's meta carries it, so evaluate and predict feed a model exactly the frame it was
+trained on. Standard library
 only: the DAG file, the data image and the torch image all import it.
 """
 

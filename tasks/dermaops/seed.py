@@ -2,7 +2,7 @@
 
     python -m dermaops.seed PACK_DIR s3://<bucket>/sources/<name>
 
-A pack is a folder in the official layout (README, "Data sources"): HAM10000_metadata.csv, the two image
+A pack is a folder in the official layout (the one `ingest` reads): HAM10000_metadata.csv, the two image
 zips, optionally HAM10000_segmentations_lesion.zip and other files (SHA256SUMS, dermamnist_splits.csv),
 all copied as they are. The folder is checked before anything is written (one line naming what is
 missing); each object is checked after the upload (its size). The S3 endpoint and key come from the
