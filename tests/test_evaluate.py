@@ -275,16 +275,18 @@ def test_bad_flags_fail_in_one_line_and_write_nothing(small_split, small_models,
 def test_the_report_says_which_checkpoint_was_evaluated_and_why():
     """quick-cpu's one fine-tuning epoch can lose on validation: cnn.pt is then phase 1's best checkpoint,
     the same model as the frozen row, and the report says so instead of calling it fine-tuned."""
+    from dermaops.checkpoint import CheckpointMeta
     from dermaops.report import evaluated_label, why_chosen
 
-    phase1 = {"phase": 1, "epoch": 6, "val": {"macro_f1": 0.4312}}
+    model = CheckpointMeta.for_model("resnet18", list("abcdefg"), 48, "imagenet", "none")
+    phase1 = model.replace(phase=1, epoch=6, val={"macro_f1": 0.4312})
     assert evaluated_label(phase1) == "best on validation (phase 1, epoch 6)"
     assert why_chosen(phase1, {"finetune_epochs": 1}) == (
         "the highest validation macro F1 (0.4312) of every epoch trained; phase 2's 1 fine-tuning epoch did not "
         "improve on it, so it is the frozen (phase 1) model"
     )
     assert why_chosen(phase1, {"finetune_epochs": 0}).endswith("(phase 1 only: no fine-tuning epochs)")
-    phase2 = {"phase": 2, "epoch": 7, "val": {"macro_f1": 0.45}}
+    phase2 = model.replace(phase=2, epoch=7, val={"macro_f1": 0.45})
     assert (
         why_chosen(phase2, {"finetune_epochs": 1}) == "the highest validation macro F1 (0.4500) of every epoch trained"
     )
