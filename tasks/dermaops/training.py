@@ -345,7 +345,95 @@ def _learns(name: str, learn: tuple[str, ...] | None) -> bool:
     return learn is None or any(name == m or name.startswith(m + ".") for m in learn)
 
 
+def make_criterion(cfg: TrainConfig, classes: list[str], labels, device):
+    """The training loss: cross-entropy with label smoothing, class weights (cfg.class_weight_power) and, with
+    loss_tau > 0, the logit-adjusted loss (the log prior added to the logits, Menon et al. 2021)."""
+    import torch
+
+    weights = None
+    if cfg.class_weights:
+        counts = class_weights(labels, len(classes), cfg.class_weight_power)
+        weights = torch.tensor(counts, dtype=torch.float32, device=device)
+        log.info("class weights: %s", {c: round(float(w), 3) for c, w in zip(classes, counts, strict=True)})
+    ce = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    if cfg.loss_tau <= 0:
+        return ce
+    prior = cfg.loss_tau * log_prior(np.asarray(labels), len(classes))
+    shift = torch.tensor(prior, dtype=torch.float32, device=device)
+    return lambda logits, y: ce(logits + shift, y)
+
+
+class Loaders:
+    """The execution side's data: the training loader (the global batch split over the ranks, with its
+    sampler) and the validation loader (each rank a strided share), built once for the whole training."""
+
+    def __init__(self, cfg: TrainConfig, train: Split, val: Split, dist: Dist, cuda: bool):
+        self.cfg, self.train_split, self.val_split, self.dist, self.cuda = cfg, train, val, dist, cuda
+        self.steps_per_epoch = max(1, (cfg.epoch_images or len(train.labels)) // cfg.batch_size)
+        self.train, self.sampler = self._train_loader()
+        self.val = self._val_loader()
+
+    def _loader_args(self) -> dict:
+        in_memory = isinstance(self.train_split.dataset, _TensorImages)  # batches are slices of a resident tensor
+        workers = 0 if in_memory else loader_workers(self.cfg, self.dist)
+        return {
+            "num_workers": workers,
+            "collate_fn": _batch,
+            "pin_memory": self.cuda and not in_memory,
+            # Workers stay between epochs: forking them again costs more than an epoch of a small split.
+            "persistent_workers": workers > 0,
+            **({"prefetch_factor": 4} if workers > 0 else {}),
+        }
+
+    def _train_loader(self):
+        """The global batch split over the ranks. The sampler's order for epoch e is randperm(n) seeded by
+        (seed, e); rank r takes its items r, r + W, ..., so the ranks' batches of a step together are the
+        very batch one process would take, and steps per epoch = n // batch_size at any world size."""
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        n, world = len(self.train_split.labels), self.dist.world_size
+        dataset = self.train_split.dataset
+        global_batch = min(self.cfg.batch_size, n) // world * world
+        if global_batch == 0:
+            raise StageError(f"{n} training images cannot be shared by {world} training processes")
+        if self.cfg.batch_size % world and n >= self.cfg.batch_size:
+            raise StageError(
+                f"--batch-size {self.cfg.batch_size} is not divisible by the {world} training processes "
+                "(it is the global batch, split evenly across them)"
+            )
+        if self.cfg.sampling_power < 1 or self.cfg.epoch_images is not None:
+            sampler = ClassSampler(
+                self.train_split.labels, self.cfg.sampling_power, self.steps_per_epoch * global_batch,
+                self.cfg.seed * 100_003, world, self.dist.rank,
+            )  # fmt: skip
+        else:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=world,
+                rank=self.dist.rank,
+                shuffle=True,
+                seed=self.cfg.seed * 100_003,
+                drop_last=True,
+            )
+        loader = DataLoader(
+            dataset, batch_size=global_batch // world, sampler=sampler, drop_last=True,
+            **self._loader_args(),
+        )  # fmt: skip
+        assert len(loader) == self.steps_per_epoch, (len(loader), self.steps_per_epoch)
+        return loader, sampler
+
+    def _val_loader(self):
+        from torch.utils.data import DataLoader
+
+        shard = range(self.dist.rank, len(self.val_split.labels), self.dist.world_size)  # see Dist.gather_strided
+        return DataLoader(self.val_split.dataset, batch_size=EVAL_BATCH, sampler=shard, **self._loader_args())
+
+
 class Trainer:
+    """The execution part of a training: the model on its device, DDP, the weight average, the loss, the
+    epochs and the checkpoints. What to do next (phase, early stop, the best epochs) is TrainState's; the
+    loaders are Loaders'."""
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -374,84 +462,14 @@ class Trainer:
         model = build_model(cfg.arch, len(classes), min(frame.shape), cfg.pretrained, cfg.stem)
         memory_format = torch.channels_last if self.cuda else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
-        weights = None
-        if cfg.class_weights:
-            counts = class_weights(train.labels, len(classes), cfg.class_weight_power)
-            weights = torch.tensor(counts, dtype=torch.float32, device=self.device)
-            log.info("class weights: %s", {c: round(float(w), 3) for c, w in zip(classes, counts, strict=True)})
-        ce = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
-        if cfg.loss_tau > 0:
-            shift = torch.tensor(
-                cfg.loss_tau * log_prior(np.asarray(train.labels), len(classes)), dtype=torch.float32,
-                device=self.device,
-            )  # fmt: skip
-            self.criterion = lambda logits, y: ce(logits + shift, y)
-        else:
-            self.criterion = ce
-        self.steps_per_epoch = max(1, (cfg.epoch_images or len(train.labels)) // cfg.batch_size)
+        self.criterion = make_criterion(cfg, classes, train.labels, self.device)
         self.net = self.model  # what the training step calls: DDP over the model when distributed (_sync)
-        self.train_loader, self.train_sampler = self._train_loader()
-        self.val_loader = self._val_loader()
+        self.loaders = Loaders(cfg, train, val, dist, self.cuda)
+        self.steps_per_epoch = self.loaders.steps_per_epoch
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.policy = PolicyAugment(cfg.auto_augment) if cfg.augment and cfg.auto_augment != "none" else None
         self.state = TrainState()
         self._resume_blob: dict | None = None
-
-    # -- data -------------------------------------------------------------------------------
-    def _loader_args(self) -> dict:
-        in_memory = isinstance(self.train.dataset, _TensorImages)  # batches are slices of a resident tensor
-        workers = 0 if in_memory else loader_workers(self.cfg, self.dist)
-        return {
-            "num_workers": workers,
-            "collate_fn": _batch,
-            "pin_memory": self.cuda and not in_memory,
-            # Workers stay between epochs: forking them again costs more than an epoch of a small split.
-            "persistent_workers": workers > 0,
-            **({"prefetch_factor": 4} if workers > 0 else {}),
-        }
-
-    def _train_loader(self):
-        """The global batch split over the ranks. The sampler's order for epoch e is randperm(n) seeded by
-        (seed, e); rank r takes its items r, r + W, ..., so the ranks' batches of a step together are the
-        very batch one process would take, and steps per epoch = n // batch_size at any world size."""
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        n, world = len(self.train.labels), self.dist.world_size
-        dataset = self.train.dataset
-        global_batch = min(self.cfg.batch_size, n) // world * world
-        if global_batch == 0:
-            raise StageError(f"{n} training images cannot be shared by {world} training processes")
-        if self.cfg.batch_size % world and n >= self.cfg.batch_size:
-            raise StageError(
-                f"--batch-size {self.cfg.batch_size} is not divisible by the {world} training processes "
-                "(it is the global batch, split evenly across them)"
-            )
-        if self.cfg.sampling_power < 1 or self.cfg.epoch_images is not None:
-            sampler = ClassSampler(
-                self.train.labels, self.cfg.sampling_power, self.steps_per_epoch * global_batch,
-                self.cfg.seed * 100_003, world, self.dist.rank,
-            )  # fmt: skip
-        else:
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=world,
-                rank=self.dist.rank,
-                shuffle=True,
-                seed=self.cfg.seed * 100_003,
-                drop_last=True,
-            )
-        loader = DataLoader(
-            dataset, batch_size=global_batch // world, sampler=sampler, drop_last=True,
-            **self._loader_args(),
-        )  # fmt: skip
-        assert len(loader) == self.steps_per_epoch, (len(loader), self.steps_per_epoch)
-        return loader, sampler
-
-    def _val_loader(self):
-        from torch.utils.data import DataLoader
-
-        shard = range(self.dist.rank, len(self.val.labels), self.dist.world_size)  # see Dist.gather_strided
-        return DataLoader(self.val.dataset, batch_size=EVAL_BATCH, sampler=shard, **self._loader_args())
 
     def _sync(self) -> None:
         """Every rank starts the phase from rank 0's weights and average, wrapped for this phase's gradients."""
@@ -622,7 +640,7 @@ class Trainer:
         import torch
 
         cfg = self.cfg
-        self.train_sampler.set_epoch(epoch)  # the shuffle of epoch e is seeded by (seed, e): resumable
+        self.loaders.sampler.set_epoch(epoch)  # the shuffle of epoch e is seeded by (seed, e): resumable
         # Rank 0 draws what a single process would; the others their own stream.
         aug_seed = cfg.seed * 100_019 + epoch + 1_000_003 * self.dist.rank
         aug_rng = torch.Generator(device=self.device).manual_seed(aug_seed)
@@ -632,7 +650,7 @@ class Trainer:
         preds, targets = [], []
         started = last_log = time.monotonic()
         steps = self.steps_per_epoch
-        for step, (images, labels) in enumerate(self.train_loader):
+        for step, (images, labels) in enumerate(self.loaders.train):
             images = images.to(self.device, non_blocking=True)
             if self.policy is not None:
                 images = self.policy(images, seed=aug_seed * 10_007 + step)
@@ -731,7 +749,7 @@ class Trainer:
         model.eval()
         parts = []
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            for images, _ in self.val_loader:
+            for images, _ in self.loaders.val:
                 x = normalize(to_float(images.to(self.device)), self.meta.mean, self.meta.std, self.cuda)
                 parts.append(model(x).float())
             n = len(self.val.labels)
