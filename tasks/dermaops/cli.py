@@ -20,7 +20,7 @@ from dermaops import __version__
 from dermaops.errors import StageError
 from dermaops.pipeline import STAGES as REGISTRY
 from dermaops.redaction import redact
-from dermaops.stage import Context, scratch_dir
+from dermaops.stage import Context, StageIO, scratch_dir
 from dermaops.store import ArtifactStore
 
 # Stage name -> module, from the stage registry. Modules keep heavy imports (torch,
@@ -125,16 +125,18 @@ def fail(stage: str, reason: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser, mods = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # a launcher starts its ranks with the same line
     setup_logging(args.log_level)
     stage = mods[args.stage]
     started = time.monotonic()
     try:
-        if hasattr(stage, "CONFIG"):
-            # Every setting finite and in bounds before the stage reads, writes or deletes anything.
-            args.config = stage.CONFIG.from_args(args)
+        # Every setting finite and in bounds before the stage reads, writes or deletes anything.
+        cfg = stage.CONFIG.from_args(args) if hasattr(stage, "CONFIG") else None
+        # The stage gets its locations, --force and the command line (a launcher starts its ranks with the
+        # same line), never the parsed Namespace: its locations are the flags its add_arguments declares.
+        line = sys.argv[1:] if argv is None else argv
+        io = StageIO.from_args(args, StageIO.locations(stage.add_arguments), line)
         with scratch_dir(args.scratch_dir) as scratch:
-            summary = stage.run(args, Context(store=ArtifactStore(), scratch=scratch))
+            summary = stage.run(io, cfg, Context(store=ArtifactStore(), scratch=scratch))
     except StageError as exc:
         fail(args.stage, str(exc))
         return exc.exit_code

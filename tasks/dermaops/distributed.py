@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def report_error(exc: StageError) -> None:
 
 
 # -- the launcher ---------------------------------------------------------------------------------
-def launch(argv: list[str], nproc: int, scratch: Path) -> dict:
+def launch(argv: Sequence[str], nproc: int, scratch: Path) -> dict:
     """Run `python -m dermaops <argv>` as `nproc` ranks on this host; rank 0's summary."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.api import SignalException

@@ -15,10 +15,14 @@
   mix their files under one manifest. Writers with the same fingerprint (a retry, or train and
   train_baseline building the same image cache) make the same outputs and share the claim. After
   publishing, the manifest is read back: it must be for this writer's inputs.
+- Every stage's entry point is `run(io: StageIO, cfg, ctx: Context) -> dict`: where it reads and writes
+  and how it was asked to run (`StageIO`), its checked settings (its `CONFIG`, or None), and the store
+  and scratch space (`Context`). No stage sees the parsed command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import hashlib
 import json
@@ -28,8 +32,10 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from dermaops import __version__
@@ -224,6 +230,48 @@ class Context:
     def output(self, prefix: str | S3Uri, stage: str, fp: str) -> Output:
         prefix = prefix if isinstance(prefix, S3Uri) else S3Uri.parse(prefix)
         return Output(self.store, prefix, stage, fp)
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """What the command line tells a stage besides its settings: where it reads and writes, and how it runs.
+
+    - `inputs`: the stage's own flags (the ones its `add_arguments` declares) other than `--out`, by their
+      argparse dest (`--official-splits` -> `"official_splits"`), as argparse typed them (an `s3://` or local
+      location as given, a JSON object as a dict, a `Path`), None where not given: the prefixes and files it
+      reads and the facts Airflow hands it about the run. Read-only.
+    - `out`: the `--out` output prefix as given, None for a stage without one (ingest writes under
+      `inputs["datasets"]`, notify under `inputs["report_out"]`, promote into `inputs["registry"]`).
+    - `force`: `--force`, redo the work even if a finished output exists.
+    - `argv`: the whole command line after `python -m dermaops` (a launcher starts its ranks with it).
+
+    Locations stay the strings given (parsed where the stage parses them), so a bad one fails where it did,
+    with the same line, after the settings' checks.
+    """
+
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    out: str | None = None
+    force: bool = False
+    argv: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
+        object.__setattr__(self, "argv", tuple(self.argv))
+
+    @staticmethod
+    def locations(add_arguments: Callable[[argparse.ArgumentParser], None]) -> tuple[str, ...]:
+        """The dests of the flags a stage's `add_arguments` declares (read off a throwaway parser): the one list
+        of its locations, so that nothing is declared twice."""
+        parser = argparse.ArgumentParser(add_help=False)
+        add_arguments(parser)
+        return tuple(action.dest for action in parser._actions)  # argument groups' flags included
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, locations: Sequence[str], argv: Sequence[str]) -> StageIO:
+        """The IO of parsed flags: the values of `locations` (the stage's declared dests), `--force` and `argv`."""
+        values = {name: getattr(args, name) for name in locations}
+        inputs = {name: value for name, value in values.items() if name != "out"}
+        return cls(inputs=inputs, out=values.get("out"), force=bool(args.force), argv=tuple(argv))
 
 
 class scratch_dir:

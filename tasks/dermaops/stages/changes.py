@@ -17,7 +17,7 @@ import logging
 from dermaops.config import recipe_arg
 from dermaops.freshness import verdict
 from dermaops.promotion import Registry
-from dermaops.stage import fingerprint, read_manifest
+from dermaops.stage import Context, StageIO, fingerprint, read_manifest
 from dermaops.store import S3Uri
 
 HELP = "skip training when the dataset version and the recipe equal the champion's"
@@ -33,23 +33,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output prefix (s3://<b>/runs/<run_id>/changes)")
 
 
-def run(args, ctx) -> dict:
-    dataset_uri = S3Uri.parse(args.dataset)
+def run(stage_io: StageIO, cfg: None, ctx: Context) -> dict:
+    recipe = stage_io.inputs["recipe"]
+    dataset_uri = S3Uri.parse(stage_io.inputs["dataset"])
     dataset_version = read_manifest(ctx.store, dataset_uri, "dataset version")["dataset_version"]
-    registry = Registry(ctx.store, S3Uri.parse(args.registry))
+    registry = Registry(ctx.store, S3Uri.parse(stage_io.inputs["registry"]))
     champion, problem = registry.champion_record()
-    decision = verdict(champion, problem, dataset_version, args.recipe, args.force)
+    decision = verdict(champion, problem, dataset_version, recipe, stage_io.force)
     log.info("%s: %s", "retrain" if decision.retrain else "skip training", decision.reason)
     summary = {
         "retrain": decision.retrain,
         "reason": decision.reason,
-        "forced": bool(args.force),
+        "forced": bool(stage_io.force),
         "dataset_version": dataset_version,
         "champion_run_id": (champion or {}).get("run_id"),
         "champion_dataset_version": (champion or {}).get("dataset_version"),
     }
-    out = ctx.output(args.out, "changes", fingerprint(dataset=str(dataset_uri), recipe=args.recipe, **summary))
+    out = ctx.output(stage_io.out, "changes", fingerprint(dataset=str(dataset_uri), recipe=recipe, **summary))
     out.unpublish()
-    out.put_json("decision.json", {**summary, "recipe": args.recipe, "champion_record": str(registry.champion_uri)})
+    out.put_json("decision.json", {**summary, "recipe": recipe, "champion_record": str(registry.champion_uri)})
     out.publish(summary)
     return summary

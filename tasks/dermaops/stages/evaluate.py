@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from dermaops.config import EvaluateConfig, recipe_arg
 from dermaops.errors import StageError
 from dermaops.scoring import Scored, SplitScorer
-from dermaops.stage import Output, download_verified, fingerprint, read_manifest, skipped
+from dermaops.stage import Context, Output, StageIO, download_verified, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
 
 if TYPE_CHECKING:
@@ -158,11 +158,10 @@ class Scores:
         return self.scored.meta
 
 
-def run(args, ctx) -> dict:
-    cfg: EvaluateConfig = args.config
-    inputs = locate_inputs(args, ctx)
-    out = ctx.output(args.out, "evaluate", _fingerprint(inputs, cfg))
-    if (manifest := out.finished()) and not args.force:
+def run(stage_io: StageIO, cfg: EvaluateConfig, ctx: Context) -> dict:
+    inputs = locate_inputs(stage_io, ctx)
+    out = ctx.output(stage_io.out, "evaluate", _fingerprint(inputs, cfg))
+    if (manifest := out.finished()) and not stage_io.force:
         log.info("evaluation at %s is finished for these inputs; skipping (use --force to redo)", out.prefix)
         return skipped(manifest)
 
@@ -186,11 +185,12 @@ def run(args, ctx) -> dict:
     return summary
 
 
-def locate_inputs(args, ctx) -> Inputs:
+def locate_inputs(stage_io: StageIO, ctx) -> Inputs:
+    where = stage_io.inputs
     """The split, the trained models and the registry: manifests read, files located, or one-line errors."""
-    split_uri, model_prefix = S3Uri.parse(args.split), S3Uri.parse(args.model)
-    baseline_prefix = S3Uri.parse(args.baseline) if args.baseline else None
-    run_id = args.run_id or run_id_from(S3Uri.parse(args.out))
+    split_uri, model_prefix = S3Uri.parse(where["split"]), S3Uri.parse(where["model"])
+    baseline_prefix = S3Uri.parse(where["baseline"]) if where["baseline"] else None
+    run_id = where["run_id"] or run_id_from(S3Uri.parse(stage_io.out))
     split_manifest = read_manifest(ctx.store, split_uri, "split")
     model_manifest = read_manifest(ctx.store, model_prefix, "train output")
     baseline_manifest = read_manifest(ctx.store, baseline_prefix, "baseline") if baseline_prefix else None
@@ -211,8 +211,8 @@ def locate_inputs(args, ctx) -> Inputs:
         baseline_uri=(
             _model_file(baseline_manifest, baseline_prefix, "baseline.joblib") if baseline_manifest else None
         ),
-        registry_uri=S3Uri.parse(args.registry) if args.registry else None,
-        recipe=args.recipe,
+        registry_uri=S3Uri.parse(where["registry"]) if where["registry"] else None,
+        recipe=where["recipe"],
     )
 
 

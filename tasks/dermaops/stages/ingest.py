@@ -45,7 +45,7 @@ from dermaops.sources import (
     open_source,
 )
 from dermaops.sources.transfer import Fetched, TransferSettings
-from dermaops.stage import Context, fingerprint, skipped, utcnow
+from dermaops.stage import Context, StageIO, fingerprint, skipped, utcnow
 from dermaops.store import S3Uri, sha256_file
 
 HELP = "fetch and verify HAM10000, store an immutable dataset version"
@@ -87,10 +87,9 @@ class Metadata:
         return buf.getvalue().encode()
 
 
-def run(args: argparse.Namespace, ctx: Context) -> dict:
+def run(stage_io: StageIO, cfg: IngestConfig, ctx: Context) -> dict:
     started = time.monotonic()
-    datasets = S3Uri.parse(args.datasets)
-    cfg: IngestConfig = args.config
+    datasets = S3Uri.parse(stage_io.inputs["datasets"])
     settings = TransferSettings(
         retries=cfg.retries,
         base_delay=cfg.retry_base_delay,
@@ -98,12 +97,12 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         timeout=cfg.timeout,
         progress_every=cfg.progress_every,
     )
-    source = open_source(args.source, settings, cfg.dataverse_url, SourceCredentials.from_env())
+    source = open_source(stage_io.inputs["source"], settings, cfg.dataverse_url, SourceCredentials.from_env())
     next(ctx.store.list(datasets), None)  # fail on a missing bucket now, not after downloading gigabytes
 
     files = source.files()
     source_fp = source.fingerprint(files)
-    if source_fp is not None and not args.force:
+    if source_fp is not None and not stage_io.force:
         unchanged = _unchanged_source(ctx, datasets, source, source_fp)
         if unchanged is not None:
             return unchanged
@@ -136,7 +135,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     out = ctx.output(datasets.join(version), "ingest", fingerprint(dataset_version=version))
 
     finished = out.finished()
-    if finished and not args.force:
+    if finished and not stage_io.force:
         log.info("dataset version %s is already published at %s; skipping", version, out.prefix)
         _record_source(ctx, datasets, source, source_fp, version, out.fingerprint)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -172,7 +171,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         "n_masks": len(mask_index),
         "masks_without_metadata": len(masks_without_metadata),
         "masks_source": masks.name if masks else None,
-        "source": redact(args.source),
+        "source": redact(stage_io.inputs["source"]),
         "source_kind": source.kind,
         "metadata_source": fetched[0].name,
         "bytes": sum(f.size for f in fetched),

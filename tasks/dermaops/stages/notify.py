@@ -21,7 +21,7 @@ from dataclasses import asdict
 from dermaops import slack
 from dermaops.config import json_object_arg
 from dermaops.run_report import build_report, render_markdown, slack_message
-from dermaops.stage import fingerprint, skipped
+from dermaops.stage import Context, StageIO, fingerprint, skipped
 from dermaops.store import S3Uri
 
 HELP = "report the run: markdown report on S3 and a Slack message"
@@ -67,27 +67,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args, ctx) -> dict:
-    out_prefix = S3Uri.parse(args.report_out)
-    target = slack.SlackTarget.from_env(args.channel)  # a half-configured Slack fails before anything is written
+def run(stage_io: StageIO, cfg: None, ctx: Context) -> dict:
+    where = stage_io.inputs  # the run's facts, and where its report goes
+    out_prefix = S3Uri.parse(where["report_out"])
+    target = slack.SlackTarget.from_env(where["channel"])  # a half-configured Slack fails before anything is written
     channel = target.channel if target else None
-    facts = {"run_id": args.run_id, "states": args.states, "results": args.results, "channel": channel}
-    if args.marked_failed:
-        facts["marked_failed"] = args.marked_failed
+    facts = {"run_id": where["run_id"], "states": where["states"], "results": where["results"], "channel": channel}
+    if where["marked_failed"]:
+        facts["marked_failed"] = where["marked_failed"]
     out = ctx.output(out_prefix, "notify", fingerprint(**facts))
     finished = out.finished()
-    if finished and not args.force:
+    if finished and not stage_io.force:
         return skipped(finished)
     out.unpublish()
 
     report = build_report(
-        args.dag_id,
-        args.run_id,
-        args.states,
-        args.results,
+        where["dag_id"],
+        where["run_id"],
+        where["states"],
+        where["results"],
         str(out.uri(REPORT)),
-        started_at=args.started_at,
-        marked_failed=args.marked_failed,
+        started_at=where["started_at"],
+        marked_failed=where["marked_failed"],
         # Said in the report itself: whoever reads it in S3 learns whether anyone was told.
         slack=f"to {channel}" if target else f"not configured (no {slack.TOKEN_ENV}): this report was not posted",
     )

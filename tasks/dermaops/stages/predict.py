@@ -39,7 +39,7 @@ import time
 from typing import TYPE_CHECKING
 
 from dermaops.config import PredictConfig
-from dermaops.stage import fingerprint, skipped, utcnow
+from dermaops.stage import Context, StageIO, fingerprint, skipped, utcnow
 from dermaops.store import S3Uri
 
 if TYPE_CHECKING:
@@ -71,10 +71,11 @@ def add_arguments(parser) -> None:
     )
 
 
-def run(args, ctx) -> dict:
-    cfg: PredictConfig = args.config  # --gradcam, --tta, --batch-size, --device, the monitoring bounds
-    out_uri = S3Uri.parse(args.out)
-    registry = str(S3Uri.parse(args.registry)) if args.registry else None
+def run(stage_io: StageIO, cfg: PredictConfig, ctx: Context) -> dict:
+    # cfg: --gradcam, --tta, --batch-size, --device, the monitoring bounds
+    images = stage_io.inputs["images"]
+    out_uri = S3Uri.parse(stage_io.out)
+    registry = str(S3Uri.parse(stage_io.inputs["registry"])) if stage_io.inputs["registry"] else None
 
     from dermaops import guards
     from dermaops.dataset import CLASSES
@@ -83,8 +84,8 @@ def run(args, ctx) -> dict:
     from dermaops.prediction import collect_images, load_model, resolve_model
 
     # The inputs first: a bad one fails before a checkpoint is downloaded.
-    inputs = collect_images(args.images, ctx.store, ctx.scratch)
-    resolved = resolve_model(ctx.store, args.model, registry, ctx.scratch)
+    inputs = collect_images(images, ctx.store, ctx.scratch)
+    resolved = resolve_model(ctx.store, stage_io.inputs["model"], registry, ctx.scratch)
     device = pick_device(cfg.device)
     predictor = load_model(resolved, device)
     meta, point, temperature = predictor.meta, predictor.point, predictor.temperature
@@ -93,7 +94,7 @@ def run(args, ctx) -> dict:
         "predicting %d images from %s with %s (%s, %s); calibration: %s; melanoma rule: %s; referral: %s; "
         "out-of-distribution detector: %s",
         len(inputs.images),
-        args.images,
+        images,
         resolved.uri,
         meta.arch,
         meta.frame.describe(),
@@ -116,7 +117,7 @@ def run(args, ctx) -> dict:
             decode=CACHE_FORMAT,
         ),
     )
-    if (manifest := out.finished()) and not args.force:
+    if (manifest := out.finished()) and not stage_io.force:
         log.info("predictions at %s are finished for this model and these images; skipping", out_uri)
         return skipped(manifest)
     out.unpublish()
@@ -166,7 +167,7 @@ def run(args, ctx) -> dict:
     counts = {cls: int((table["predicted"] == cls).sum()) for cls in CLASSES}
     decision_counts = {d: int((table["decision"] == d).sum()) for d in ("decided", "refer", OUT_OF_DISTRIBUTION)}
     summary = {
-        "images": args.images,
+        "images": images,
         "n_images": len(rows),
         "n_ignored": len(inputs.ignored),
         "predicted_counts": counts,
@@ -202,21 +203,22 @@ def run(args, ctx) -> dict:
     )
     summary["summary_uri"] = str(out.uri("predictions.json"))
     if registry:
-        summary["monitoring"] = monitor(ctx, args, summary, meta, argmax_counts, resolved)
+        summary["monitoring"] = monitor(ctx, stage_io, cfg, summary, meta, argmax_counts, resolved)
     out.publish(summary)
     return summary
 
 
-def monitor(ctx, args, summary: dict, meta: CheckpointMeta, argmax_counts, resolved) -> dict:
+def monitor(
+    ctx, stage_io: StageIO, cfg: PredictConfig, summary: dict, meta: CheckpointMeta, argmax_counts, resolved
+) -> dict:
     """The batch's monitoring record in the registry (dermaops.monitoring), and its Slack alert when it is past a
     bound; returns what the summary says about it."""
     from dermaops import guards, monitoring
     from dermaops.dataset import CLASSES
 
-    cfg: PredictConfig = args.config
     record = monitoring.batch_record(
-        run=S3Uri.parse(args.out).key.rstrip("/").rsplit("/", 1)[-1],
-        images=args.images,
+        run=S3Uri.parse(stage_io.out).key.rstrip("/").rsplit("/", 1)[-1],
+        images=stage_io.inputs["images"],
         predictions_uri=summary["predictions_uri"],
         model={k: v for k, v in resolved.describe.items()},
         classes=list(CLASSES),
@@ -227,7 +229,7 @@ def monitor(ctx, args, summary: dict, meta: CheckpointMeta, argmax_counts, resol
         max_ood_rate=cfg.max_ood_rate,
     )
     posted = monitoring.post_alert(record)
-    uri = monitoring.record_uri(S3Uri.parse(args.registry), record)
+    uri = monitoring.record_uri(S3Uri.parse(stage_io.inputs["registry"]), record)
     ctx.store.put_json(uri, {**record, "alert_posted": posted})
     return {
         "record_uri": str(uri),

@@ -26,6 +26,7 @@ import logging
 
 from dermaops.errors import StageError
 from dermaops.promotion import Registry, resolve_approval
+from dermaops.stage import Context, StageIO
 from dermaops.store import S3Uri
 
 HELP = "apply a reviewer's approval or rejection of a challenger that awaits approval"
@@ -57,26 +58,27 @@ def add_arguments(parser) -> None:
     )
 
 
-def run(args, ctx) -> dict:
-    reviewer = args.reviewer.strip()
-    timed_out = args.timed_out == "yes"
-    if timed_out and args.decision != "reject":
-        raise StageError(f"--timed-out yes with --decision {args.decision}: a timed-out approval is a rejection")
+def run(stage_io: StageIO, cfg: None, ctx: Context) -> dict:
+    answer = stage_io.inputs  # the reviewer's answer, as Airflow hands it over
+    reviewer = answer["reviewer"].strip()
+    timed_out = answer["timed_out"] == "yes"
+    if timed_out and answer["decision"] != "reject":
+        raise StageError(f"--timed-out yes with --decision {answer['decision']}: a timed-out approval is a rejection")
     if not reviewer and not timed_out:
         raise StageError("--reviewer is empty: the approval has no responding user (approve task's XCom)")
-    registry = Registry(ctx.store, S3Uri.parse(args.registry))
+    registry = Registry(ctx.store, S3Uri.parse(answer["registry"]))
     result = resolve_approval(
         registry,
-        args.run_id,
-        approved=args.decision == "approve",
+        answer["run_id"],
+        approved=answer["decision"] == "approve",
         reviewer=reviewer,
-        comment=args.comment.strip(),
-        responded_at=args.responded_at or None,
+        comment=answer["comment"].strip(),
+        responded_at=answer["responded_at"] or None,
         scratch=ctx.scratch,
         timed_out=timed_out,
     )
     summary = {
-        "run_id": args.run_id,
+        "run_id": answer["run_id"],
         "decision": result["decision"],
         "promoted": result["promoted"],
         "reason": result["reason"],

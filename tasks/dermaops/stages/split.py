@@ -23,7 +23,7 @@ from pathlib import Path
 from dermaops.config import SPLIT_STRATEGIES, SplitConfig
 from dermaops.dataset import CLASSES, Dataset
 from dermaops.errors import StageError
-from dermaops.stage import fingerprint, skipped
+from dermaops.stage import Context, StageIO, fingerprint, skipped
 from dermaops.store import ArtifactStore, S3Uri, sha256_bytes
 
 HELP = "train/val/test split: stratified by dx, grouped by lesion (or image-level / official DermaMNIST)"
@@ -54,17 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args, ctx) -> dict:
-    cfg: SplitConfig = args.config
-    out_uri = S3Uri.parse(args.out)
-    if cfg.strategy == "dermamnist" and not args.official_splits:
+def run(stage_io: StageIO, cfg: SplitConfig, ctx: Context) -> dict:
+    official_splits = stage_io.inputs["official_splits"]
+    out_uri = S3Uri.parse(stage_io.out)
+    if cfg.strategy == "dermamnist" and not official_splits:
         raise StageError("--strategy dermamnist needs --official-splits (path or s3:// URI of dermamnist_splits.csv)")
-    if cfg.strategy != "dermamnist" and args.official_splits:
+    if cfg.strategy != "dermamnist" and official_splits:
         raise StageError(f"--official-splits is only used by --strategy dermamnist, not {cfg.strategy!r}")
-    dataset = Dataset.open(ctx.store, args.dataset, ctx.scratch)
+    dataset = Dataset.open(ctx.store, stage_io.inputs["dataset"], ctx.scratch)
     if "dataset_version" not in dataset.manifest:
         raise StageError(f"{dataset.uri} is not a dataset version: its manifest.json has no dataset_version")
-    official = _read_official_splits(ctx.store, args.official_splits) if args.official_splits else None
+    official = _read_official_splits(ctx.store, official_splits) if official_splits else None
 
     # Only what changes the result goes into the fingerprint: the official split ignores seed and fractions.
     params = (
@@ -80,11 +80,11 @@ def run(args, ctx) -> dict:
             **params,
         ),
     )
-    if (manifest := out.finished()) and not args.force:
+    if (manifest := out.finished()) and not stage_io.force:
         log.info("split at %s is finished for these inputs; skipping (use --force to redo)", out_uri)
         return skipped(manifest)
 
-    frames, report = _split(args, dataset, official)
+    frames, report = _split(cfg, official_splits, dataset, official)
     log.info(
         "%s split of %d images: %s; lesions in several splits: %d",
         cfg.strategy,
@@ -122,8 +122,9 @@ def _read_official_splits(store: ArtifactStore, location: str) -> bytes:
     return path.read_bytes()
 
 
-def _split(args, dataset: Dataset, official: bytes | None) -> tuple[dict, dict]:
-    cfg: SplitConfig = args.config
+def _split(
+    cfg: SplitConfig, official_splits: str | None, dataset: Dataset, official: bytes | None
+) -> tuple[dict, dict]:
     """The three tables and the report; every check runs here, before anything is written."""
     import pandas as pd
 
@@ -142,7 +143,7 @@ def _split(args, dataset: Dataset, official: bytes | None) -> tuple[dict, dict]:
         try:
             table = pd.read_csv(io.BytesIO(official), dtype={"image_id": str, "dermamnist_split": str})
         except (ValueError, UnicodeDecodeError) as exc:
-            raise StageError(f"official split file {args.official_splits} is not a readable CSV ({exc})") from None
+            raise StageError(f"official split file {official_splits} is not a readable CSV ({exc})") from None
         split = splitting.official_split(meta, table)
     splitting.check_every_class_in_every_split(meta, split)
 
@@ -163,9 +164,7 @@ def _split(args, dataset: Dataset, official: bytes | None) -> tuple[dict, dict]:
         "target_fractions": targets,
         "dataset_uri": str(dataset.uri),
         "dataset_version": dataset.version,
-        "official_splits": None
-        if official is None
-        else {"source": args.official_splits, "sha256": sha256_bytes(official)},
+        "official_splits": None if official is None else {"source": official_splits, "sha256": sha256_bytes(official)},
         "n_images": int(len(meta)),
         "n_lesions": int(meta["lesion_id"].nunique()),
         "counts": {name: len(frame) for name, frame in frames.items()},

@@ -50,7 +50,7 @@ from dermaops.config import TrainConfig
 from dermaops.dataset import CLASSES
 from dermaops.errors import StageError
 from dermaops.models import imagenet_weights_path
-from dermaops.stage import Context, Output, fingerprint, read_manifest, skipped
+from dermaops.stage import Context, Output, StageIO, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
 
 HELP = "two-phase ResNet training (frozen backbone/head, then fine-tune the last block); resumable"
@@ -67,10 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output prefix (s3://<b>/runs/<run_id>/models/cnn)")
 
 
-def _check_locations(args, cfg: TrainConfig) -> None:
+def _check_locations(stage_io: StageIO, cfg: TrainConfig) -> None:
     """The flags that name things (the range checks of the settings ran in the CLI already)."""
-    S3Uri.parse(args.split)
-    S3Uri.parse(args.out)
+    S3Uri.parse(stage_io.inputs["split"])
+    S3Uri.parse(stage_io.out)
     p = cfg.pretrained
     if p == "imagenet":
         imagenet_weights_path(cfg.arch)
@@ -118,21 +118,23 @@ class Inputs:
     cache: object  # imagecache.CachedImages
 
 
-def _inputs(args, cfg: TrainConfig, ctx, cache_ctx) -> Inputs:
+def _inputs(stage_io: StageIO, cfg: TrainConfig, ctx, cache_ctx) -> Inputs:
     """Everything the training reads, checked; the image cache's shards of both splits in cache_ctx's scratch."""
     from dermaops.dataset import Dataset
     from dermaops.frame import Frame
     from dermaops.imagecache import load_images
     from dermaops.split_files import read_split_csv
 
-    split_uri = S3Uri.parse(args.split)
+    split_uri = S3Uri.parse(stage_io.inputs["split"])
     split_manifest = read_manifest(ctx.store, split_uri, "split")
     if cfg.pretrained.startswith("s3://") and not ctx.store.exists(cfg.pretrained):
         raise StageError(f"--pretrained {cfg.pretrained}: no such object")
-    fp = fingerprint(split=args.split, split_fingerprint=split_manifest.get("fingerprint"), **cfg.fingerprint_inputs())
-    out = ctx.output(args.out, "train", fp)
+    fp = fingerprint(
+        split=stage_io.inputs["split"], split_fingerprint=split_manifest.get("fingerprint"), **cfg.fingerprint_inputs()
+    )
+    out = ctx.output(stage_io.out, "train", fp)
     done = out.finished()
-    if done and not args.force:
+    if done and not stage_io.force:
         return Inputs(split_uri, out, done, None, None, None, None)
     train_df = read_split_csv(ctx.store, split_uri, "train", split_manifest)
     val_df = read_split_csv(ctx.store, split_uri, "val", split_manifest)
@@ -144,7 +146,7 @@ def _inputs(args, cfg: TrainConfig, ctx, cache_ctx) -> Inputs:
     return Inputs(split_uri, out, done, train_df, val_df, dataset, cache)
 
 
-def _launch(args, cfg: TrainConfig, ctx, device: str, nproc: int) -> dict:
+def _launch(stage_io: StageIO, cfg: TrainConfig, ctx, device: str, nproc: int) -> dict:
     """Check the inputs and fill the cache here, once, then run the training as `nproc` ranks."""
     if device == "cuda" and nproc > (gpus := distributed.visible_gpus()):
         raise StageError(f"--nproc-per-node {nproc}: only {gpus} GPUs are visible (one process per GPU)")
@@ -153,17 +155,16 @@ def _launch(args, cfg: TrainConfig, ctx, device: str, nproc: int) -> dict:
             f"--batch-size {cfg.batch_size} is not divisible by --nproc-per-node {nproc} "
             "(it is the global batch, split evenly across the processes)"
         )
-    inputs = _inputs(args, cfg, ctx, ctx)
-    if inputs.done and not args.force:
+    inputs = _inputs(stage_io, cfg, ctx, ctx)
+    if inputs.done and not stage_io.force:
         log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", inputs.out.prefix)
         return skipped(inputs.done)
-    summary = distributed.launch(args.argv, nproc, ctx.scratch)
+    summary = distributed.launch(stage_io.argv, nproc, ctx.scratch)
     return {key: value for key, value in summary.items() if key not in ("stage", "status", "seconds")}
 
 
-def run(args, ctx) -> dict:
-    cfg: TrainConfig = args.config
-    _check_locations(args, cfg)
+def run(stage_io: StageIO, cfg: TrainConfig, ctx: Context) -> dict:
+    _check_locations(stage_io, cfg)
     from dermaops.models import pick_device
 
     started = time.monotonic()
@@ -172,10 +173,10 @@ def run(args, ctx) -> dict:
     if dist is None:
         nproc = cfg.nproc_per_node or distributed.visible_gpus() or 1
         if nproc > 1:
-            return _launch(args, cfg, ctx, device, nproc)
+            return _launch(stage_io, cfg, ctx, device, nproc)
         dist = distributed.SINGLE
     try:
-        return _train(args, cfg, ctx, dist, device, started)
+        return _train(stage_io, cfg, ctx, dist, device, started)
     except StageError as exc:
         distributed.report_error(exc)
         raise
@@ -183,19 +184,19 @@ def run(args, ctx) -> dict:
         distributed.shutdown(dist)
 
 
-def _train(args, cfg: TrainConfig, ctx, dist, device: str, started: float) -> dict:
+def _train(stage_io: StageIO, cfg: TrainConfig, ctx, dist, device: str, started: float) -> dict:
     """One rank's training, as named steps: inputs, fit, post-hoc fits on validation, publish."""
     device = distributed.device_for(dist, device)
     distributed.init(dist, device)
-    inputs = _inputs(args, cfg, ctx, Context(ctx.store, distributed.cache_scratch(ctx.scratch)))
-    if inputs.done and not args.force:
+    inputs = _inputs(stage_io, cfg, ctx, Context(ctx.store, distributed.cache_scratch(ctx.scratch)))
+    if inputs.done and not stage_io.force:
         log.info("finished training with the same inputs at %s: skipping (use --force to retrain)", inputs.out.prefix)
         return skipped(inputs.done)
-    fitted = _fit(args, cfg, ctx, inputs, dist, device)
+    fitted = _fit(cfg, ctx, inputs, dist, device)
     if not dist.primary:
         return {"rank": dist.rank, "epochs_run": len(fitted.state.history)}
     post_hoc = _fit_post_hoc(cfg, inputs, fitted.work / "cnn.pt", device)
-    summary = _publish(args, cfg, inputs, fitted, post_hoc, dist, device, started)
+    summary = _publish(stage_io, cfg, inputs, fitted, post_hoc, dist, device, started)
     distributed.report_summary(summary)
     return summary
 
@@ -219,7 +220,7 @@ def _set_threads(cfg: TrainConfig, dist, device: str) -> None:
         torch.set_num_threads(max(1, torch.get_num_threads() // dist.local_world_size))
 
 
-def _fit(args, cfg: TrainConfig, ctx, inputs: Inputs, dist, device: str) -> Fitted:
+def _fit(cfg: TrainConfig, ctx, inputs: Inputs, dist, device: str) -> Fitted:
     """The two training phases (dermaops.training.Trainer), resumed from the checkpoint an interrupted run of
     the same training left in S3; every rank runs it, rank 0 alone writes the output prefix."""
     from dermaops.imagecache import cache_uri
@@ -311,7 +312,9 @@ def _fit_post_hoc(cfg: TrainConfig, inputs: Inputs, path: Path, device: str) -> 
     return {"adjustment": adjustment, "calibration": calibration, "guards": guards}
 
 
-def _publish(args, cfg: TrainConfig, inputs: Inputs, fitted: Fitted, post_hoc: dict, dist, device, started) -> dict:
+def _publish(
+    stage_io: StageIO, cfg: TrainConfig, inputs: Inputs, fitted: Fitted, post_hoc: dict, dist, device, started
+) -> dict:
     """The checkpoints, the history and its curves, then the manifest with the summary (the stage contract)."""
     import numpy as np
 
@@ -354,5 +357,9 @@ def _publish(args, cfg: TrainConfig, inputs: Inputs, fitted: Fitted, post_hoc: d
         "dataset_version": inputs.dataset.version,
         "train_seconds": round(time.monotonic() - started, 1),
     }
-    out.publish(summary, split_uri=str(inputs.split_uri), config={"split": args.split, "out": args.out, **asdict(cfg)})
+    out.publish(
+        summary,
+        split_uri=str(inputs.split_uri),
+        config={"split": stage_io.inputs["split"], "out": stage_io.out, **asdict(cfg)},
+    )
     return summary

@@ -19,7 +19,7 @@ import logging
 from dermaops.baseline import fit_and_score, predict_proba
 from dermaops.config import BaselineConfig
 from dermaops.errors import StageError
-from dermaops.stage import fingerprint, read_manifest, skipped
+from dermaops.stage import Context, StageIO, fingerprint, read_manifest, skipped
 from dermaops.store import S3Uri
 
 HELP = "Random Forest baseline on colour/texture features (the floor the CNN must beat)"
@@ -34,10 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output prefix (s3://<b>/runs/<run_id>/models/baseline)")
 
 
-def run(args, ctx) -> dict:
-    cfg: BaselineConfig = args.config
-    split_uri = S3Uri.parse(args.split)
-    out_uri = S3Uri.parse(args.out)
+def run(stage_io: StageIO, cfg: BaselineConfig, ctx: Context) -> dict:
+    split_uri = S3Uri.parse(stage_io.inputs["split"])
+    out_uri = S3Uri.parse(stage_io.out)
     split_manifest = read_manifest(ctx.store, split_uri, "split")
     from dermaops.features import FEATURE_VERSION
 
@@ -52,7 +51,7 @@ def run(args, ctx) -> dict:
             **params,
         ),
     )
-    if (manifest := out.finished()) and not args.force:
+    if (manifest := out.finished()) and not stage_io.force:
         log.info("baseline at %s is finished for these inputs; skipping (use --force to retrain)", out_uri)
         return skipped(manifest)
 

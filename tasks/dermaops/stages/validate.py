@@ -42,7 +42,7 @@ from dermaops.errors import StageError
 from dermaops.gx_validation import build_suites, default_expectations_dir, outcomes, read_suite_files, run_suites
 from dermaops.image_facts import build_image_facts
 from dermaops.mask_facts import build_mask_facts, image_sizes
-from dermaops.stage import fingerprint
+from dermaops.stage import Context, StageIO, fingerprint
 from dermaops.store import S3Uri
 
 HELP = "Great Expectations suites on metadata and per-image facts; data-quality report"
@@ -128,13 +128,13 @@ def _verdict(summary: dict) -> dict:
     return summary
 
 
-def reference_dataset(ctx, args, dataset: Dataset) -> tuple[Dataset | None, str]:
+def reference_dataset(ctx, drift_registry: str | None, dataset: Dataset) -> tuple[Dataset | None, str]:
     """The champion's training data, or (None, why there is nothing to compare with)."""
-    if not args.drift_registry:
+    if not drift_registry:
         return None, "no comparison: no --drift-registry given"
     from dermaops.promotion import Registry
 
-    registry = Registry(ctx.store, S3Uri.parse(args.drift_registry))
+    registry = Registry(ctx.store, S3Uri.parse(drift_registry))
     record, problem = registry.champion_record()
     if record is None:
         return None, f"no comparison: {problem or 'no champion yet'}"
@@ -150,12 +150,12 @@ def reference_dataset(ctx, args, dataset: Dataset) -> tuple[Dataset | None, str]
         return None, f"no comparison: the champion's dataset version is not readable ({exc})"
 
 
-def measure_drift(ctx, args, dataset: Dataset, reference: Dataset, n_images: int):
+def measure_drift(ctx, cfg: ValidateConfig, dataset: Dataset, reference: Dataset, n_images: int):
     """The drift report of this dataset against the reference (dermaops.drift)."""
     log.info("drift: comparing %s with the champion's %s", dataset.version, reference.version)
     ref_meta = reference.metadata
-    ref_stats = drift_lib.image_stats_table(reference.iter_images(), len(ref_meta), args.config.drift_max_images)
-    cur_stats = drift_lib.image_stats_table(dataset.iter_images(), n_images, args.config.drift_max_images)
+    ref_stats = drift_lib.image_stats_table(reference.iter_images(), len(ref_meta), cfg.drift_max_images)
+    cur_stats = drift_lib.image_stats_table(dataset.iter_images(), n_images, cfg.drift_max_images)
     report = drift_lib.compare(
         reference.version,
         dataset.version,
@@ -163,7 +163,7 @@ def measure_drift(ctx, args, dataset: Dataset, reference: Dataset, n_images: int
         dataset.metadata,
         ref_stats,
         cur_stats,
-        args.config.drift_threshold,
+        cfg.drift_threshold,
     )
     (log.warning if report.detected else log.info)("drift: %s", report.headline())
     return report
@@ -175,21 +175,22 @@ def _upload_docs(out, docs_dir: Path) -> None:
         out.put_file(f"{DOCS}/{path.relative_to(docs_dir).as_posix()}", path, content_type=content_type)
 
 
-def run(args, ctx) -> dict:
-    parameters = _parameters(args.config)
-    expectations_dir = (args.expectations or default_expectations_dir()).resolve()
+def run(stage_io: StageIO, cfg: ValidateConfig, ctx: Context) -> dict:
+    parameters = _parameters(cfg)
+    expectations_dir = (stage_io.inputs["expectations"] or default_expectations_dir()).resolve()
     if not expectations_dir.is_dir():
         raise StageError(f"expectations directory not found: {expectations_dir} (--expectations)")
-    out_uri = S3Uri.parse(args.out)
+    out_uri = S3Uri.parse(stage_io.out)
     suite_configs = read_suite_files(expectations_dir, parameters)
-    dataset = Dataset.open(ctx.store, args.dataset, ctx.scratch)
-    reference, drift_note = reference_dataset(ctx, args, dataset)
-    drift_inputs = {"policy": args.config.drift_policy, "note": drift_note}
+    dataset = Dataset.open(ctx.store, stage_io.inputs["dataset"], ctx.scratch)
+    drift_registry = stage_io.inputs["drift_registry"]
+    reference, drift_note = reference_dataset(ctx, drift_registry, dataset)
+    drift_inputs = {"policy": cfg.drift_policy, "note": drift_note}
     if reference is not None:
         drift_inputs |= {
             **{f"reference_{k}": v for k, v in reference.identity.items()},
-            "threshold": args.config.drift_threshold,
-            "max_images": args.config.drift_max_images,
+            "threshold": cfg.drift_threshold,
+            "max_images": cfg.drift_max_images,
             "version": 1,
         }
     out = ctx.output(
@@ -199,11 +200,11 @@ def run(args, ctx) -> dict:
             **dataset.identity,
             suites=suite_configs,
             parameters=parameters,
-            **({"drift": drift_inputs} if args.drift_registry else {}),
+            **({"drift": drift_inputs} if drift_registry else {}),
         ),
     )
     finished = out.finished()
-    if finished and not args.force:
+    if finished and not stage_io.force:
         log.info("validation of %s already done at %s; skipping (--force to redo)", dataset.uri, out_uri)
         return {**_verdict(finished["summary"]), "status": "skipped"}
 
@@ -229,13 +230,13 @@ def run(args, ctx) -> dict:
     results = run_suites(suites, tables, parameters, docs_dir)
     found = outcomes(results)
     figures = quality_report.compute_figures(metadata, facts)
-    drift = measure_drift(ctx, args, dataset, reference, len(facts)) if reference is not None else None
+    drift = measure_drift(ctx, cfg, dataset, reference, len(facts)) if reference is not None else None
     drift_plot = None
     if drift is not None:
         drift_plot = drift_lib.render_plot(drift, ctx.scratch / "validate" / DRIFT_PLOT)
-    policy_note = f"policy `{args.config.drift_policy}`" + (
+    policy_note = f"policy `{cfg.drift_policy}`" + (
         {"report": ": reported only", "warn": ": notify posts a warning", "fail": ": the run stops before training"}[
-            args.config.drift_policy
+            cfg.drift_policy
         ]
         if drift is not None and drift.detected
         else ""
@@ -297,9 +298,9 @@ def run(args, ctx) -> dict:
         ),
         "chart_uri": str(out.uri(CHART)),
         "drift": (
-            {**drift.summary(), "policy": args.config.drift_policy, "drift_uri": str(out.uri(DRIFT_JSON))}
+            {**drift.summary(), "policy": cfg.drift_policy, "drift_uri": str(out.uri(DRIFT_JSON))}
             if drift is not None
-            else {"detected": False, "policy": args.config.drift_policy, "headline": drift_note}
+            else {"detected": False, "policy": cfg.drift_policy, "headline": drift_note}
         ),
     }
     out.publish(summary)
