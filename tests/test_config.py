@@ -402,6 +402,104 @@ def test_a_stage_declares_only_its_inputs_and_outputs_and_its_settings_come_from
         assert not {flag.removeprefix("--").replace("-", "_") for flag in own} & settings, stage.name
 
 
+# -- a stage gets typed IO and its config, never the parsed command line -----------------------------------
+# cli.py parses the flags once and hands each stage run(stage_io, cfg, ctx): its locations, --force and the
+# command line (dermaops.stage.StageIO), its checked settings (CONFIG, or None) and the store (Context).
+RUN_SIGNATURE = (("stage_io", "StageIO"), ("cfg", None), ("ctx", "Context"))
+
+
+def namespace_uses(source: str) -> list[str]:
+    """Where a stage module reaches for an argparse Namespace: any name or parameter `args` (`args.split`,
+    `getattr(args, ...)`), any `Namespace`, or a module-level `run` that is not run(stage_io: StageIO, cfg, ctx:
+    Context)."""
+    tree = ast.parse(source)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in ("args", "Namespace"):
+            found.append((node.lineno, node.id))
+        elif isinstance(node, ast.arg) and node.arg == "args":
+            found.append((node.lineno, "parameter args"))
+        elif isinstance(node, ast.Attribute) and node.attr == "Namespace":
+            found.append((node.lineno, ast.unparse(node)))
+    runs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "run"]
+    for node in runs:
+        params = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+        if node.args.vararg or node.args.kwarg or len(params) != len(RUN_SIGNATURE):
+            found.append((node.lineno, f"run({ast.unparse(node.args)})"))
+            continue
+        for arg, (name, annotation) in zip(params, RUN_SIGNATURE, strict=True):
+            if arg.arg != name or (annotation and (not arg.annotation or ast.unparse(arg.annotation) != annotation)):
+                found.append((node.lineno, f"run({ast.unparse(node.args)})"))
+                break
+    return [f"line {line}: {what}" for line, what in sorted(found)]
+
+
+def test_no_stage_reads_an_argparse_namespace():
+    import importlib.util
+
+    good = "def run(stage_io: StageIO, cfg: None, ctx: Context) -> dict:\n    return {'out': stage_io.out}\n"
+    assert namespace_uses(good) == []
+    injected = (  # what the check catches: the Namespace travelling beside the config again
+        "def run(stage_io: StageIO, cfg: None, ctx: Context) -> dict:\n    return helper(args.split)\n"
+        "def helper(args: argparse.Namespace):\n    return getattr(args, 'out')\n"
+    )
+    assert namespace_uses(injected) == [
+        "line 2: args", "line 3: argparse.Namespace", "line 3: parameter args", "line 4: args"
+    ]  # fmt: skip
+    assert namespace_uses("def run(args, ctx) -> dict:\n    return {}\n") == [
+        "line 1: parameter args", "line 1: run(args, ctx)"
+    ]  # fmt: skip
+    assert namespace_uses("def run(stage_io, cfg, ctx):\n    pass\n") == ["line 1: run(stage_io, cfg, ctx)"]
+    offenders = {}
+    for stage in STAGES:
+        source = open(importlib.util.find_spec(stage.module).origin).read()
+        assert [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "run"], stage.name
+        if found := namespace_uses(source):
+            offenders[stage.name] = found
+    assert offenders == {}, "a stage's run takes (stage_io: StageIO, cfg, ctx: Context); it never sees the Namespace"
+
+
+def test_the_cli_hands_each_stage_its_declared_locations_force_and_command_line(bucket, monkeypatch):
+    import importlib
+
+    from dermaops.stage import Context, StageIO
+
+    seen = {}
+
+    def fake_run(stage_io, cfg, ctx):
+        seen.update(stage_io=stage_io, cfg=cfg, ctx=ctx)
+        return {}
+
+    split = importlib.import_module("dermaops.stages.split")
+    monkeypatch.setattr(split, "run", fake_run)
+    argv = ["split", "--dataset", str(bucket.join("d")), "--out", str(bucket.join("o")), "--force", "--seed", "7"]
+    assert cli.main(argv) == 0
+    assert seen["stage_io"] == StageIO(
+        inputs={"dataset": str(bucket.join("d")), "official_splits": None},
+        out=str(bucket.join("o")),
+        force=True,
+        argv=tuple(argv),
+    )
+    assert seen["cfg"] == split.CONFIG(seed=7) and isinstance(seen["ctx"], Context)
+    with pytest.raises(TypeError):
+        seen["stage_io"].inputs["dataset"] = "s3://elsewhere"  # read-only
+
+    notify = importlib.import_module("dermaops.stages.notify")  # no CONFIG: cfg is None; no --out
+    monkeypatch.setattr(notify, "run", fake_run)
+    report = str(bucket.join("n"))
+    assert cli.main(["notify", "--run-id", "r1", "--states", '{"ingest": "success"}', "--report-out", report]) == 0
+    assert seen["cfg"] is None and seen["stage_io"].out is None and seen["stage_io"].force is False
+    assert seen["stage_io"].inputs == {
+        "run_id": "r1", "dag_id": "dermaops_ham10000", "states": {"ingest": "success"}, "results": {},
+        "started_at": None, "marked_failed": None, "report_out": report, "channel": None,
+    }  # fmt: skip
+    # Every stage's locations are exactly the flags its add_arguments declares (the one list of them).
+    parser, mods = cli.build_parser()
+    for mod in mods.values():
+        declared = hand_written_flags(open(mod.__file__).read())
+        assert StageIO.locations(mod.add_arguments) == tuple(f.removeprefix("--").replace("-", "_") for f in declared)
+
+
 # -- runs are read through Airflow's interfaces ------------------------------------------------------------
 # Airflow's metadata tables are its own to change between releases (columns moved between 2 and 3, the
 # asset tables were renamed from dataset_*): tests and tools read runs through its REST API or CLI
