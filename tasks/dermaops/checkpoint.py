@@ -36,6 +36,11 @@ DERIVED = ("input_shape",)
 OOD_ARRAYS = ("means", "precision")  # the detector's matrices: the bulky part of `ood`
 
 
+def is_probability(value: object) -> bool:
+    """A number in [0, 1] (not a bool): what a stored threshold on a probability must be."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0.0 <= value <= 1.0
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
@@ -166,7 +171,7 @@ class CheckpointMeta:
         if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0):
             raise StageError(f"{source}: the checkpoint's meta temperature is {t!r}; it must be a finite number > 0")
         m = self.mel_threshold
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int | float) or not 0.0 <= m <= 1.0):
+        if m is not None and not is_probability(m):
             raise StageError(
                 f"{source}: mel_threshold in the checkpoint meta is {m!r}; it must be a number between 0 and 1"
             )

@@ -24,28 +24,30 @@ from pathlib import Path
 
 import numpy as np
 
-from dermaops.checkpoint import CheckpointMeta
+from dermaops.checkpoint import CheckpointMeta, is_probability
 from dermaops.errors import StageError
+
+
+def _softmax_of_log(proba: np.ndarray, shift=0.0, temperature: float = 1.0) -> np.ndarray:
+    """softmax((log p + shift) / T), stably: both calibration steps are this map on probabilities."""
+    logits = (np.log(np.clip(proba, 1e-12, None)) + shift) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def adjust_proba(proba: np.ndarray, logit_bias) -> np.ndarray:
     """softmax(log p + bias): the logit adjustment on probabilities (None: unchanged)."""
     if logit_bias is None:
         return proba
-    logits = np.log(np.clip(proba, 1e-12, None)) + np.asarray(logit_bias, dtype=np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
+    return _softmax_of_log(proba, shift=np.asarray(logit_bias, dtype=np.float64))
 
 
 def apply_temperature(proba: np.ndarray, temperature: float | None) -> np.ndarray:
     """softmax(log p / T): temperature scaling on probabilities (the identity for T = 1 or None)."""
     if temperature is None:
         return proba
-    logits = np.log(np.clip(proba, 1e-12, None)) / float(temperature)
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
+    return _softmax_of_log(proba, temperature=float(temperature))
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def operating_point(meta: CheckpointMeta | None, champion: dict | None) -> Opera
     for source, value in candidates:
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        if not is_probability(value):
             raise StageError(f"mel_threshold in the {source} is {value!r}; it must be a number between 0 and 1")
         return OperatingPoint(float(value), source)
     return OperatingPoint(None, "none")
